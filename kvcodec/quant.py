@@ -31,7 +31,7 @@ def bytes_tensor(b: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ..
 class Quantizer:
     """How one tensor (a layer's K or V) is encoded.
 
-    kind: fp16 | bf16 | int8 | int4 | int3. axis: "token" — one scale per (head, position, group
+    kind: fp32 | fp16 | bf16 (passthrough) | int8 | int4 | int3. axis: "token" — one scale per (head, position, group
     of `group` channels; 0 = the whole head_dim); "channel" — one scale per (head, channel) over
     the chunk's positions (KIVI-style, for keys with outlier channels; group must be 0).
     """
@@ -40,7 +40,8 @@ class Quantizer:
     axis: str = "token"
     group: int = 0
 
-    bits: ClassVar[dict[str, int]] = {"fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "int3": 3}
+    bits: ClassVar[dict[str, int]] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "int3": 3}
+    float_dtypes: ClassVar[dict[str, torch.dtype]] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
     def __post_init__(self):
         if self.kind not in self.bits:
@@ -56,7 +57,7 @@ class Quantizer:
 
     @property
     def is_float(self) -> bool:
-        return self.bits[self.kind] == 16
+        return self.kind in self.float_dtypes
 
     @property
     def nbits(self) -> int:
@@ -78,7 +79,7 @@ class Quantizer:
     def sizes(self, heads: int, n: int, head_dim: int) -> tuple[int, int]:
         """(scale bytes, payload bytes) of a chunk of n positions: the decoder checks lengths against these."""
         if self.is_float:
-            return 0, heads * n * head_dim * 2
+            return 0, heads * n * head_dim * self.nbits // 8
         if self.axis == "token":
             group = self.group or head_dim
             return heads * n * (head_dim // group) * 2, heads * n * kernels.packed_row_bytes(self.nbits, head_dim)
@@ -87,7 +88,7 @@ class Quantizer:
     def encode(self, x: torch.Tensor) -> tuple[bytes, bytes]:
         """x: [heads, n, head_dim] -> (scales, payload) bytes."""
         if self.is_float:
-            return b"", tensor_bytes(x.to(torch.float16 if self.kind == "fp16" else torch.bfloat16))
+            return b"", tensor_bytes(x.to(self.float_dtypes[self.kind]))
         if self.axis == "token":
             payload, scales = kernels.quantize_pack(x, None, self.nbits, self.group or x.shape[-1])
         else:
@@ -100,7 +101,7 @@ class Quantizer:
         """Fill out: [heads, n, head_dim] (model dtype) from bytes whose lengths match sizes()."""
         heads, n, head_dim = out.shape
         if self.is_float:
-            src = bytes_tensor(payload, torch.float16 if self.kind == "fp16" else torch.bfloat16, (heads, n, head_dim))
+            src = bytes_tensor(payload, self.float_dtypes[self.kind], (heads, n, head_dim))
             return out.copy_(src)
         row = kernels.packed_row_bytes
         if self.axis == "token":

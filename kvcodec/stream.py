@@ -17,7 +17,7 @@ from kvcodec.errors import ConfigError, FrameError
 from kvcodec.profiles import PrecisionProfile
 from kvcodec.quant import Quantizer
 from kvcodec.wire import (
-    CHUNK, HEADER, MAX_BODY, TRAILER, Frame, Reader, encode_deltas, pack_frame, pack_json, parse_frame, put_varint, read_json,
+    CHUNK, FRAME_TYPES, HEADER, MAX_BODY, TRAILER, Frame, Reader, encode_deltas, pack_frame, pack_json, parse_frame, put_varint, read_json,
 )
 
 MODES = ("kv", "scout")
@@ -25,7 +25,7 @@ MAX_PROMPT = 1 << 20  # a header may announce at most this many prompt tokens
 MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 1024
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB cap, large enough that framing is noise
 _AXIS_CODES = {"token": 0, "channel": 1}
-_KIND_CODES = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "int3": 5}
+_KIND_CODES = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "int3": 5, "fp32": 6}
 _TENSOR_HEAD = struct.Struct("<BBHII")  # kind, axis, group, scale bytes, payload bytes
 
 
@@ -212,12 +212,12 @@ class StreamDecoder:
         if self.finished:
             raise FrameError("after_trailer", "frame received after the trailer")
         frame = parse_frame(data)
+        if self.header is None and frame.kind != HEADER:
+            raise FrameError("out_of_order", f"the first frame of a stream must be its header, got a {FRAME_TYPES[frame.kind]} (seq {frame.seq})")
         if frame.seq != self.seq:
             what = "duplicated" if frame.seq < self.seq else "out_of_order"
             raise FrameError(what, f"frame seq {frame.seq} where seq {self.seq} was expected")
         if self.header is None:
-            if frame.kind != HEADER:
-                raise FrameError("out_of_order", "the first frame of a stream must be its header")
             self._start(decode_header(frame))
         elif frame.stream_id != self.header.stream_id:
             raise FrameError("wrong_stream", "frame belongs to another stream")
@@ -319,6 +319,8 @@ class StreamDecoder:
 
     def partial(self) -> DecodedKV:
         """The positions whose chunks arrived intact so far (anytime use: a deadline cut the stream)."""
+        if self.failed is not None:
+            raise FrameError("stream_failed", str(self.failed))
         if self.header is None:
             raise FrameError("incomplete", "no header received")
         if self.finished:

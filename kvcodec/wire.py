@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 import google_crc32c
 import zstandard
@@ -84,6 +85,24 @@ def parse_frame(data: bytes) -> Frame:
         except zstandard.ZstdError as exc:
             raise FrameError("bad_compression", f"zstd body does not decompress: {exc}") from None
     return Frame(kind=kind, stream_id=stream_id, seq=seq, body=body, wire_size=len(data))
+
+
+def read_frames(stream) -> Iterator[bytes]:
+    """Split a byte stream (a file, a socket's makefile) into frames, checking each length against
+    the cap before reading its body. Frames are verified later by parse_frame."""
+    while True:
+        head = stream.read(PREFIX_SIZE)
+        if not head:
+            return
+        if len(head) < PREFIX_SIZE:
+            raise FrameError("truncated", f"byte stream ends inside a frame prefix ({len(head)} bytes)")
+        length = _PREFIX.unpack(head)[6]
+        if length > MAX_BODY:
+            raise FrameError("oversized", f"body length {length} exceeds the {MAX_BODY}-byte cap")
+        rest = stream.read(length + CRC_SIZE)
+        if len(rest) < length + CRC_SIZE:
+            raise FrameError("truncated", f"byte stream ends inside a frame body ({len(rest)} of {length + CRC_SIZE} bytes)")
+        yield head + rest
 
 
 # ---- varints -------------------------------------------------------------------------------

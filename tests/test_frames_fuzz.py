@@ -1,0 +1,163 @@
+"""Malformed, truncated, reordered, duplicated or corrupted streams are always rejected with the
+codec's own FrameError — never another exception, never a cache."""
+import io
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kvcodec.errors import FrameError
+from kvcodec.pipeline import Edge, EdgeRequest
+from kvcodec.stream import StreamDecoder
+from kvcodec.wire import CRC_SIZE, MAX_BODY, PREFIX_SIZE, crc32c, pack_frame, parse_frame, read_frames
+
+CONTEXT = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
+QUESTION = "Who was the leader?"
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def streams(tiny_loaded):
+    edge = Edge(tiny_loaded)
+    kv = list(edge.stream(EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 0.5, "mixed-int4", chunk_bytes=1500)))
+    zkv = list(edge.stream(EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 1.0, "int8", compress=True, chunk_bytes=3000)))
+    scout = list(edge.stream(EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 0.5)))
+    assert len(kv) >= 5
+    return {"kv": kv, "zkv": zkv, "scout": scout}
+
+
+def decode(frames):
+    """Feed frames; return the result or raise FrameError. Any other exception fails the test."""
+    dec = StreamDecoder()
+    try:
+        for f in frames:
+            dec.feed(f)
+        return dec.result()
+    except FrameError:
+        with pytest.raises(FrameError):
+            dec.result()  # no complete cache from a rejected or unfinished stream
+        if dec.failed is not None:
+            with pytest.raises(FrameError):
+                dec.partial()  # a rejected stream yields nothing, not even the chunks before the bad one
+        raise
+
+
+def recrc(frame: bytes) -> bytes:
+    """Fix the CRC after a mutation: what a buggy or hostile sender would produce."""
+    body = frame[:-CRC_SIZE]
+    return body + struct.pack("<I", crc32c(body))
+
+
+def test_valid_streams_decode(streams):
+    for frames in streams.values():
+        assert decode(frames).complete
+
+
+@FUZZ
+@given(data=st.data())
+def test_flipped_bits_are_rejected(streams, data):
+    name = data.draw(st.sampled_from(sorted(streams)))
+    frames = list(streams[name])
+    i = data.draw(st.integers(0, len(frames) - 1))
+    pos = data.draw(st.integers(0, len(frames[i]) - 1))
+    bit = data.draw(st.integers(0, 7))
+    fix_crc = data.draw(st.booleans())
+    mutated = bytearray(frames[i])
+    mutated[pos] ^= 1 << bit
+    frames[i] = recrc(bytes(mutated)) if fix_crc and pos < len(mutated) - CRC_SIZE else bytes(mutated)
+    with pytest.raises(FrameError):
+        decode(frames)
+
+
+@FUZZ
+@given(data=st.data())
+def test_truncated_frames_and_streams_are_rejected(streams, data):
+    frames = list(streams[data.draw(st.sampled_from(sorted(streams)))])
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(frames) - 1))
+        frames[i] = frames[i][: data.draw(st.integers(0, len(frames[i]) - 1))]
+    else:
+        frames = frames[: data.draw(st.integers(0, len(frames) - 1))]
+    with pytest.raises(FrameError):
+        decode(frames)
+
+
+@FUZZ
+@given(data=st.data())
+def test_reordered_dropped_and_duplicated_frames_are_rejected(streams, data):
+    frames = list(streams[data.draw(st.sampled_from(["kv", "zkv"]))])
+    op = data.draw(st.sampled_from(["swap", "drop", "dup", "shuffle"]))
+    i = data.draw(st.integers(0, len(frames) - 1))
+    j = data.draw(st.integers(0, len(frames) - 1).filter(lambda j: j != i))
+    if op == "swap":
+        frames[i], frames[j] = frames[j], frames[i]
+    elif op == "drop":
+        del frames[i]
+    elif op == "dup":
+        frames.insert(j, frames[i])
+    else:
+        perm = data.draw(st.permutations(range(len(frames))).filter(lambda p: list(p) != sorted(p)))
+        frames = [frames[k] for k in perm]
+    with pytest.raises(FrameError):
+        decode(frames)
+
+
+@FUZZ
+@given(garbage=st.binary(min_size=0, max_size=200))
+def test_garbage_is_rejected(garbage):
+    with pytest.raises(FrameError):
+        decode([garbage])
+
+
+@FUZZ
+@given(data=st.data())
+def test_body_mutations_with_valid_crc_are_rejected(streams, data):
+    """Rewrite bytes inside a body and fix the CRC: the parser must still fail cleanly (bounds,
+    lengths, positions, digest), not crash or allocate from the bad length."""
+    frames = list(streams["kv"])
+    i = data.draw(st.integers(0, len(frames) - 1))
+    frame = bytearray(frames[i])
+    body_len = len(frame) - PREFIX_SIZE - CRC_SIZE
+    start = PREFIX_SIZE + data.draw(st.integers(0, body_len - 1))
+    patch = data.draw(st.binary(min_size=1, max_size=8))
+    frame[start : start + len(patch)] = patch
+    frame = frame[: PREFIX_SIZE + body_len]
+    if bytes(frame[:PREFIX_SIZE + body_len]) == frames[i][:-CRC_SIZE]:
+        return  # the patch changed nothing
+    frames[i] = recrc(bytes(frame))
+    with pytest.raises(FrameError):
+        decode(frames)
+
+
+def test_oversized_length_is_rejected_before_reading():
+    frame = bytearray(pack_frame(2, b"\0" * 16, 1, b"x"))
+    struct.pack_into("<I", frame, 28, MAX_BODY + 1)
+    with pytest.raises(FrameError, match="oversized"):
+        parse_frame(bytes(frame))
+    with pytest.raises(FrameError, match="oversized"):
+        list(read_frames(io.BytesIO(bytes(frame))))
+
+
+def test_precise_messages(streams):
+    frames = streams["kv"]
+    bad = bytearray(frames[1])
+    bad[40] ^= 0xFF
+    with pytest.raises(FrameError, match="checksum: CRC32C mismatch in chunk frame seq 1"):
+        decode([frames[0], bytes(bad)])
+    with pytest.raises(FrameError, match="duplicated: frame seq 1 where seq 2 was expected"):
+        decode([frames[0], frames[1], frames[1]])
+    with pytest.raises(FrameError, match="out_of_order: the first frame of a stream must be its header"):
+        decode(frames[1:])
+    with pytest.raises(FrameError, match="incomplete: stream ended before its trailer"):
+        decode(frames[:-1])
+    with pytest.raises(FrameError, match="bad_magic"):
+        decode([b"XXXX" + frames[0][4:]])
+
+
+def test_byte_stream_roundtrip(streams):
+    """Frames stored back to back (a file) split and decode again."""
+    blob = b"".join(streams["kv"])
+    assert decode(list(read_frames(io.BytesIO(blob)))).complete
+    with pytest.raises(FrameError, match="truncated"):
+        decode(list(read_frames(io.BytesIO(blob[:-3]))))
