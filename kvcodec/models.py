@@ -1,9 +1,11 @@
 """Model loading: the embedded default model, local folders and hub ids, dtype and device."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +64,21 @@ def embedded_model_dir() -> Path:
     """Convert the embedded GGUF once into a transformers folder and return that folder.
 
     transformers 5 refuses `save_pretrained` on a GGUF-loaded model, so the weights are copied
-    into a fresh model built from the same config (dequantized Q4_1 weights, fp32).
+    into a fresh model built from the same config (dequantized Q4_1 weights, fp32). A file lock
+    makes concurrent first starts (edge and cloud on one host) convert once, not race.
     """
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = _embedded_gguf_dir()
@@ -81,11 +93,12 @@ def embedded_model_dir() -> Path:
     fresh.load_state_dict(gguf_model.state_dict())
     fresh.generation_config = gguf_model.generation_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     fresh.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else None
+    shutil.rmtree(target, ignore_errors=True)  # a half-written folder from an interrupted run
+    tmp.rename(target)
     log.info("converted in %.1f s", time.monotonic() - started)
-    return target
 
 
 def resolve_model_source(name: str | None) -> str:
@@ -106,10 +119,12 @@ def load_model(name: str | None = None, dtype: str = "fp32", device: str = "cpu"
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     source = resolve_model_source(name)
-    if os.path.sep in source or source.startswith("."):
-        if not Path(source).exists():
-            raise ConfigError(f"model path {source!r} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise ConfigError(f"model folder {source!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    except OSError as exc:  # neither a local folder nor a hub id we can reach (offline, typo, private)
+        raise ConfigError(f"cannot load model {source!r} as a local folder or hub id: {exc}") from exc
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
