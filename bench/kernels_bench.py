@@ -1,0 +1,137 @@
+"""Kernel timings for one Qwen2.5-7B-shaped layer: quantize/pack, unpack/dequantize, q2c scores.
+
+Each op is timed on the torch reference and (on CUDA) on the Triton kernels, and set against a
+device-to-device copy (torch.clone) of the same K tensor, the floor any byte-moving kernel sits
+on. q2c is also set against eager attention (a materialized softmax). Run:
+`python -m bench.kernels_bench --json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from kernels import reference
+
+# Qwen2.5-7B-Instruct attention geometry; one layer's K (or V) for a 4096-token prompt.
+KV_HEADS, HEAD_DIM, Q_HEADS, TOKENS = 4, 128, 28, 4096
+QUESTION_ROWS = 32  # a short question at the end of the prompt
+GROUP = 32  # a common sub-row group size; per-row scales are timed too (group = HEAD_DIM)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    """Median milliseconds of `reps` calls of fn after two warm-up calls."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def measure(fn, reps):
+        fn(), fn()
+        sync()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return measure
+
+
+def _eager_attention_scores(q, k, q_pos, ctx_start, ctx_end):
+    """The materialized way: full [Hq, Lq, S] scores, softmax, column sums (what HF eager gives)."""
+    group = q.shape[0] // k.shape[0]
+    kk = k.float().repeat_interleave(group, dim=0)
+    scores = torch.matmul(q.float(), kk.transpose(1, 2)) / HEAD_DIM ** 0.5
+    keys = torch.arange(k.shape[1], device=k.device)
+    scores.masked_fill_(keys > q_pos[:, None], float("-inf"))
+    return scores.softmax(dim=-1)[..., ctx_start:ctx_end].sum(dim=(0, 1))
+
+
+def run(json_out: bool) -> dict:
+    """Time every kernel on this machine and return (and print) the figures.
+
+    On CPU only the torch reference runs (it is the CPU runtime path); Triton figures need a GPU.
+    """
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16  # the model's dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(KV_HEADS, TOKENS, HEAD_DIM, generator=gen, device=device).to(dtype)
+    q = torch.randn(Q_HEADS, QUESTION_ROWS, HEAD_DIM, generator=gen, device=device).to(dtype)
+    q_pos = torch.arange(TOKENS - QUESTION_ROWS, TOKENS, device=device)
+    ctx = (64, TOKENS - QUESTION_ROWS - 16)  # context span between a system prefix and the question
+    measure = _timer(device)
+    reps = 20 if cuda else 5
+    x_bytes = x.numel() * x.element_size()
+
+    backends = {"torch": reference}
+    if cuda:
+        from kernels import triton_kernels
+        backends["triton"] = triton_kernels
+
+    clone_ms = measure(lambda: torch.clone(x), reps)
+    rows = []
+
+    def record(op, backend, ms, moved_bytes):
+        rows.append({"op": op, "backend": backend, "ms": round(ms, 4),
+                     "gb_per_s": round(moved_bytes / ms / 1e6, 2) if moved_bytes else None,
+                     "x_clone": round(ms / clone_ms, 2)})
+
+    for name, impl in backends.items():
+        for bits in (8, 4):
+            for group in (HEAD_DIM, GROUP):
+                label = f"int{bits} g{group}"
+                payload, scales = impl.quantize_pack(x, None, bits, group)
+                packed = payload.numel() + scales.numel() * 2
+                ms = measure(lambda: impl.quantize_pack(x, None, bits, group), reps)
+                record(f"quantize_pack {label}", name, ms, x_bytes + packed)
+                out = torch.empty_like(x)
+                ms = measure(lambda: impl.unpack_dequantize(payload, scales, bits, group, out), reps)
+                record(f"unpack_dequantize {label}", name, ms, x_bytes + packed)
+        ms = measure(lambda: impl.q2c_scores(q, x, q_pos, *ctx), reps)
+        record(f"q2c_scores {QUESTION_ROWS} rows", name, ms, 0)
+    ms = measure(lambda: _eager_attention_scores(q, x, q_pos, *ctx), reps)
+    record(f"q2c_scores {QUESTION_ROWS} rows", "eager attention", ms, 0)
+
+    want = _eager_attention_scores(q, x, q_pos, *ctx)
+    agreement = {name: float((impl.q2c_scores(q, x, q_pos, *ctx) - want).abs().max()) for name, impl in backends.items()}
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "geometry": {"kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "q_heads": Q_HEADS, "tokens": TOKENS,
+                     "question_rows": QUESTION_ROWS},
+        "clone_ms": round(clone_ms, 4),
+        "clone_gb_per_s": round(2 * x_bytes / clone_ms / 1e6, 2),
+        "ops": rows,
+        "q2c_max_abs_diff_vs_eager": agreement,
+        "note": ("gb_per_s counts bytes read + written; x_clone is time / torch.clone time of the same K tensor"
+                 + ("" if cuda else "; no GPU here: only the torch reference path (the CPU runtime) is timed,"
+                    " Triton figures need a GPU")),
+    }
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['device']} ({result['dtype']}): clone {clone_ms:.3f} ms, {result['clone_gb_per_s']} GB/s")
+        for r in rows:
+            bw = f"{r['gb_per_s']:8.2f} GB/s" if r["gb_per_s"] is not None else " " * 13
+            print(f"  {r['op']:<28} {r['backend']:<16} {r['ms']:9.3f} ms {bw}  {r['x_clone']:7.2f}x clone")
+        print(f"  q2c max |diff| vs eager: {agreement}")
+        print(f"  {result['note']}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    run(parser.parse_args().json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""Triton kernels for quantize+pack, unpack+dequantize and q2c scores, with their launchers.
+
+The launchers take the same arguments as kernels.reference and must agree with it: packed bytes
+and scales bit for bit, q2c scores to fp32 rounding. Under TRITON_INTERPRET=1 (set before this
+module is imported) the same kernels run on CPU tensors; the interpreter runs programs one after
+another, so the launchers pick much larger blocks there.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .layout import packed_row_bytes, qrange
+
+# Fixed when the @triton.jit decorators below run: True means every kernel is interpreted.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# GPU tiles of quantize/unpack hold at most this many values: 32 fp32 registers per thread at 4 warps.
+_GPU_TILE = 4096
+# Interpreter tiles can be large: numpy handles them in one call, and programs run serially.
+_INTERP_TILE = 1 << 17
+# Widest channel chunk per loop step on GPU; longer rows (channel-axis codes) loop over chunks.
+_GPU_MAX_CHUNK = 1024
+# In the interpreter a whole row up to this width is one chunk.
+_INTERP_MAX_CHUNK = 8192
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether these kernels can take tensors on `device` in this process."""
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and INTERPRETED
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+@triton.jit
+def _round_half_even(y):
+    # libdevice rint is missing from the interpreter; floor arithmetic is exact for |y| < 2**23.
+    r = tl.floor(y)
+    d = y - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return r + up.to(tl.float32)
+
+
+@triton.jit
+def _scale_of(absmax, QMAX: tl.constexpr):
+    # fp16(absmax / qmax) with an IEEE division (plain `/` is approximate on GPU), then back to
+    # fp32; also returns a divisor that is 1 where the scale underflowed to 0 (see reference).
+    scale16 = tl.math.div_rn(absmax, tl.full(absmax.shape, QMAX, tl.float32)).to(tl.float16)
+    s = scale16.to(tl.float32)
+    return scale16, tl.where(s > 0.0, s, 1.0)
+
+
+@triton.jit
+def _codes(x, divisor, BITS: tl.constexpr):
+    lo: tl.constexpr = -(1 << (BITS - 1))
+    hi: tl.constexpr = (1 << (BITS - 1)) - 1
+    y = tl.math.div_rn(x, divisor)
+    y = tl.minimum(tl.maximum(y, lo), hi)  # clamping first is exact: the bounds are integers
+    return _round_half_even(y).to(tl.int32)
+
+
+@triton.jit
+def _to_bf16(x):
+    # Round fp32 to nearest-even bf16 by bit arithmetic: the interpreter's own conversion
+    # truncates, and this is exact on GPU too (finite inputs).
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C: tl.constexpr):
+    cols = c0 + tl.arange(0, BLOCK_C)
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    return tl.load(x_rows[:, None] + cols[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_packed(q, p_rows, row_ok, c0, D, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    # q: [BLOCK_K, BLOCK_C] int32 codes of channels c0..c0+BLOCK_C; c0 is a multiple of 8, so a
+    # chunk always starts on a whole packed unit.
+    if BITS == 8:
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        tl.store(p_rows[:, None] + cols[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
+    elif BITS == 4:
+        u = tl.reshape(q & 0xF, [BLOCK_K, BLOCK_C // 2, 2])
+        byte = tl.sum(u << (tl.arange(0, 2) * 4)[None, None, :], axis=2)  # low nibble = even channel
+        cols = c0 // 2 + tl.arange(0, BLOCK_C // 2)
+        mask = row_ok[:, None] & (cols < D // 2)[None, :]
+        tl.store(p_rows[:, None] + cols[None, :], byte.to(tl.uint8), mask=mask)
+    else:
+        u = tl.reshape(q & 0x7, [BLOCK_K, BLOCK_C // 8, 8])
+        word = tl.sum(u << (tl.arange(0, 8) * 3)[None, None, :], axis=2)  # code j at bit 3j
+        b = tl.arange(0, 4)  # 3 bytes per word, padded to a power of two and masked
+        byte = (word[:, :, None] >> (b * 8)[None, None, :]) & 0xFF
+        units = c0 // 8 + tl.arange(0, BLOCK_C // 8)
+        offs = (units * 3)[None, :, None] + b[None, None, :]
+        mask = row_ok[:, None, None] & (units < D // 8)[None, :, None] & (b < 3)[None, None, :]
+        tl.store(p_rows[:, None, None] + offs, byte.to(tl.uint8), mask=mask)
+
+
+# ----------------------------------------------------------------------------- quantize + pack
+
+@triton.jit
+def _quantize_pack_kernel(
+    x_ptr, idx_ptr, p_ptr, s_ptr,
+    K, D, G, RB,
+    sxh, sxs, sxd,
+    HAS_INDEX: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, ROW_GROUP: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: (cdiv(K, BLOCK_K), H). One program quantizes BLOCK_K gathered rows of one head.
+    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    h = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < K
+    if HAS_INDEX:
+        src = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    else:
+        src = rows
+    x_rows = x_ptr + h * sxh + src.to(tl.int64) * sxs
+    out_rows = h * K + rows.to(tl.int64)
+    p_rows = p_ptr + out_rows * RB
+    if ROW_GROUP:
+        # One scale per row (group_size == D): absmax first, then codes.
+        if ONE_CHUNK:
+            x = _load_chunk(x_rows, row_ok, 0, D, sxd, BLOCK_C)
+            scale16, div = _scale_of(tl.max(tl.abs(x), axis=1), QMAX)
+            tl.store(s_ptr + out_rows, scale16, mask=row_ok)
+            _store_packed(_codes(x, div[:, None], BITS), p_rows, row_ok, 0, D, BITS, BLOCK_K, BLOCK_C)
+        else:
+            absmax = tl.zeros([BLOCK_K], tl.float32)
+            for c0 in range(0, D, BLOCK_C):
+                x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
+                absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+            scale16, div = _scale_of(absmax, QMAX)
+            tl.store(s_ptr + out_rows, scale16, mask=row_ok)
+            for c0 in range(0, D, BLOCK_C):
+                x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
+                _store_packed(_codes(x, div[:, None], BITS), p_rows, row_ok, c0, D, BITS, BLOCK_K, BLOCK_C)
+    else:
+        # GS is a power of two dividing BLOCK_C, so groups never straddle a chunk.
+        NG: tl.constexpr = BLOCK_C // GS
+        for c0 in range(0, D, BLOCK_C):
+            x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
+            absmax = tl.max(tl.reshape(tl.abs(x), [BLOCK_K, NG, GS]), axis=2)
+            scale16, div = _scale_of(absmax, QMAX)
+            g = c0 // GS + tl.arange(0, NG)
+            tl.store(s_ptr + out_rows[:, None] * G + g[None, :], scale16, mask=row_ok[:, None] & (g < G)[None, :])
+            div = tl.reshape(tl.broadcast_to(div[:, :, None], [BLOCK_K, NG, GS]), [BLOCK_K, BLOCK_C])
+            _store_packed(_codes(x, div, BITS), p_rows, row_ok, c0, D, BITS, BLOCK_K, BLOCK_C)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _blocks(rows: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_C) for a [rows, head_dim] slab: powers of two, BLOCK_C >= 8 (one int3 unit)."""
+    max_chunk, tile = (_INTERP_MAX_CHUNK, _INTERP_TILE) if INTERPRETED else (_GPU_MAX_CHUNK, _GPU_TILE)
+    block_c = max(8, min(_next_pow2(head_dim), max_chunk))
+    block_k = max(1, min(_next_pow2(rows), tile // block_c))
+    return block_k, block_c
+
+
+def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
+                  group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of reference.quantize_pack (same arguments, same bytes)."""
+    heads, seq, head_dim = x.shape
+    n = seq if index is None else index.shape[0]
+    block_k, block_c = _blocks(n, head_dim)
+    row_group = group_size == head_dim
+    if not row_group and (group_size & (group_size - 1) or group_size > block_c):
+        # Groups that are not a power of two would straddle chunks; the reference runs on the
+        # same device and yields the same bytes.
+        return reference.quantize_pack(x, index, bits, group_size)
+    groups = head_dim // group_size
+    payload = torch.empty(heads, n, packed_row_bytes(bits, head_dim), dtype=torch.uint8, device=x.device)
+    scales = torch.empty(heads, n, groups, dtype=torch.float16, device=x.device)
+    if n == 0 or heads == 0:
+        return payload, scales
+    grid = (triton.cdiv(n, block_k), heads)
+    _quantize_pack_kernel[grid](
+        x, index if index is not None else payload, payload, scales,
+        n, head_dim, groups, payload.shape[2],
+        x.stride(0), x.stride(1), x.stride(2),
+        HAS_INDEX=index is not None, BITS=bits, GS=0 if row_group else group_size, ROW_GROUP=row_group,
+        ONE_CHUNK=head_dim <= block_c, BLOCK_K=block_k, BLOCK_C=block_c,
+    )
+    return payload, scales
+
+
+# ----------------------------------------------------------------------------- unpack + dequantize
+
+@triton.jit
+def _unpack_chunk(p_rows, cols, mask, BITS: tl.constexpr):
+    # Returns the sign-extended int32 codes of channels `cols` (a gather: neighbours share bytes).
+    if BITS == 8:
+        u = tl.load(p_rows[:, None] + cols[None, :], mask=mask, other=0).to(tl.int32)
+        return u - ((u & 0x80) << 1)
+    elif BITS == 4:
+        b = tl.load(p_rows[:, None] + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
+        u = (b >> ((cols & 1) * 4)[None, :]) & 0xF
+        return u - ((u & 0x8) << 1)
+    else:
+        base = p_rows[:, None] + ((cols // 8) * 3)[None, :]
+        b0 = tl.load(base, mask=mask, other=0).to(tl.int32)
+        b1 = tl.load(base + 1, mask=mask, other=0).to(tl.int32)
+        b2 = tl.load(base + 2, mask=mask, other=0).to(tl.int32)
+        u = ((b0 | (b1 << 8) | (b2 << 16)) >> ((cols & 7) * 3)[None, :]) & 0x7
+        return u - ((u & 0x4) << 1)
+
+
+@triton.jit
+def _unpack_dequantize_kernel(
+    p_ptr, s_ptr, o_ptr,
+    K, D, G, RB,
+    soh, sok, sod,
+    BITS: tl.constexpr, GS: tl.constexpr, ROW_GROUP: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: (cdiv(K, BLOCK_K), H). payload and scales are contiguous; out may be strided.
+    h = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < K
+    in_rows = h * K + rows.to(tl.int64)
+    p_rows = p_ptr + in_rows * RB
+    o_rows = o_ptr + h * soh + rows.to(tl.int64) * sok
+    if ROW_GROUP:
+        row_scale = tl.load(s_ptr + in_rows, mask=row_ok, other=0.0).to(tl.float32)
+    for c0 in range(0, D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        q = _unpack_chunk(p_rows, cols, mask, BITS).to(tl.float32)
+        if ROW_GROUP:
+            x = q * row_scale[:, None]
+        else:
+            s = tl.load(s_ptr + in_rows[:, None] * G + (cols // GS)[None, :], mask=mask, other=0.0)
+            x = q * s.to(tl.float32)
+        if OUT_BF16:
+            y = _to_bf16(x)
+        else:
+            y = x.to(o_ptr.dtype.element_ty)
+        tl.store(o_rows[:, None] + cols[None, :] * sod, y, mask=mask)
+
+
+def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                      out: torch.Tensor) -> torch.Tensor:
+    """Triton version of reference.unpack_dequantize; `out` may be a strided view."""
+    heads, n, head_dim = out.shape
+    if n == 0 or heads == 0:
+        return out
+    payload, scales = payload.contiguous(), scales.contiguous()
+    block_k, block_c = _blocks(n, head_dim)
+    row_group = group_size == head_dim
+    grid = (triton.cdiv(n, block_k), heads)
+    _unpack_dequantize_kernel[grid](
+        payload, scales, out,
+        n, head_dim, head_dim // group_size, payload.shape[2],
+        out.stride(0), out.stride(1), out.stride(2),
+        BITS=bits, GS=0 if row_group else group_size, ROW_GROUP=row_group,
+        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_K=block_k, BLOCK_C=block_c,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- q2c scores
+#
+# Two kernels, both over programs (row block, kv head, key split): the first finds each row's
+# softmax max and denominator over the keys of its split, torch merges the splits (a few KB), and
+# the second sums the normalised probabilities of the context columns of its split into the
+# output with atomics. Splitting the keys keeps a GPU busy even when the question is one row
+# block per kv head; no program ever holds more than one [BLOCK_M, BLOCK_N] block of scores.
+# The G query heads sharing one kv head are stacked into G * Lq rows (row r = head r // Lq,
+# query row r % Lq), so each key block is loaded once per group.
+
+# GPU: 64x64 score tiles, with q/k tiles of <= 64x128, keep registers in budget at 4 warps.
+_GPU_BLOCK_M, _GPU_BLOCK_N = 64, 64
+# GPU: 4 key blocks (256 keys) per split gives ~16 splits x 16 programs for a 4k prompt and a
+# 32-row question at 7 query heads per kv head: more programs than an H200 has SMs.
+_GPU_SPLIT_BLOCKS = 4
+# Interpreter: few, large programs; it pays per program and per loop step, not per value.
+_INTERP_BLOCK_M, _INTERP_BLOCK_N = 256, 512
+_INTERP_SPLIT_BLOCKS = 64
+
+
+@triton.jit
+def _q2c_rows(q_ptr, pos_ptr, Lq, D, R, G, sqh, sql, sqd,
+              NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The program's stacked rows: their index, validity, q tile and (clamped) positions.
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < R
+    i = r % Lq
+    head = tl.program_id(1) * G + r // Lq
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + head.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sql + d[None, :] * sqd,
+                mask=r_ok[:, None] & (d < D)[None, :], other=0.0)
+    if not NATIVE_DOT:
+        q = q.to(tl.float32)
+    pos = tl.load(pos_ptr + i, mask=r_ok, other=-1)
+    return r, r_ok, q, pos
+
+
+@triton.jit
+def _q2c_block_scores(q, k_base, n0, pos, S, D, sks, skd, scale,
+                      NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Scaled, causally masked scores of the rows against keys n0..n0+BLOCK_N: [BLOCK_M, BLOCK_N].
+    n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    k = tl.load(k_base + n.to(tl.int64)[:, None] * sks + d[None, :] * skd,
+                mask=(n < S)[:, None] & (d < D)[None, :], other=0.0)
+    if NATIVE_DOT:
+        s = tl.dot(q, tl.trans(k))  # fp16/bf16 products are exact in the fp32 accumulator
+    else:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")  # no tf32 shortcut
+    # pos was clamped to S - 1 by the launcher, so n <= pos also keeps n inside the keys.
+    return tl.where(n[None, :] <= pos[:, None], s * scale, float("-inf"))
+
+
+@triton.jit
+def _q2c_stats_kernel(
+    q_ptr, k_ptr, pos_ptr, m_ptr, l_ptr,
+    Lq, S, D, R, G, scale,
+    sqh, sql, sqd, skh, sks, skd,
+    SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grid: (cdiv(R, BLOCK_M), Hkv, key splits). Writes each row's online-softmax max and
+    # denominator over the keys of this split to m/l: [splits, Hkv, R].
+    r, r_ok, q, pos = _q2c_rows(q_ptr, pos_ptr, Lq, D, R, G, sqh, sql, sqd, NATIVE_DOT, BLOCK_M, BLOCK_D)
+    kv = tl.program_id(1)
+    k_base = k_ptr + kv.to(tl.int64) * skh
+    lo = tl.program_id(2) * SPLIT
+    hi = tl.minimum(lo + SPLIT, tl.max(pos) + 1)  # keys past every row's position play no part
+    # The max starts finite so that a row seeing no key keeps exp(-inf - m) = 0, not nan.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        s = _q2c_block_scores(q, k_base, n0, pos, S, D, sks, skd, scale, NATIVE_DOT, BLOCK_N, BLOCK_D)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    out = (tl.program_id(2) * tl.num_programs(1) + kv).to(tl.int64) * R + r
+    tl.store(m_ptr + out, m_i, mask=r_ok)
+    tl.store(l_ptr + out, l_i, mask=r_ok)
+
+
+@triton.jit
+def _q2c_colsum_kernel(
+    q_ptr, k_ptr, pos_ptr, m_ptr, l_ptr, out_ptr,
+    Lq, S, D, R, G, ctx_start, ctx_end, scale,
+    sqh, sql, sqd, skh, sks, skd,
+    SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grid: (cdiv(R, BLOCK_M), Hkv, context splits). m/l: [Hkv, R], merged over key splits.
+    r, r_ok, q, pos = _q2c_rows(q_ptr, pos_ptr, Lq, D, R, G, sqh, sql, sqd, NATIVE_DOT, BLOCK_M, BLOCK_D)
+    kv = tl.program_id(1)
+    k_base = k_ptr + kv.to(tl.int64) * skh
+    stats = kv.to(tl.int64) * R + r
+    m_i = tl.load(m_ptr + stats, mask=r_ok, other=0.0)
+    inv_l = 1.0 / tl.maximum(tl.load(l_ptr + stats, mask=r_ok, other=0.0), 1.0e-30)  # l == 0: p is 0 anyway
+    lo = ctx_start + tl.program_id(2) * SPLIT
+    hi = tl.minimum(tl.minimum(lo + SPLIT, ctx_end), tl.max(pos) + 1)
+    for n0 in range(lo, hi, BLOCK_N):
+        s = _q2c_block_scores(q, k_base, n0, pos, S, D, sks, skd, scale, NATIVE_DOT, BLOCK_N, BLOCK_D)
+        col = tl.sum(tl.exp(s - m_i[:, None]) * inv_l[:, None], axis=0)
+        n = n0 + tl.arange(0, BLOCK_N)
+        tl.atomic_add(out_ptr + (n - ctx_start), col, mask=n < hi)
+
+
+def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int,
+               scale: float | None = None) -> torch.Tensor:
+    """Triton version of reference.q2c_scores: fp32 [ctx_end - ctx_start]. Column sums use atomics,
+    so on GPU the fp32 summation order, and hence the last bits, may vary between runs."""
+    q_heads, rows, head_dim = q.shape
+    kv_heads, seq, _ = k.shape
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = torch.zeros(ctx_end - ctx_start, dtype=torch.float32, device=q.device)
+    if rows == 0 or ctx_end == ctx_start:
+        return out
+    pos = q_pos.clamp(-1, seq - 1).to(torch.int32).contiguous()
+    total = group * rows
+    block_d = max(16, _next_pow2(head_dim))  # tl.dot needs every dimension >= 16
+    if INTERPRETED:
+        block_m = min(_INTERP_BLOCK_M, max(16, _next_pow2(total)))
+        block_n = min(_INTERP_BLOCK_N, max(16, _next_pow2(seq)))
+        split = block_n * _INTERP_SPLIT_BLOCKS
+        launch = {}
+    else:
+        block_m, block_n = _GPU_BLOCK_M, (_GPU_BLOCK_N if block_d <= 128 else _GPU_BLOCK_N // 2)
+        split = block_n * _GPU_SPLIT_BLOCKS
+        launch = {"num_warps": 4, "num_stages": 2}
+    native = (not INTERPRETED) and q.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16)
+    common = dict(SPLIT=split, NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    m_blocks = triton.cdiv(total, block_m)
+
+    key_splits = triton.cdiv(seq, split)
+    m_part = torch.empty(key_splits, kv_heads, total, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _q2c_stats_kernel[(m_blocks, kv_heads, key_splits)](
+        q, k, pos, m_part, l_part, rows, seq, head_dim, total, group, scale, *strides, **common)
+    # Merge the splits' softmax statistics: m = max_s m_s, l = sum_s l_s * exp(m_s - m).
+    m = m_part.amax(dim=0)
+    l_sum = (l_part * torch.exp(m_part - m)).sum(dim=0)
+
+    ctx_splits = triton.cdiv(ctx_end - ctx_start, split)
+    _q2c_colsum_kernel[(m_blocks, kv_heads, ctx_splits)](
+        q, k, pos, m, l_sum, out, rows, seq, head_dim, total, group, ctx_start, ctx_end, scale,
+        *strides, **common)
+    return out
