@@ -153,6 +153,16 @@ def test_traffic_crosses_the_veth_and_namespaces_are_isolated(lab, edge_servers)
     assert not res["intact"] and "refused" in res["error"], res
 
 
+def test_http_server_in_the_edge_namespace_answers_the_cloud(lab):
+    # A fixed port is fine: each namespace has its own port space, so parallel runs cannot collide.
+    srv = lab.edge.spawn([sys.executable, "-m", "http.server", "--bind", lab.edge.addr, "8000"], name="http.server",
+                         cwd=Path(__file__).resolve().parents[1])
+    srv.wait_text("Serving HTTP on")
+    res = _cloud_json(lab, ["http", "GET", f"http://{lab.edge.addr}:8000/README.md"])
+    assert res["status"] == 200 and res["body"].startswith("# KVWire"), res
+    srv.terminate()
+
+
 def test_tbf_shaping_limits_throughput(lab, edge_servers):
     shaped_mb_s = rate_bits(SHAPED) / 8 / 1e6
     shaped = _cloud_json(lab, ["fetch", lab.edge.addr, str(edge_servers["blast"]), "1500000"])

@@ -198,6 +198,17 @@ class Proc:
                 raise TimeoutError(f"{self.name}: no matching log line in {timeout}s; log tail:\n{self.log()[-2000:]}")
             time.sleep(0.02)
 
+    def wait_text(self, text: str, timeout: float = 20.0) -> None:
+        """Wait (bounded) until `text` appears in the log, for programs that log plain lines."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.popen.poll() is not None and text not in self.log():
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode} before logging {text!r}; "
+                                   f"log tail:\n{self.log()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: {text!r} not logged in {timeout}s; log tail:\n{self.log()[-2000:]}")
+            time.sleep(0.02)
+
     def terminate(self, timeout: float = 5.0) -> int | None:
         """SIGTERM the process group, then SIGKILL it after timeout; return the exit code."""
         # Signal the group only while its leader is unreaped, so its id cannot have been reused;

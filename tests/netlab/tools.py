@@ -4,6 +4,7 @@
     python tests/netlab/tools.py blast HOST PORT            # sends as many bytes as each client asks for
     python tests/netlab/tools.py fetch HOST PORT NBYTES     # times a download from blast
     python tests/netlab/tools.py client HOST PORT [--count N] [--size B]  # echo round trips
+    python tests/netlab/tools.py http METHOD URL [--json BODY] [--header K:V]  # one HTTP request
 
 Servers log one JSON line per event; clients print one JSON result line. Every client is bounded
 by --timeout, and refuses targets other than loopback or an on-link test address (bench.relay's
@@ -136,6 +137,34 @@ def client(host: str, port: int, count: int, size: int, timeout: float, seed: in
             "intact": first_diff is None and error is None, "first_diff": first_diff, "error": error}
 
 
+def http(method: str, url: str, body: str | None, headers: list[str], timeout: float) -> dict:
+    """One HTTP request (JSON body optional): status, seconds, and the response body (parsed if JSON)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    check_target(urllib.parse.urlsplit(url).hostname or "")
+    hdrs = dict(h.split(":", 1) for h in headers)
+    data = None
+    if body is not None:
+        data = body.encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(url, data=data, method=method, headers={k.strip(): v.strip() for k, v in hdrs.items()})
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    except (urllib.error.URLError, OSError) as e:
+        return {"status": None, "error": str(getattr(e, "reason", e)), "seconds": round(time.monotonic() - t0, 4)}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode(errors="replace")
+    return {"status": status, "body": parsed, "seconds": round(time.monotonic() - t0, 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools.py")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -155,11 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--timeout", type=float, default=20.0)
     s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("http")
+    s.add_argument("method")
+    s.add_argument("url")
+    s.add_argument("--json", dest="body", default=None, help="request body (sent as application/json)")
+    s.add_argument("--header", action="append", default=[], help="K: V, repeatable")
+    s.add_argument("--timeout", type=float, default=60.0)
     a = p.parse_args(argv)
     if a.cmd in ("echo", "blast"):
         asyncio.run(_serve_until_signal(_echo if a.cmd == "echo" else _blast, a.host, a.port, a.cmd))
     elif a.cmd == "fetch":
         log(fetch(a.host, a.port, a.nbytes, a.timeout))
+    elif a.cmd == "http":
+        log(http(a.method.upper(), a.url, a.body, a.header, a.timeout))
     else:
         log(client(a.host, a.port, a.count, a.size, a.timeout, a.seed))
     return 0
