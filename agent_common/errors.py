@@ -1,0 +1,34 @@
+"""Service-level errors both daemons raise (the codec's own errors live in kvcodec.errors).
+
+Handlers raise these plain exceptions with a message a user can act on; each daemon maps them
+to a status code in exactly one place (edge_agent/interceptor.py, cloud_agent/errors.py).
+"""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of the daemons' own errors."""
+
+
+class OverloadedError(ServiceError):
+    """More requests in flight than the configured --max-concurrency: refused at once, never queued."""
+
+
+class ShuttingDownError(ServiceError):
+    """The daemon is draining after SIGTERM/SIGINT and accepts no new requests."""
+
+
+class EdgeUnavailableError(ServiceError):
+    """The edge-agent could not be reached (down, restarting, or the address is wrong)."""
+
+
+class EdgeBusyError(ServiceError):
+    """The edge-agent refused the request because it is at its own concurrency limit."""
+
+
+class DeadlineExceededError(ServiceError):
+    """The request's deadline passed before the edge finished streaming."""
+
+
+class EdgeFailedError(ServiceError):
+    """The edge-agent failed in a way the request did not cause (an internal error there)."""

@@ -1,0 +1,1 @@
+"""cloud-agent: HTTP /answer; fetches KV (or scout positions) from an edge-agent, injects them and generates."""

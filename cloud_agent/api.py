@@ -1,0 +1,48 @@
+"""The /answer request and response bodies."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AnswerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, description="the question about the context")
+    context: str = Field(min_length=1, description="the passage the question is about")
+    mode: Literal["kv", "scout", "text"] = Field("kv", description="kv: quantized KV from the edge; scout: the edge's kept positions only; text: no edge")
+    selector: str = Field("q2c", description="q2c, snapkv, h2o or random")
+    retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
+    profile: str | None = Field(None, description="precision profile (kv mode); default: the edge's --profile (mixed-int4 unless configured)")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="answer length cap in tokens")
+    deadline_ms: int | None = Field(None, ge=1, le=3_600_000, description="deadline of the edge stream; default: the cloud's --default-deadline-ms")
+
+
+class TimingsMs(BaseModel):
+    """Milliseconds per stage. edge_*/select/encode are measured on the edge; transfer is the stream's
+    wall time minus the edge's compute and the cloud's decode; prefill is the cloud's own prefill
+    (scout and text); generate includes first_token."""
+
+    edge_prefill: float = 0.0
+    select: float = 0.0
+    encode: float = 0.0
+    transfer: float = 0.0
+    decode: float = 0.0
+    inject: float = 0.0
+    prefill: float = 0.0
+    first_token: float = 0.0
+    generate: float = 0.0
+    total: float = 0.0
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    mode: str
+    bytes_on_wire: int = Field(description="codec frame bytes received from the edge (0 in text mode)")
+    wire_ratio: float = Field(description="bytes_on_wire / FP16 KV bytes of the full prompt on this model")
+    kept_positions: int
+    context_tokens: int
+    prompt_tokens: int
+    timings_ms: TimingsMs
+    request_id: str

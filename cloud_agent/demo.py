@@ -1,0 +1,110 @@
+"""`python -m cloud_agent.demo` (`make run`): both daemons on loopback, one question in kv, scout and text mode.
+
+Starts edge-agent and cloud-agent as child processes on free ports with the same model (the
+embedded SmolLM2-135M-Instruct unless --model), asks a question about a real passage
+(kvcodec/data/demo.json) through POST /answer, prints the answers with bytes on the wire, wire
+ratios and stage timings, and stops both daemons with SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+
+import httpx
+
+from agent_common.launch import Daemon
+
+STAGES = ("edge_prefill", "select", "encode", "transfer", "decode", "inject", "prefill", "first_token", "generate", "total")
+
+
+def demo_requests(question: str, context: str, retention: float, max_new_tokens: int) -> list[dict]:
+    """kv and scout at the same retention, then text (the cloud's own full prefill) for comparison."""
+    base = {"question": question, "context": context, "max_new_tokens": max_new_tokens, "selector": "q2c"}
+    return [
+        {**base, "mode": "kv", "retention": retention, "profile": "mixed-int4"},
+        {**base, "mode": "scout", "retention": retention},
+        {**base, "mode": "text"},
+    ]
+
+
+def run_demo(model: str, question_index: int = 0, retention: float = 0.5, max_new_tokens: int = 24,
+             threads: int = 0, log=print) -> list[dict]:
+    """Start both daemons, ask the demo question in each mode, stop them; returns the /answer bodies
+    (plus the request sent, as "request") and the daemons' exit codes in the last element."""
+    data = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
+    question = data["questions"][question_index]
+    common = ["--model", model, "--host", "127.0.0.1", "--http-port", "0", "--threads", str(threads)]
+    started = time.perf_counter()
+    log(f"starting edge-agent and cloud-agent on 127.0.0.1 (model: {model}) ...")
+    edge = Daemon("edge-agent", "edge_agent", [*common, "--grpc-port", "0"])
+    cloud = None
+    results: list[dict] = []
+    try:
+        edge.wait_listening()
+        cloud = Daemon("cloud-agent", "cloud_agent", [*common, "--edge", edge.grpc_address])
+        cloud.wait_listening()
+        log(f"edge-agent: gRPC {edge.grpc_address}, HTTP {edge.http_url}; cloud-agent: {cloud.http_url} "
+            f"(up in {time.perf_counter() - started:.1f} s)")
+        with httpx.Client(base_url=cloud.http_url, timeout=600) as client:
+            for body in demo_requests(question, data["context"], retention, max_new_tokens):
+                reply = client.post("/answer", json=body)
+                if reply.status_code != 200:
+                    raise RuntimeError(f"/answer ({body['mode']}) returned {reply.status_code}: {reply.text}")
+                results.append({**reply.json(), "request": body})
+    finally:
+        codes = {"cloud-agent": cloud.stop() if cloud else None, "edge-agent": edge.stop()}
+    results.append({"exit_codes": codes})
+    return results
+
+
+def print_report(question: str, results: list[dict], log=print) -> None:
+    log(f"\nQ: {question}")
+    for r in results:
+        if "exit_codes" in r:
+            continue
+        req = r["request"]
+        setting = "full prompt, cloud prefill" if r["mode"] == "text" else (
+            f"q2c {req['retention']:.0%}" + (f", {req['profile']}" if r["mode"] == "kv" else ", ids + positions only"))
+        log(f"  {r['mode']:<5} ({setting}): {r['answer']!r}")
+        log(f"        {r['bytes_on_wire']:>10,} bytes on the wire, ratio {r['wire_ratio']:.4f} of FP16 KV, "
+            f"kept {r['kept_positions']}/{r['prompt_tokens'] - 1} positions ({r['context_tokens']} context tokens)")
+    log("\nstage timings (ms)")
+    log(f"  {'mode':<6}" + "".join(f"{s:>13}" for s in STAGES))
+    for r in results:
+        if "timings_ms" in r:
+            log(f"  {r['mode']:<6}" + "".join(f"{r['timings_ms'][s]:>13.1f}" for s in STAGES))
+    log("\nratio = bytes on the wire / FP16 KV bytes of the full prompt; edge_prefill/select/encode ran on the edge,")
+    log("prefill is the cloud's own prefill (scout, text); generate includes first_token.")
+    codes = results[-1]["exit_codes"]
+    log("stopped: " + ", ".join(f"{name} (exit {code})" for name, code in codes.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloud_agent.demo", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded", help="model folder or hub id for both daemons (default: embedded)")
+    parser.add_argument("--question", type=int, default=0, help="index of the demo question (0-2, default 0)")
+    parser.add_argument("--retention", type=float, default=0.5, help="share of context positions kept in kv and scout mode (default 0.5)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per daemon (default 0: torch's default)")
+    parser.add_argument("--json", action="store_true", help="print the /answer bodies as JSON lines instead of a report")
+    args = parser.parse_args(argv)
+    try:
+        results = run_demo(args.model, args.question, args.retention, args.max_new_tokens, args.threads)
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+    else:
+        data = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
+        print_report(data["questions"][args.question], results)
+    return 0 if all(code == 0 for code in results[-1]["exit_codes"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The one place where the cloud's errors become HTTP status codes (and request outcome labels)."""
+from __future__ import annotations
+
+import logging
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from agent_common.errors import (
+    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeUnavailableError, OverloadedError, ServiceError,
+    ShuttingDownError,
+)
+from kvcodec.errors import ConfigError, FrameError, GeometryMismatchError, PromptTooLongError
+
+log = logging.getLogger("cloud_agent")
+
+
+class RequestTooLargeError(ServiceError):
+    """The request body is larger than --max-body-bytes."""
+
+
+# (error class, HTTP status, outcome label of kvwire_requests_total) — most specific first
+STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (PromptTooLongError, 413, "too_long"),
+    (RequestTooLargeError, 413, "too_long"),
+    (ConfigError, 422, "invalid"),
+    (RequestValidationError, 422, "invalid"),
+    (GeometryMismatchError, 409, "mismatch"),
+    (FrameError, 502, "frame_error"),
+    (OverloadedError, 429, "overloaded"),
+    (EdgeBusyError, 503, "edge_busy"),
+    (EdgeUnavailableError, 503, "edge_unavailable"),
+    (ShuttingDownError, 503, "shutting_down"),
+    (DeadlineExceededError, 504, "deadline"),
+    (EdgeFailedError, 502, "edge_error"),
+)
+RETRY_LATER = {429, 503}
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, outcome label); anything unexpected is a 500."""
+    for cls, status, outcome in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return status, outcome
+    return 500, "error"
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})")
+            continue
+        where = ".".join(str(x) for x in err.get("loc", ())[1:]) or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def message_of(exc: BaseException) -> str:
+    if isinstance(exc, RequestValidationError):
+        return _validation_message(exc)
+    if isinstance(exc, FrameError):
+        return f"the edge's stream was rejected: {exc}"
+    if classify(exc)[0] == 500:
+        return f"internal error ({type(exc).__name__}); see the cloud-agent log for this request id"
+    return str(exc)
+
+
+def error_response(exc: BaseException, request_id: str | None) -> JSONResponse:
+    """{"detail": message, "error": outcome, "request_id": id} with the mapped status."""
+    status, outcome = classify(exc)
+    if status == 500:
+        log.error("internal_error", exc_info=exc)
+    headers = {"Retry-After": "1"} if status in RETRY_LATER else None
+    return JSONResponse({"detail": message_of(exc), "error": outcome, "request_id": request_id}, status_code=status, headers=headers)

@@ -1,0 +1,71 @@
+"""EdgeClient: the cloud's side of EdgeService. gRPC stops here: callers get PrefillReply objects
+and domain errors (agent_common.errors, kvcodec.errors), never grpc.RpcError."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent_common.errors import DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeUnavailableError
+from edge_agent.messages import PrefillReply, PrefillRequest
+from kvcodec.errors import ConfigError, PromptTooLongError
+from proto import kvwire_pb2_grpc
+
+
+class EdgeClient:
+    """One channel to one edge-agent, opened lazily and reconnected by gRPC as needed."""
+
+    def __init__(self, address: str, max_message_bytes: int = 8 << 20):
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # an edge that restarts is found again within a second or two, not after gRPC's default 2-minute backoff cap
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ])
+        self._stub = kvwire_pb2_grpc.EdgeServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def check_health(self, timeout_s: float) -> str:
+        """'SERVING' when the edge is up and ready; raises EdgeUnavailableError (with the reason) otherwise."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, timeout_s) from None
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        if status != "SERVING":
+            raise EdgeUnavailableError(f"edge-agent at {self.address} reports {status}")
+        return status
+
+    def prefill(self, request: PrefillRequest, timeout_s: float) -> Iterator[PrefillReply]:
+        """The edge's stream for `request`. Closing the iterator early cancels the call on the edge."""
+        call = self._stub.Prefill(request.to_pb(), timeout=timeout_s)
+        try:
+            for pb in call:
+                yield PrefillReply.from_pb(pb)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, timeout_s) from None
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
+    def _translate(self, exc: grpc.RpcError, timeout_s: float) -> Exception:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return ConfigError(details)
+        if code == grpc.StatusCode.OUT_OF_RANGE:
+            return PromptTooLongError(details)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return EdgeBusyError(f"edge-agent at {self.address} is busy: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceededError(f"the deadline of {timeout_s * 1000:.0f} ms passed before edge-agent at {self.address} finished")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return EdgeUnavailableError(
+                f"edge-agent at {self.address} is unreachable ({details}); kv and scout modes need it, mode=text does not"
+            )
+        return EdgeFailedError(f"edge-agent at {self.address} failed: {code.name}: {details}")

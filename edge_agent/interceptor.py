@@ -1,0 +1,83 @@
+"""The edge's per-request wrapper: request id for the logs, in-flight gauge, outcome counter, and
+the one place where errors become gRPC status codes."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from agent_common.errors import OverloadedError, ShuttingDownError
+from agent_common.logs import log_event, request_id_var
+from agent_common.metrics import Metrics
+from kvcodec.errors import ConfigError, PromptTooLongError
+
+log = logging.getLogger("edge_agent")
+
+SERVICE_PREFIX = "/kvwire.v1.EdgeService/"
+MODES = ("kv", "scout")
+
+# (error class, gRPC status, outcome label of kvwire_requests_total) — most specific first.
+# The cloud's edge client maps these codes back (edge_agent/client.py).
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
+    (PromptTooLongError, grpc.StatusCode.OUT_OF_RANGE, "too_long"),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE, "shutting_down"),
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """(status code, outcome label, message) for an exception raised while serving a request."""
+    for cls, code, outcome in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code, outcome, str(exc)
+    return grpc.StatusCode.INTERNAL, "error", f"edge-agent internal error: {type(exc).__name__}: {exc}"
+
+
+def clean_request_id(value: str) -> str:
+    """The caller's request id if it is short and printable, else a fresh one."""
+    if value and len(value) <= 64 and all(c.isalnum() or c in "-_.:" for c in value):
+        return value
+    return "edge-" + uuid.uuid4().hex
+
+
+class RequestInterceptor(grpc.ServerInterceptor):
+    """Wraps every EdgeService streaming handler; other services (health) pass through untouched."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_stream is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+            return handler
+        inner = handler.unary_stream
+        metrics = self.metrics
+
+        def wrapped(request, context):
+            mode = request.mode if request.mode in MODES else "invalid"  # bounded label values
+            request.request_id = clean_request_id(request.request_id)
+            request_id_var.set(request.request_id)
+            metrics.inflight.inc()
+            outcome = "cancelled"  # unless the stream runs to its end or raises
+            try:
+                yield from inner(request, context)
+                outcome = "ok"
+            except Exception as exc:
+                code, outcome, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("prefill_failed", extra={"mode": mode})
+                else:
+                    log_event(log, "prefill_refused", logging.WARNING, mode=mode, status=code.name, reason=message)
+                context.abort(code, message)
+            finally:
+                metrics.inflight.dec()
+                metrics.requests.labels(mode, outcome).inc()
+                if outcome == "cancelled":
+                    log_event(log, "prefill_cancelled", mode=mode)
+                request_id_var.set(None)
+
+        return grpc.unary_stream_rpc_method_handler(
+            wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )

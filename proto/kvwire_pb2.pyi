@@ -1,0 +1,52 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PrefillRequest(_message.Message):
+    __slots__ = ("request_id", "mode", "context", "question", "selector", "retention", "profile", "compress", "chunk_bytes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    mode: str
+    context: str
+    question: str
+    selector: str
+    retention: float
+    profile: str
+    compress: bool
+    chunk_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., selector: _Optional[str] = ..., retention: _Optional[float] = ..., profile: _Optional[str] = ..., compress: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class PrefillReply(_message.Message):
+    __slots__ = ("request_id", "frame", "timings")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    frame: bytes
+    timings: EdgeTimings
+    def __init__(self, request_id: _Optional[str] = ..., frame: _Optional[bytes] = ..., timings: _Optional[_Union[EdgeTimings, _Mapping]] = ...) -> None: ...
+
+class EdgeTimings(_message.Message):
+    __slots__ = ("stage_ms",)
+    class StageMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    stage_ms: _containers.ScalarMap[str, float]
+    def __init__(self, stage_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
