@@ -39,6 +39,21 @@ def runs_on(device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------- shared pieces
 
+# tl.max / tl.sum / tl.zeros are themselves @jit functions, fixed as compiled-only when triton is
+# first imported; if something imported triton before TRITON_INTERPRET was set (transformers
+# does), the interpreter cannot call them. tl.reduce with triton's own combine functions is the
+# same IR as tl.max / tl.sum on fp32 and int32, and the interpreter runs it in one numpy call.
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
 @triton.jit
 def _round_half_even(y):
     # libdevice rint is missing from the interpreter; floor arithmetic is exact for |y| < 2**23.
@@ -93,13 +108,13 @@ def _store_packed(q, p_rows, row_ok, c0, D, BITS: tl.constexpr, BLOCK_K: tl.cons
         tl.store(p_rows[:, None] + cols[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
     elif BITS == 4:
         u = tl.reshape(q & 0xF, [BLOCK_K, BLOCK_C // 2, 2])
-        byte = tl.sum(u << (tl.arange(0, 2) * 4)[None, None, :], axis=2)  # low nibble = even channel
+        byte = _sum(u << (tl.arange(0, 2) * 4)[None, None, :], axis=2)  # low nibble = even channel
         cols = c0 // 2 + tl.arange(0, BLOCK_C // 2)
         mask = row_ok[:, None] & (cols < D // 2)[None, :]
         tl.store(p_rows[:, None] + cols[None, :], byte.to(tl.uint8), mask=mask)
     else:
         u = tl.reshape(q & 0x7, [BLOCK_K, BLOCK_C // 8, 8])
-        word = tl.sum(u << (tl.arange(0, 8) * 3)[None, None, :], axis=2)  # code j at bit 3j
+        word = _sum(u << (tl.arange(0, 8) * 3)[None, None, :], axis=2)  # code j at bit 3j
         b = tl.arange(0, 4)  # 3 bytes per word, padded to a power of two and masked
         byte = (word[:, :, None] >> (b * 8)[None, None, :]) & 0xFF
         units = c0 // 8 + tl.arange(0, BLOCK_C // 8)
@@ -134,14 +149,14 @@ def _quantize_pack_kernel(
         # One scale per row (group_size == D): absmax first, then codes.
         if ONE_CHUNK:
             x = _load_chunk(x_rows, row_ok, 0, D, sxd, BLOCK_C)
-            scale16, div = _scale_of(tl.max(tl.abs(x), axis=1), QMAX)
+            scale16, div = _scale_of(_max(tl.abs(x), axis=1), QMAX)
             tl.store(s_ptr + out_rows, scale16, mask=row_ok)
             _store_packed(_codes(x, div[:, None], BITS), p_rows, row_ok, 0, D, BITS, BLOCK_K, BLOCK_C)
         else:
-            absmax = tl.zeros([BLOCK_K], tl.float32)
+            absmax = tl.full([BLOCK_K], 0.0, tl.float32)
             for c0 in range(0, D, BLOCK_C):
                 x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
-                absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+                absmax = tl.maximum(absmax, _max(tl.abs(x), axis=1))
             scale16, div = _scale_of(absmax, QMAX)
             tl.store(s_ptr + out_rows, scale16, mask=row_ok)
             for c0 in range(0, D, BLOCK_C):
@@ -152,7 +167,7 @@ def _quantize_pack_kernel(
         NG: tl.constexpr = BLOCK_C // GS
         for c0 in range(0, D, BLOCK_C):
             x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
-            absmax = tl.max(tl.reshape(tl.abs(x), [BLOCK_K, NG, GS]), axis=2)
+            absmax = _max(tl.reshape(tl.abs(x), [BLOCK_K, NG, GS]), axis=2)
             scale16, div = _scale_of(absmax, QMAX)
             g = c0 // GS + tl.arange(0, NG)
             tl.store(s_ptr + out_rows[:, None] * G + g[None, :], scale16, mask=row_ok[:, None] & (g < G)[None, :])
@@ -340,14 +355,14 @@ def _q2c_stats_kernel(
     kv = tl.program_id(1)
     k_base = k_ptr + kv.to(tl.int64) * skh
     lo = tl.program_id(2) * SPLIT
-    hi = tl.minimum(lo + SPLIT, tl.max(pos) + 1)  # keys past every row's position play no part
+    hi = tl.minimum(lo + SPLIT, _max(pos, axis=0) + 1)  # keys past every row's position play no part
     # The max starts finite so that a row seeing no key keeps exp(-inf - m) = 0, not nan.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         s = _q2c_block_scores(q, k_base, n0, pos, S, D, sks, skd, scale, NATIVE_DOT, BLOCK_N, BLOCK_D)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_new = tl.maximum(m_i, _max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + _sum(tl.exp(s - m_new[:, None]), axis=1)
         m_i = m_new
     out = (tl.program_id(2) * tl.num_programs(1) + kv).to(tl.int64) * R + r
     tl.store(m_ptr + out, m_i, mask=r_ok)
@@ -370,10 +385,10 @@ def _q2c_colsum_kernel(
     m_i = tl.load(m_ptr + stats, mask=r_ok, other=0.0)
     inv_l = 1.0 / tl.maximum(tl.load(l_ptr + stats, mask=r_ok, other=0.0), 1.0e-30)  # l == 0: p is 0 anyway
     lo = ctx_start + tl.program_id(2) * SPLIT
-    hi = tl.minimum(tl.minimum(lo + SPLIT, ctx_end), tl.max(pos) + 1)
+    hi = tl.minimum(tl.minimum(lo + SPLIT, ctx_end), _max(pos, axis=0) + 1)
     for n0 in range(lo, hi, BLOCK_N):
         s = _q2c_block_scores(q, k_base, n0, pos, S, D, sks, skd, scale, NATIVE_DOT, BLOCK_N, BLOCK_D)
-        col = tl.sum(tl.exp(s - m_i[:, None]) * inv_l[:, None], axis=0)
+        col = _sum(tl.exp(s - m_i[:, None]) * inv_l[:, None], axis=0)
         n = n0 + tl.arange(0, BLOCK_N)
         tl.atomic_add(out_ptr + (n - ctx_start), col, mask=n < hi)
 

@@ -401,6 +401,25 @@ def test_torch_path_never_imports_triton():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
 
 
+def test_interpreter_works_when_triton_was_imported_first():
+    """transformers imports triton before any test sets TRITON_INTERPRET: the kernels must not
+    call triton's own @jit helpers (tl.max, tl.sum, tl.zeros), which are then compiled-only."""
+    code = ("import os, torch, triton.language\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "from kernels import reference as R, triton_kernels as T\n"
+            "x = torch.randn(2, 9, 32)\n"
+            "for bits, g in ((8, 32), (4, 16), (3, 8)):\n"
+            "    p, s = T.quantize_pack(x, None, bits, g)\n"
+            "    assert torch.equal(p, R.quantize_pack(x, None, bits, g)[0])\n"
+            "    out = T.unpack_dequantize(p, s, bits, g, torch.empty_like(x))\n"
+            "    assert torch.equal(out, R.unpack_dequantize(p, s, bits, g, torch.empty_like(x)))\n"
+            "pos = torch.tensor([8, 3, 5])\n"
+            "torch.testing.assert_close(T.q2c_scores(x[:, :3], x, pos, 1, 7), R.q2c_scores(x[:, :3], x, pos, 1, 7))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
+
+
 @pytest.mark.parametrize("bits,head_dim,want", [(8, 80, 80), (4, 80, 40), (3, 96, 36), (3, 128, 48)])
 def test_packed_row_bytes(bits, head_dim, want):
     assert kernels.packed_row_bytes(bits, head_dim) == want
