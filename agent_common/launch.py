@@ -64,10 +64,15 @@ class Daemon:
     def events(self, event: str) -> list[dict]:
         return [r for r in self.records if r.get("event") == event]
 
+    def terminate(self) -> None:
+        """Send SIGTERM (the daemon drains and exits); `stop` waits for it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait for the graceful drain, SIGKILL if it overruns; returns the exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

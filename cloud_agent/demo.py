@@ -55,6 +55,9 @@ def run_demo(model: str, question_index: int = 0, retention: float = 0.5, max_ne
                     raise RuntimeError(f"/answer ({body['mode']}) returned {reply.status_code}: {reply.text}")
                 results.append({**reply.json(), "request": body})
     finally:
+        for daemon in (cloud, edge):
+            if daemon is not None:
+                daemon.terminate()
         codes = {"cloud-agent": cloud.stop() if cloud else None, "edge-agent": edge.stop()}
     results.append({"exit_codes": codes})
     return results

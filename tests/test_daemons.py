@@ -1,0 +1,265 @@
+"""edge-agent and cloud-agent as real subprocesses on loopback, with the tiny model.
+
+One module-scoped set of daemons serves every test; daemons a test stops on purpose are its alone
+(edge_doomed/cloud_orphan for "edge stopped", cloud_doomed for graceful shutdown), so no test
+depends on another's order.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent_common.launch import Daemon
+
+REPO = str(Path(__file__).resolve().parents[1])
+CONTEXT = (
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France. "
+    "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway who, under their leader Rollo, "
+    "agreed to swear fealty to King Charles III of West Francia."
+)
+QUESTION = "Who was the leader?"
+MAX_CONTEXT_TOKENS = 400
+COMMON = ["--host", "127.0.0.1", "--http-port", "0", "--threads", "1"]  # 1 thread: no OMP thrashing on 2 shared cores
+
+
+def _env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": REPO + (os.pathsep + path if path else "")}
+
+
+def _start(name: str, module: str, args: list[str]) -> Daemon:
+    return Daemon(name, module, [*COMMON, *args], env=_env())
+
+
+@pytest.fixture(scope="module")
+def daemons(tiny_model_dir, tiny_other_geometry_dir):
+    """Two edges, then five clouds, started in parallel per phase and always stopped."""
+    started: list[Daemon] = []
+    try:
+        edge = _start("edge", "edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0", "--profile", "int8"])
+        edge_doomed = _start("edge_doomed", "edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0"])
+        started += [edge, edge_doomed]
+        for d in (edge, edge_doomed):
+            d.wait_listening()
+        clouds = {
+            "cloud": ["--model", tiny_model_dir, "--edge", edge.grpc_address, "--max-context-tokens", str(MAX_CONTEXT_TOKENS)],
+            "cloud_other": ["--model", tiny_other_geometry_dir, "--edge", edge.grpc_address],
+            "cloud_limited": ["--model", tiny_model_dir, "--edge", edge.grpc_address, "--max-concurrency", "1"],
+            "cloud_orphan": ["--model", tiny_model_dir, "--edge", edge_doomed.grpc_address],
+            "cloud_doomed": ["--model", tiny_model_dir, "--edge", edge.grpc_address, "--max-concurrency", "1"],
+        }
+        handles = {name: _start(name, "cloud_agent", args) for name, args in clouds.items()}
+        started += list(handles.values())
+        for d in handles.values():
+            d.wait_listening()
+        yield SimpleNamespace(edge=edge, edge_doomed=edge_doomed, **handles)
+    finally:
+        for d in started:  # all drain at once; then wait for each
+            d.terminate()
+        for d in started:
+            d.stop()
+
+
+def ask(daemon: Daemon, timeout: float = 120, **body) -> httpx.Response:
+    payload = {"question": QUESTION, "context": CONTEXT, **body}
+    return httpx.post(daemon.http_url + "/answer", json=payload, timeout=timeout)
+
+
+def ok(response: httpx.Response) -> dict:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def metric_samples(url: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of every sample on a /metrics page (parsed by prometheus_client)."""
+    reply = httpx.get(url + "/metrics", timeout=10)
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(reply.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(samples: dict, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+# --- modes -------------------------------------------------------------------------------------
+
+def test_kv_fp16_full_retention_is_exactly_the_text_answer(daemons):
+    text = ok(ask(daemons.cloud, mode="text", max_new_tokens=16))
+    kv = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=16))
+    assert text["answer"] and kv["answer"] == text["answer"]
+    assert kv["kept_positions"] == kv["prompt_tokens"] - 1 == text["kept_positions"]
+    assert 1.0 <= kv["wire_ratio"] < 1.05  # all positions at FP16 plus framing
+    assert text["bytes_on_wire"] == 0 and kv["bytes_on_wire"] > 0
+    t = kv["timings_ms"]
+    assert t["edge_prefill"] > 0 and t["decode"] > 0 and t["generate"] > 0 and t["total"] >= t["generate"]
+
+
+def test_scout_keeps_the_edge_positions_and_sends_only_ids(daemons):
+    text = ok(ask(daemons.cloud, mode="text", max_new_tokens=8))
+    full = ok(ask(daemons.cloud, mode="scout", retention=1.0, max_new_tokens=8))
+    assert full["answer"] == text["answer"]  # the cloud prefilled everything itself
+    half = ok(ask(daemons.cloud, mode="scout", retention=0.5, max_new_tokens=8))
+    dropped = half["context_tokens"] - -(-half["context_tokens"] // 2)  # context minus ceil(0.5 x context)
+    assert half["kept_positions"] == half["prompt_tokens"] - 1 - dropped
+    assert half["bytes_on_wire"] < 4 * half["prompt_tokens"] + 1024 and half["wire_ratio"] < 0.05
+    assert half["timings_ms"]["prefill"] > 0 and half["timings_ms"]["edge_prefill"] > 0
+
+
+def test_kv_with_selection_and_the_edge_default_profile(daemons):
+    full = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=4))
+    # no profile: the edge's --profile (int8 here), a quarter of the context kept
+    small = ok(ask(daemons.cloud, mode="kv", retention=0.25, selector="snapkv", max_new_tokens=4))
+    assert small["kept_positions"] < full["kept_positions"]
+    assert small["bytes_on_wire"] < 0.5 * full["bytes_on_wire"]
+    assert [e["profile"] for e in daemons.edge.events("prefill") if e["request_id"] == small["request_id"]] == ["int8"]
+
+
+def test_request_id_travels_to_the_edge_logs(daemons):
+    reply = httpx.post(daemons.cloud.http_url + "/answer", json={"question": QUESTION, "context": CONTEXT, "max_new_tokens": 2},
+                       headers={"X-Request-ID": "trace-42"}, timeout=60)
+    body = ok(reply)
+    assert body["request_id"] == reply.headers["x-request-id"] == "trace-42"
+    deadline = time.monotonic() + 5
+    while not [e for e in daemons.edge.events("prefill") if e.get("request_id") == "trace-42"]:
+        assert time.monotonic() < deadline, "the edge never logged the request id"
+        time.sleep(0.05)
+    assert [e for e in daemons.cloud.events("answer") if e.get("request_id") == "trace-42"]
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+def test_other_kv_geometry_gets_409_and_scout_still_works(daemons):
+    reply = ask(daemons.cloud_other, mode="kv", max_new_tokens=4)
+    assert reply.status_code == 409, reply.text
+    detail = reply.json()["detail"]
+    assert "num_layers" in detail and "head_dim" in detail and "scout" in detail
+    assert reply.json()["error"] == "mismatch"
+    ok(ask(daemons.cloud_other, mode="scout", retention=0.5, max_new_tokens=4))
+
+
+def test_oversized_context_is_413(daemons):
+    reply = ask(daemons.cloud, mode="kv", context=CONTEXT * 8)
+    assert reply.status_code == 413, reply.text
+    assert f"at most {MAX_CONTEXT_TOKENS}" in reply.json()["detail"]
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"question": "Who?", "context": "x"', "not valid JSON"),
+    (b'{"question": "Who?"}', "context"),
+    (b'{"question": "Who?", "context": "x", "retention": 1.5}', "retention"),
+    (b'{"question": "Who?", "context": "x", "mode": "telepathy"}', "mode"),
+    (b'{"question": "Who?", "context": "x", "retension": 0.5}', "retension"),
+])
+def test_malformed_requests_are_422(daemons, content, needle):
+    reply = httpx.post(daemons.cloud.http_url + "/answer", content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 422, reply.text
+    assert needle in reply.json()["detail"] and reply.json()["request_id"]
+
+
+@pytest.mark.parametrize("field, allowed", [
+    ("selector", ["q2c", "snapkv", "h2o", "random"]),
+    ("profile", ["fp16", "bf16", "int8", "int4", "mixed-int4"]),
+])
+def test_unknown_selector_or_profile_is_422_naming_the_allowed_values(daemons, field, allowed):
+    reply = ask(daemons.cloud, mode="kv", **{field: "bogus"})
+    assert reply.status_code == 422, reply.text
+    detail = reply.json()["detail"]
+    assert "bogus" in detail and all(name in detail for name in allowed)
+
+
+def test_missed_deadline_is_504(daemons):
+    reply = ask(daemons.cloud, mode="kv", deadline_ms=1, context=CONTEXT * 2)
+    assert reply.status_code == 504, reply.text
+    assert "deadline" in reply.json()["detail"]
+
+
+def test_more_concurrent_requests_than_allowed_get_429(daemons):
+    def slow(_):
+        return ask(daemons.cloud_limited, mode="text", max_new_tokens=200)
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(slow, range(4)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes.count(200) >= 1 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.headers["retry-after"] and "limit of 1" in refused.json()["detail"]
+    assert metric_samples(daemons.cloud_limited.http_url)[("kvwire_requests_total", (("mode", "text"), ("outcome", "overloaded")))] >= 1
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+def test_metrics_parse_and_byte_counters_agree_on_both_sides(daemons):
+    before_edge, before_cloud = metric_samples(f"http://127.0.0.1:{daemons.edge.listening['http_port']}"), metric_samples(daemons.cloud.http_url)
+    replies = [ok(ask(daemons.cloud, mode=mode, retention=r, max_new_tokens=2, **extra))
+               for mode, r, extra in (("kv", 1.0, {"profile": "mixed-int4"}), ("kv", 0.5, {}), ("scout", 0.5, {}))]
+    edge, cloud = metric_samples(f"http://127.0.0.1:{daemons.edge.listening['http_port']}"), metric_samples(daemons.cloud.http_url)
+    sent = total(edge, "kvwire_bytes_sent_total") - total(before_edge, "kvwire_bytes_sent_total")
+    received = total(cloud, "kvwire_bytes_received_total") - total(before_cloud, "kvwire_bytes_received_total")
+    assert sent == received == sum(r["bytes_on_wire"] for r in replies) > 0
+    for samples, side in ((edge, "edge"), (cloud, "cloud")):
+        names = {n for n, _ in samples}
+        assert {"kvwire_stage_seconds_bucket", "kvwire_requests_total", "kvwire_inflight_requests"} <= names
+        assert samples[("kvwire_stage_seconds_count", (("mode", "kv"), ("side", side), ("stage", "total")))] >= 2
+        assert samples[("kvwire_requests_total", (("mode", "kv"), ("outcome", "ok")))] >= 2
+    assert cloud[("kvwire_wire_ratio_count", (("mode", "scout"),))] >= 1
+    assert edge[("kvwire_bytes_sent_total", (("kind", "chunk"), ("mode", "kv")))] > 0
+    assert ("kvwire_stage_seconds_sum", (("mode", "kv"), ("side", "edge"), ("stage", "prefill"))) in edge
+    assert ("kvwire_stage_seconds_sum", (("mode", "kv"), ("side", "cloud"), ("stage", "inject"))) in cloud
+
+
+def test_metrics_route_does_not_redirect(daemons):
+    reply = httpx.get(daemons.cloud.http_url + "/metrics", follow_redirects=False, timeout=10)
+    assert reply.status_code == 200 and "kvwire_inflight_requests" in reply.text
+
+
+def test_health_and_readiness(daemons):
+    edge_http = f"http://127.0.0.1:{daemons.edge.listening['http_port']}"
+    for url in (edge_http, daemons.cloud.http_url):
+        assert httpx.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+        assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+def test_edge_stopped_readyz_fails_remote_modes_503_text_answers(daemons):
+    assert httpx.get(daemons.cloud_orphan.http_url + "/readyz", timeout=10).status_code == 200
+    assert daemons.edge_doomed.stop() == 0  # SIGTERM: a clean drain
+    assert daemons.edge_doomed.events("stopped")
+    ready = httpx.get(daemons.cloud_orphan.http_url + "/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.json()["ready"] is False and "unreachable" in ready.json()["reason"]
+    for mode in ("kv", "scout"):
+        reply = ask(daemons.cloud_orphan, mode=mode, max_new_tokens=2)
+        assert reply.status_code == 503, reply.text
+        assert "unreachable" in reply.json()["detail"] and "mode=text" in reply.json()["detail"]
+    ok(ask(daemons.cloud_orphan, mode="text", max_new_tokens=2))
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones(daemons):
+    cloud = daemons.cloud_doomed
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("reply", ask(cloud, mode="text", max_new_tokens=200)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while metric_samples(cloud.http_url)[("kvwire_inflight_requests", ())] < 1:
+        assert time.monotonic() < deadline, "the slow request never started"
+        time.sleep(0.02)
+    cloud.proc.send_signal(signal.SIGTERM)
+    worker.join(60)
+    ok(result["reply"])
+    assert cloud.proc.wait(60) == 0
+    assert cloud.events("draining") and cloud.events("stopped")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(cloud.http_url + "/healthz", timeout=5)

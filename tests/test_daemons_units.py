@@ -1,0 +1,197 @@
+"""Daemon parts in-process: settings precedence, --help, message round trips, status mapping,
+the edge's gRPC refusals through the real client, and frame rejection on the cloud."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+
+from agent_common.errors import EdgeBusyError, OverloadedError, ShuttingDownError
+from agent_common.metrics import Metrics
+from agent_common.settings import build_parser, load_settings
+from cloud_agent.settings import CloudSettings
+from edge_agent.client import EdgeClient
+from edge_agent.interceptor import status_of
+from edge_agent.messages import PrefillReply, PrefillRequest
+from edge_agent.settings import EdgeSettings
+from kvcodec.errors import ConfigError, PromptTooLongError
+from proto import kvwire_pb2_grpc
+
+CONTEXT = "The Normans were descended from Norse raiders and pirates under their leader Rollo."
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_settings_precedence_defaults_file_env_flags(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"edge{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps({"grpc_port": 1111, "http-port": 2222, "profile": "int8", "max_concurrency": 3}))
+    else:
+        path.write_text('grpc_port = 1111\nhttp-port = 2222\nprofile = "int8"\nmax_concurrency = 3\n')
+    monkeypatch.setenv("KVWIRE_EDGE_HTTP_PORT", "3333")
+    monkeypatch.setenv("KVWIRE_EDGE_PROFILE", "int4")
+    s = load_settings(EdgeSettings, ["--config", str(path), "--profile", "fp16"], "edge-agent", "")
+    assert s.grpc_port == 1111  # file over default
+    assert s.http_port == 3333  # environment over file
+    assert s.profile == "fp16"  # flag over environment
+    assert s.max_concurrency == 3 and s.chunk_bytes == EdgeSettings.model_fields["chunk_bytes"].default
+
+
+def test_config_file_from_the_environment_and_bad_settings_exit_2(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "cloud.json"
+    path.write_text(json.dumps({"edge": "10.0.0.1:7000"}))
+    monkeypatch.setenv("KVWIRE_CLOUD_CONFIG", str(path))
+    assert load_settings(CloudSettings, [], "cloud-agent", "").edge == "10.0.0.1:7000"
+    path.write_text(json.dumps({"edge_adress": "x"}))
+    with pytest.raises(SystemExit) as exc:
+        load_settings(CloudSettings, [], "cloud-agent", "")
+    assert exc.value.code == 2 and "edge_adress" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings(CloudSettings, ["--max-concurrency", "0"], "cloud-agent", "")
+    assert "max_concurrency" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls, prefix", [(EdgeSettings, "KVWIRE_EDGE_"), (CloudSettings, "KVWIRE_CLOUD_")])
+def test_help_explains_every_option(cls, prefix):
+    text = build_parser(cls, "agent", "").format_help()
+    for name, field in cls.model_fields.items():
+        assert "--" + name.replace("_", "-") in text and prefix + name.upper() in text
+        assert field.description, f"{name} has no description"
+    assert "--config" in text
+
+
+# --- messages and status mapping ---------------------------------------------------------------
+
+def test_messages_round_trip_through_protobuf():
+    req = PrefillRequest("rid-1", "kv", CONTEXT, "Who?", "snapkv", 0.25, "int8", True, 65536)
+    assert PrefillRequest.from_pb(req.to_pb()) == req
+    frame = PrefillReply("rid-1", frame=b"\x00KVWF")
+    assert PrefillReply.from_pb(frame.to_pb()) == frame
+    timings = PrefillReply("rid-1", timings_ms={"prefill": 1.5, "encode": 0.25})
+    assert PrefillReply.from_pb(timings.to_pb()) == timings
+
+
+@pytest.mark.parametrize("exc, code", [
+    (PromptTooLongError("long"), grpc.StatusCode.OUT_OF_RANGE),
+    (ConfigError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    (OverloadedError("busy"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDownError("bye"), grpc.StatusCode.UNAVAILABLE),
+    (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
+])
+def test_edge_status_table(exc, code):
+    assert status_of(exc)[0] == code
+
+
+def test_cloud_status_table():
+    from agent_common.errors import DeadlineExceededError, EdgeUnavailableError
+    from cloud_agent.errors import classify
+    from kvcodec.errors import FrameError, GeometryMismatchError
+
+    assert classify(PromptTooLongError("x")) == (413, "too_long")
+    assert classify(ConfigError("x")) == (422, "invalid")
+    assert classify(GeometryMismatchError("x")) == (409, "mismatch")
+    assert classify(FrameError("checksum", "x")) == (502, "frame_error")
+    assert classify(OverloadedError("x")) == (429, "overloaded")
+    assert classify(EdgeUnavailableError("x"))[0] == classify(EdgeBusyError("x"))[0] == 503
+    assert classify(DeadlineExceededError("x")) == (504, "deadline")
+    assert classify(KeyError("x")) == (500, "error")
+
+
+# --- an in-process edge ------------------------------------------------------------------------
+
+@pytest.fixture
+def edge_server(tiny_loaded):
+    """The real EdgeServicer behind the real interceptor on a loopback port, max_concurrency 1."""
+    from edge_agent.main import build_grpc_server
+    from edge_agent.service import EdgeServicer
+
+    settings = EdgeSettings(max_concurrency=1, profile="int8")
+    metrics = Metrics("edge")
+    servicer = EdgeServicer(tiny_loaded, settings, metrics)
+    server, _ = build_grpc_server(servicer, metrics, settings)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = EdgeClient(f"127.0.0.1:{port}")
+    yield servicer, client, metrics
+    client.close()
+    server.stop(None)
+
+
+def _drain(client: EdgeClient, **fields) -> list[PrefillReply]:
+    req = PrefillRequest(**{"request_id": "unit", "mode": "kv", "context": CONTEXT, "question": "Who?", "retention": 1.0, **fields})
+    return list(client.prefill(req, timeout_s=30))
+
+
+def test_edge_streams_frames_then_timings(edge_server):
+    _, client, metrics = edge_server
+    replies = _drain(client, profile="fp16")
+    assert all(r.frame for r in replies[:-1]) and replies[-1].frame is None
+    assert {"prefill", "select", "encode", "total"} <= set(replies[-1].timings_ms)
+    assert len(replies) >= 4  # header, >= 1 chunk, trailer, timings
+    assert metrics.requests.labels("kv", "ok")._value.get() == 1
+
+
+def test_edge_refusals_reach_the_client_as_domain_errors(edge_server):
+    servicer, client, metrics = edge_server
+    with pytest.raises(ConfigError, match="unknown selector 'nope'; known: q2c"):
+        _drain(client, selector="nope")
+    with pytest.raises(ConfigError, match="unknown profile '/etc/passwd'; allowed: fp16"):
+        _drain(client, profile="/etc/passwd")  # requests never make the edge read a file
+    with pytest.raises(ConfigError, match="edge streams modes kv and scout"):
+        _drain(client, mode="text")
+    assert servicer._slots.acquire(blocking=False)  # the one slot is taken: the next stream is refused at once
+    try:
+        with pytest.raises(EdgeBusyError, match="limit of 1 concurrent"):
+            _drain(client)
+    finally:
+        servicer._slots.release()
+    assert metrics.requests.labels("kv", "overloaded")._value.get() == 1
+    assert metrics.requests.labels("invalid", "invalid")._value.get() == 1
+
+
+# --- frame rejection on an in-process cloud ----------------------------------------------------
+
+class _CorruptingEdge(kvwire_pb2_grpc.EdgeServiceServicer):
+    """A real edge stream with one byte flipped in its second frame."""
+
+    def __init__(self, loaded):
+        from kvcodec.pipeline import Edge
+
+        self.edge = Edge(loaded)
+
+    def Prefill(self, request, context):
+        from kvcodec.pipeline import EdgeRequest
+
+        frames = list(self.edge.stream(EdgeRequest(request.context, request.question, request.mode, profile="int8")))
+        frames[1] = frames[1][:40] + bytes([frames[1][40] ^ 0xFF]) + frames[1][41:]
+        for frame in frames:
+            yield PrefillReply(request.request_id, frame=frame).to_pb()
+
+
+def test_corrupted_frame_is_502_and_counted_by_reason(tiny_loaded):
+    from cloud_agent.app import create_app
+    from cloud_agent.service import AnswerService
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    kvwire_pb2_grpc.add_EdgeServiceServicer_to_server(_CorruptingEdge(tiny_loaded), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    metrics = Metrics("cloud")
+    edge = EdgeClient(f"127.0.0.1:{port}")
+    service = AnswerService(tiny_loaded, CloudSettings(), edge, metrics)
+    try:
+        with TestClient(create_app(service, metrics, 1 << 20)) as http:
+            reply = http.post("/answer", json={"question": "Who?", "context": CONTEXT, "mode": "kv"})
+            assert reply.status_code == 502, reply.text
+            assert "checksum" in reply.json()["detail"] and reply.json()["error"] == "frame_error"
+            page = http.get("/metrics").text
+        assert 'kvwire_frames_rejected_total{reason="checksum"} 1.0' in page
+        assert 'kvwire_requests_total{mode="kv",outcome="frame_error"} 1.0' in page
+    finally:
+        service.close()
+        edge.close()
+        server.stop(None)
