@@ -224,6 +224,21 @@ class Proc:
         return self.popen.returncode
 
 
+def stop_all(procs: list[Proc], timeout: float = 3.0) -> None:
+    """SIGTERM every process group at once, give them `timeout` together, then SIGKILL what is left."""
+    live = [p for p in procs if p.popen.poll() is None]
+    for p in live:
+        _signal_group(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in live:
+        try:
+            p.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in live:
+        p.terminate(timeout=0)  # SIGKILL the group of any that is still running
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -369,8 +384,7 @@ class NetLab:
         """Stop every process and delete the namespaces. Idempotent; safe after a partial setup."""
         self._open = False
         try:
-            for proc in reversed(self.procs):
-                proc.terminate(timeout=3)
+            stop_all(self.procs, timeout=3)
             for name in self._created:
                 _delete_namespace(name)
             self._created = [n for n in self._created if n in list_namespaces()]

@@ -1,0 +1,131 @@
+"""The real daemons on a lab's link: edge-agent in the edge namespace, cloud-agent in the cloud namespace.
+
+    with NetLab(LinkSpec(rate="100mbit")) as lab:
+        edge = start_edge(lab, model_dir)                     # gRPC 10.77.0.1:50051, HTTP on a free port
+        relay = start_relay(lab, edge.grpc_target, delay_ms=20)   # optional, in the cloud namespace
+        cloud = start_cloud(lab, model_dir, relay.target)     # or edge.grpc_target for the bare link
+        res = answer(lab, cloud, {"question": ..., "context": ..., "mode": "kv"})
+
+launch_edge/launch_cloud + ready() start several daemons at once (model loads overlap). Ports are
+read from each daemon's `listening` JSON log line; only the edge's gRPC port is fixed by default,
+so that a cloud-agent can be pointed at it before the edge is up. The cloud-agent's HTTP port binds
+to loopback inside the cloud namespace, so requests to it are sent from there (`answer`, `http`);
+the test process itself never talks to 10.77.0.x.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .namespaces import NetLab, Proc
+
+TOOLS = str(Path(__file__).resolve().parent / "tools.py")
+STARTUP_S = 180.0  # model load on 2 busy cores; a tiny model takes seconds, the embedded one ~30 s once
+# Each namespace has its own port space, so a fixed port cannot collide with another run or the host.
+EDGE_GRPC_PORT = 50051
+
+
+@dataclass
+class Daemon:
+    """A started daemon: its process and the ports its `listening` log line reported."""
+
+    proc: Proc
+    host: str
+    http_port: int
+    grpc_port: int | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+
+@dataclass
+class RelayProc:
+    """A bench.relay started in the cloud namespace in front of a target."""
+
+    proc: Proc
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _flags(opts: dict) -> list[str]:
+    out = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not False and value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def launch_edge(lab: NetLab, model: str, grpc_port: int = EDGE_GRPC_PORT, **opts) -> Proc:
+    """Start edge-agent in the edge namespace without waiting: gRPC on the edge's veth address at
+    grpc_port (fixed by default, so a cloud-agent can be started at the same time), HTTP on a free
+    port; opts become --flags (e.g. profile="int8", max_concurrency=4)."""
+    argv = [sys.executable, "-m", "edge_agent", "--model", model, "--host", lab.edge.addr,
+            "--grpc-port", str(grpc_port), "--http-port", "0", *_flags(opts)]
+    return lab.edge.spawn(argv, name="edge-agent", env={"HF_HUB_OFFLINE": "1"})
+
+
+def launch_cloud(lab: NetLab, model: str, edge_target: str, **opts) -> Proc:
+    """Start cloud-agent in the cloud namespace without waiting: HTTP on a free loopback port, pointed
+    at edge_target (`edge_grpc_target(lab)` for the bare link, or a relay's `target`)."""
+    argv = [sys.executable, "-m", "cloud_agent", "--model", model, "--host", "127.0.0.1", "--http-port", "0",
+            "--edge", edge_target, *_flags(opts)]
+    return lab.cloud.spawn(argv, name="cloud-agent", env={"HF_HUB_OFFLINE": "1"})
+
+
+def ready(proc: Proc, timeout: float = STARTUP_S) -> Daemon:
+    """Wait for a launched daemon's `listening` log line and return its ports."""
+    rec = proc.wait_json("listening", timeout)
+    return Daemon(proc, rec["host"], rec["http_port"], rec.get("grpc_port"))
+
+
+def edge_grpc_target(lab: NetLab, grpc_port: int = EDGE_GRPC_PORT) -> str:
+    return f"{lab.edge.addr}:{grpc_port}"
+
+
+def start_edge(lab: NetLab, model: str, timeout: float = STARTUP_S, **opts) -> Daemon:
+    """launch_edge, then wait until it listens."""
+    return ready(launch_edge(lab, model, **opts), timeout)
+
+
+def start_cloud(lab: NetLab, model: str, edge_target: str, timeout: float = STARTUP_S, **opts) -> Daemon:
+    """launch_cloud, then wait until it listens."""
+    return ready(launch_cloud(lab, model, edge_target, **opts), timeout)
+
+
+def start_relay(lab: NetLab, target: str, timeout: float = 20.0, **opts) -> RelayProc:
+    """bench.relay in the cloud namespace, listening on its loopback, forwarding to target across
+    the veth; opts are RelayConfig fields as --flags (delay_ms=50, reset_after_bytes=..., seed=...)."""
+    argv = [sys.executable, "-m", "bench.relay", "--listen", "127.0.0.1:0", "--target", target, *_flags(opts)]
+    proc = lab.cloud.spawn(argv, name="relay")
+    return RelayProc(proc, proc.wait_json("listening", timeout)["port"])
+
+
+def http(lab: NetLab, method: str, url: str, body: dict | None = None, timeout: float = 120.0,
+         headers: dict | None = None) -> dict:
+    """One HTTP request sent from inside the cloud namespace: {"status", "body", "seconds"}
+    (status None and "error" when no response came)."""
+    args = [TOOLS, "http", method, url, "--timeout", str(timeout)]
+    if body is not None:
+        args += ["--json", json.dumps(body)]
+    for k, v in (headers or {}).items():
+        args += ["--header", f"{k}: {v}"]
+    r = lab.cloud.python(args, timeout=timeout + 30)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def answer(lab: NetLab, cloud: Daemon, request: dict, timeout: float = 120.0) -> dict:
+    """POST /answer to the cloud-agent from inside the cloud namespace."""
+    return http(lab, "POST", cloud.http_url + "/answer", request, timeout)
