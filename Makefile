@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvwire-installed
 
-.PHONY: setup demo test proto clean
+.PHONY: setup run demo test proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Both daemons on loopback with the embedded model, one question in kv, scout and text mode, then a clean stop.
+run: setup
+	$(PY) -m cloud_agent.demo
 
 demo: setup
 	$(VENV)/bin/kvwire demo

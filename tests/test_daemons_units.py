@@ -195,3 +195,37 @@ def test_corrupted_frame_is_502_and_counted_by_reason(tiny_loaded):
         service.close()
         edge.close()
         server.stop(None)
+
+
+# --- deploy/ stays in step with the code -------------------------------------------------------
+
+def _exposed_metric_names() -> set[str]:
+    names = set()
+    for side in ("edge", "cloud"):
+        for family in Metrics(side).registry.collect():
+            names |= {family.name + suffix for suffix in ("", "_total", "_bucket", "_sum", "_count")}
+    return names
+
+
+def test_deploy_files_parse_and_name_only_real_metrics_and_settings():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    rules = yaml.safe_load((deploy / "prometheus/kvwire-alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert {"KVWireEdgeDown", "KVWireHighErrorRate", "KVWireP95LatencyHigh"} <= alerts
+    scrape = yaml.safe_load((deploy / "prometheus/prometheus.yml").read_text())
+    assert {j["job_name"] for j in scrape["scrape_configs"]} == {"kvwire-edge", "kvwire-cloud"}
+    dashboard = json.loads((deploy / "grafana/kvwire-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = {m for e in exprs for m in re.findall(r"\bkvwire_[a-z_]+", e)}
+    assert used and used <= _exposed_metric_names(), used - _exposed_metric_names()
+    for unit, cls in (("kvwire-edge.service", EdgeSettings), ("kvwire-cloud.service", CloudSettings)):
+        assert f"/bin/{unit.split('.')[0].replace('kvwire-', '')}-agent" in (deploy / "systemd" / unit).read_text()
+    for env, cls in (("edge.env.example", EdgeSettings), ("cloud.env.example", CloudSettings)):
+        keys = re.findall(r"^#? ?(KVWIRE_\w+)=", (deploy / "env" / env).read_text(), re.M)
+        prefix = cls.model_config["env_prefix"]
+        assert {k.removeprefix(prefix).lower() for k in keys} == set(cls.model_fields)
