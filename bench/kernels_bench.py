@@ -100,7 +100,8 @@ def run(json_out: bool) -> dict:
     record(f"q2c_scores {QUESTION_ROWS} rows", "eager attention", ms, 0)
 
     want = _eager_attention_scores(q, x, q_pos, *ctx)
-    agreement = {name: float((impl.q2c_scores(q, x, q_pos, *ctx) - want).abs().max()) for name, impl in backends.items()}
+    agreement = {name: float((impl.q2c_scores(q, x, q_pos, *ctx) - want).abs().max())
+                 for name, impl in backends.items()}
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "threads": torch.get_num_threads(),

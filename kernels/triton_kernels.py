@@ -3,7 +3,8 @@
 The launchers take the same arguments as kernels.reference and must agree with it: packed bytes
 and scales bit for bit, q2c scores to fp32 rounding. Under TRITON_INTERPRET=1 (set before this
 module is imported) the same kernels run on CPU tensors; the interpreter runs programs one after
-another, so the launchers pick much larger blocks there.
+another, so the launchers pick much larger blocks there. kernels.compile_check compiles the GPU
+configurations to cubins without a GPU, to catch compile errors and register spills.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .layout import packed_row_bytes, qrange
+from .layout import packed_row_bytes
 
 # Fixed when the @triton.jit decorators below run: True means every kernel is interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# GPU tiles of quantize/unpack hold at most this many values: 32 fp32 registers per thread at 4 warps.
-_GPU_TILE = 4096
+# GPU tiles of quantize/unpack hold at most this many values: 8 per thread at 4 warps keeps every
+# variant under ~64 registers with no spills (ptxas, sm_90); 4x larger tiles spill in unpack.
+_GPU_TILE = 1024
 # Interpreter tiles can be large: numpy handles them in one call, and programs run serially.
 _INTERP_TILE = 1 << 17
 # Widest channel chunk per loop step on GPU; longer rows (channel-axis codes) loop over chunks.
@@ -40,9 +42,10 @@ def runs_on(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- shared pieces
 
 # tl.max / tl.sum / tl.zeros are themselves @jit functions, fixed as compiled-only when triton is
-# first imported; if something imported triton before TRITON_INTERPRET was set (transformers
-# does), the interpreter cannot call them. tl.reduce with triton's own combine functions is the
-# same IR as tl.max / tl.sum on fp32 and int32, and the interpreter runs it in one numpy call.
+# first imported; if triton was imported before TRITON_INTERPRET was set (importing transformers'
+# models does that), the interpreter cannot call them. tl.reduce with triton's own combine
+# functions is the same IR as tl.max / tl.sum on fp32 and int32, and the interpreter runs it in
+# one numpy call.
 
 @triton.jit
 def _max(x, axis: tl.constexpr):
@@ -179,8 +182,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _blocks(rows: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_C) for a [rows, head_dim] slab: powers of two, BLOCK_C >= 8 (one int3 unit)."""
+def row_blocks(rows: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_C) of quantize/unpack for a [rows, head_dim] slab: powers of two, BLOCK_C >= 8
+    (one int3 unit). Also used by tools that compile the kernels ahead of time."""
     max_chunk, tile = (_INTERP_MAX_CHUNK, _INTERP_TILE) if INTERPRETED else (_GPU_MAX_CHUNK, _GPU_TILE)
     block_c = max(8, min(_next_pow2(head_dim), max_chunk))
     block_k = max(1, min(_next_pow2(rows), tile // block_c))
@@ -192,7 +196,7 @@ def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
     """Triton version of reference.quantize_pack (same arguments, same bytes)."""
     heads, seq, head_dim = x.shape
     n = seq if index is None else index.shape[0]
-    block_k, block_c = _blocks(n, head_dim)
+    block_k, block_c = row_blocks(n, head_dim)
     row_group = group_size == head_dim
     if not row_group and (group_size & (group_size - 1) or group_size > block_c):
         # Groups that are not a power of two would straddle chunks; the reference runs on the
@@ -275,7 +279,7 @@ def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, gr
     if n == 0 or heads == 0:
         return out
     payload, scales = payload.contiguous(), scales.contiguous()
-    block_k, block_c = _blocks(n, head_dim)
+    block_k, block_c = row_blocks(n, head_dim)
     row_group = group_size == head_dim
     grid = (triton.cdiv(n, block_k), heads)
     _unpack_dequantize_kernel[grid](
@@ -298,14 +302,33 @@ def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, gr
 # The G query heads sharing one kv head are stacked into G * Lq rows (row r = head r // Lq,
 # query row r % Lq), so each key block is loaded once per group.
 
-# GPU: 64x64 score tiles, with q/k tiles of <= 64x128, keep registers in budget at 4 warps.
-_GPU_BLOCK_M, _GPU_BLOCK_N = 64, 64
-# GPU: 4 key blocks (256 keys) per split gives ~16 splits x 16 programs for a 4k prompt and a
-# 32-row question at 7 query heads per kv head: more programs than an H200 has SMs.
+# GPU, fp16/bf16 on tensor cores: 64x64 score tiles at 8 warps, ~115 registers for head_dim 128.
+_GPU_MMA_BLOCKS = (64, 64, 8)
+# GPU, fp32 on CUDA cores: an IEEE fp32 dot unrolls into FMAs, and 64x64 tiles spill several KB
+# per thread; 32x32 at 4 warps fits in ~100 registers.
+_GPU_FMA_BLOCKS = (32, 32, 4)
+# GPU: 4 key blocks per split gives a 4k prompt 16 (fp16) to 32 (fp32) splits, so a 32-row
+# question at 7 query heads per kv head still launches more programs than an H200 has SMs.
 _GPU_SPLIT_BLOCKS = 4
 # Interpreter: few, large programs; it pays per program and per loop step, not per value.
 _INTERP_BLOCK_M, _INTERP_BLOCK_N = 256, 512
 _INTERP_SPLIT_BLOCKS = 64
+
+
+def q2c_config(q_dtype: torch.dtype, k_dtype: torch.dtype, head_dim: int, rows: int, seq: int) -> dict:
+    """Tile sizes and launch options for q2c (also used by tools that compile kernels ahead of time)."""
+    block_d = max(16, _next_pow2(head_dim))  # tl.dot needs every dimension >= 16
+    if INTERPRETED:
+        block_m = min(_INTERP_BLOCK_M, max(16, _next_pow2(rows)))
+        block_n = min(_INTERP_BLOCK_N, max(16, _next_pow2(seq)))
+        return dict(SPLIT=block_n * _INTERP_SPLIT_BLOCKS, NATIVE_DOT=False, BLOCK_M=block_m, BLOCK_N=block_n,
+                    BLOCK_D=block_d)
+    native = q_dtype == k_dtype and q_dtype in (torch.float16, torch.bfloat16)
+    block_m, block_n, warps = _GPU_MMA_BLOCKS if native else _GPU_FMA_BLOCKS
+    if block_d > 128:
+        block_n //= 2  # head_dim 256: halve the key tile to stay in registers
+    return dict(SPLIT=block_n * _GPU_SPLIT_BLOCKS, NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, num_warps=warps, num_stages=2)
 
 
 @triton.jit
@@ -406,20 +429,10 @@ def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start:
         return out
     pos = q_pos.clamp(-1, seq - 1).to(torch.int32).contiguous()
     total = group * rows
-    block_d = max(16, _next_pow2(head_dim))  # tl.dot needs every dimension >= 16
-    if INTERPRETED:
-        block_m = min(_INTERP_BLOCK_M, max(16, _next_pow2(total)))
-        block_n = min(_INTERP_BLOCK_N, max(16, _next_pow2(seq)))
-        split = block_n * _INTERP_SPLIT_BLOCKS
-        launch = {}
-    else:
-        block_m, block_n = _GPU_BLOCK_M, (_GPU_BLOCK_N if block_d <= 128 else _GPU_BLOCK_N // 2)
-        split = block_n * _GPU_SPLIT_BLOCKS
-        launch = {"num_warps": 4, "num_stages": 2}
-    native = (not INTERPRETED) and q.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16)
-    common = dict(SPLIT=split, NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch)
+    common = q2c_config(q.dtype, k.dtype, head_dim, total, seq)
+    split = common["SPLIT"]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    m_blocks = triton.cdiv(total, block_m)
+    m_blocks = triton.cdiv(total, common["BLOCK_M"])
 
     key_splits = triton.cdiv(seq, split)
     m_part = torch.empty(key_splits, kv_heads, total, dtype=torch.float32, device=q.device)

@@ -26,7 +26,7 @@ _saved_interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     import kernels
-    from kernels import dispatch, layout, reference
+    from kernels import dispatch, reference
     from kernels import triton_kernels as tk
 
     if not tk.INTERPRETED:  # imported earlier in this process without the interpreter
