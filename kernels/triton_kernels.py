@@ -209,7 +209,7 @@ def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
         return payload, scales
     grid = (triton.cdiv(n, block_k), heads)
     _quantize_pack_kernel[grid](
-        x, index if index is not None else payload, payload, scales,
+        x, index.contiguous() if index is not None else payload, payload, scales,
         n, head_dim, groups, payload.shape[2],
         x.stride(0), x.stride(1), x.stride(2),
         HAS_INDEX=index is not None, BITS=bits, GS=0 if row_group else group_size, ROW_GROUP=row_group,

@@ -152,6 +152,14 @@ def test_quantize_pack_odd_groups_and_small_heads(head_dim, group):
         assert_same_quantization(x, None, bits, group)
 
 
+def test_quantize_pack_strided_index_with_repeats():
+    x = make_x(2, 90, 64, torch.float16, "strided", seed=4)
+    index = torch.arange(80).flip(0).view(40, 2)[:, 1]  # a strided view: 78, 76, ..., 0
+    index[5] = index[6]  # a position gathered twice
+    assert not index.is_contiguous()
+    assert_same_quantization(x, index, 4, 32)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("bits", [8, 4, 3])
 def test_all_zero_rows(dtype, bits):
