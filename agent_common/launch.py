@@ -23,6 +23,7 @@ class Daemon:
         self.records: list[dict] = []
         self._listening = threading.Event()
         self.listening: dict = {}
+        self._terminated = False
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env)
@@ -65,8 +66,9 @@ class Daemon:
         return [r for r in self.records if r.get("event") == event]
 
     def terminate(self) -> None:
-        """Send SIGTERM (the daemon drains and exits); `stop` waits for it."""
-        if self.proc.poll() is None:
+        """Send SIGTERM once (the daemon drains and exits; a second signal during its exit would kill it)."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 60.0) -> int:

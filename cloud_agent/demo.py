@@ -31,7 +31,7 @@ def demo_requests(question: str, context: str, retention: float, max_new_tokens:
 
 
 def run_demo(model: str, question_index: int = 0, retention: float = 0.5, max_new_tokens: int = 24,
-             threads: int = 0, log=print) -> list[dict]:
+             threads: int = 1, log=print) -> list[dict]:
     """Start both daemons, ask the demo question in each mode, stop them; returns the /answer bodies
     (plus the request sent, as "request") and the daemons' exit codes in the last element."""
     data = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", type=int, default=0, help="index of the demo question (0-2, default 0)")
     parser.add_argument("--retention", type=float, default=0.5, help="share of context positions kept in kv and scout mode (default 0.5)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per daemon (default 0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per daemon (default 1: both daemons share this host; 0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print the /answer bodies as JSON lines instead of a report")
     args = parser.parse_args(argv)
     try:

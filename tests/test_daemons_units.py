@@ -229,3 +229,13 @@ def test_deploy_files_parse_and_name_only_real_metrics_and_settings():
         keys = re.findall(r"^#? ?(KVWIRE_\w+)=", (deploy / "env" / env).read_text(), re.M)
         prefix = cls.model_config["env_prefix"]
         assert {k.removeprefix(prefix).lower() for k in keys} == set(cls.model_fields)
+
+
+def test_operator_docs_list_every_option():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs/daemons.md").read_text()
+    for cls in (EdgeSettings, CloudSettings):
+        prefix = cls.model_config["env_prefix"]
+        for name in cls.model_fields:
+            assert f"`--{name.replace('_', '-')}` | `{prefix}{name.upper()}`" in text, name
