@@ -23,8 +23,8 @@ QUESTION_ROWS = 32  # a short question at the end of the prompt
 GROUP = 32  # a common sub-row group size; per-row scales are timed too (group = HEAD_DIM)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
-    """Median milliseconds of `reps` calls of fn after two warm-up calls."""
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int], tuple[float, float]]:
+    """(median, best) milliseconds of `reps` calls of fn after two warm-up calls."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -38,7 +38,7 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]
             fn()
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return statistics.median(times), min(times)
 
     return measure
 
@@ -67,7 +67,7 @@ def run(json_out: bool) -> dict:
     q_pos = torch.arange(TOKENS - QUESTION_ROWS, TOKENS, device=device)
     ctx = (64, TOKENS - QUESTION_ROWS - 16)  # context span between a system prefix and the question
     measure = _timer(device)
-    reps = 20 if cuda else 5
+    reps = 20 if cuda else 7
     x_bytes = x.numel() * x.element_size()
 
     backends = {"torch": reference}
@@ -75,13 +75,14 @@ def run(json_out: bool) -> dict:
         from kernels import triton_kernels
         backends["triton"] = triton_kernels
 
-    clone_ms = measure(lambda: torch.clone(x), reps)
+    clone_ms, clone_best = measure(lambda: torch.clone(x), reps)
     rows = []
 
-    def record(op, backend, ms, moved_bytes):
-        rows.append({"op": op, "backend": backend, "ms": round(ms, 4),
-                     "gb_per_s": round(moved_bytes / ms / 1e6, 2) if moved_bytes else None,
-                     "x_clone": round(ms / clone_ms, 2)})
+    def record(op, backend, times, moved_bytes):
+        ms, best = times
+        rows.append({"op": op, "backend": backend, "ms": round(ms, 4), "best_ms": round(best, 4),
+                     "gb_per_s": round(moved_bytes / best / 1e6, 2) if moved_bytes else None,
+                     "x_clone": round(best / clone_best, 2)})
 
     for name, impl in backends.items():
         for bits in (8, 4):
@@ -109,20 +110,25 @@ def run(json_out: bool) -> dict:
         "geometry": {"kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "q_heads": Q_HEADS, "tokens": TOKENS,
                      "question_rows": QUESTION_ROWS},
         "clone_ms": round(clone_ms, 4),
-        "clone_gb_per_s": round(2 * x_bytes / clone_ms / 1e6, 2),
+        "clone_best_ms": round(clone_best, 4),
+        "clone_gb_per_s": round(2 * x_bytes / clone_best / 1e6, 2),
         "ops": rows,
         "q2c_max_abs_diff_vs_eager": agreement,
-        "note": ("gb_per_s counts bytes read + written; x_clone is time / torch.clone time of the same K tensor"
+        "note": ("ms is the median, best_ms the fastest of the repetitions; gb_per_s (bytes read + written) and"
+                 " x_clone (time / torch.clone time of the same K tensor) use the fastest, which is steadier"
+                 " on a shared machine"
                  + ("" if cuda else "; no GPU here: only the torch reference path (the CPU runtime) is timed,"
                     " Triton figures need a GPU")),
     }
     if json_out:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['device']} ({result['dtype']}): clone {clone_ms:.3f} ms, {result['clone_gb_per_s']} GB/s")
+        print(f"{result['device']} ({result['dtype']}): clone {clone_ms:.3f} ms (best {clone_best:.3f}), "
+              f"{result['clone_gb_per_s']} GB/s")
         for r in rows:
             bw = f"{r['gb_per_s']:8.2f} GB/s" if r["gb_per_s"] is not None else " " * 13
-            print(f"  {r['op']:<28} {r['backend']:<16} {r['ms']:9.3f} ms {bw}  {r['x_clone']:7.2f}x clone")
+            print(f"  {r['op']:<28} {r['backend']:<16} {r['ms']:9.3f} ms (best {r['best_ms']:8.3f}) {bw}"
+                  f"  {r['x_clone']:7.2f}x clone")
         print(f"  q2c max |diff| vs eager: {agreement}")
         print(f"  {result['note']}")
     return result
