@@ -110,9 +110,6 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-__all__ = ["AgentSettings", "build_parser", "grpc_address", "load_settings", "read_config_file"]
-
-
 def apply_thread_limit(threads: int) -> None:
     """Cap torch's CPU threads before torch is imported (OMP reads the variable once, for every thread)."""
     if threads > 0:
