@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation: wire size, codec and kernel speed, answer quality (kvwire eval/diagnose)."""

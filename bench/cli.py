@@ -1,0 +1,130 @@
+"""`kvwire bench`: the benchmark subcommands (wire-size, codec, kernels). They print figures; they never pass or fail.
+
+Each benchmark is one entry of BENCHES: its help line, its arguments, and a runner that imports
+the benchmark module only when that benchmark runs, so `kvwire --help` stays cheap.
+With --json, stdout carries only the JSON (a list of row objects); notes go to stderr.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Callable
+
+
+def _emit(rows: list[dict], as_json: bool, table: str) -> None:
+    print(json.dumps(rows, indent=1) if as_json else table)
+
+
+def _note(text: str, as_json: bool) -> None:
+    print(text, file=sys.stderr if as_json else sys.stdout)
+
+
+# ---- wire-size ------------------------------------------------------------------------------
+
+def _wire_size_args(p) -> None:
+    from bench.wire_size import GEOMETRIES
+
+    p.add_argument("--geometry", default="qwen2.5-7b", choices=list(GEOMETRIES),
+                   help="KV geometry of the synthetic rows (default qwen2.5-7b)")
+    p.add_argument("--tokens", type=int, default=4096, help="prompt length of the synthetic rows (default 4096)")
+    p.add_argument("--entropy-tokens", type=int, default=512,
+                   help="context tokens of real passages prefilled on the embedded model for the zstd rows "
+                        "(default 512; 0 skips the zstd rows and the model)")
+    p.add_argument("--model", default=None, help="model for the zstd rows (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--profile", action="append", dest="profiles", metavar="NAME",
+                   help="only this precision profile (repeatable; default: every named profile)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
+
+def _wire_size_run(args) -> int:
+    from bench import wire_size as ws
+
+    rows = ws.measure_synthetic(args.geometry, args.tokens, args.profiles)
+    note = ""
+    if args.entropy_tokens > 0:
+        real, note = ws.measure_real(args.entropy_tokens, args.profiles, model=args.model)
+        rows += real
+    _emit(rows, args.json, ws.format_rows(rows))
+    _note("\nratio = bytes on the wire (header + chunks + trailer) / FP16 KV bytes of the full prompt", args.json)
+    _note(ws.format_targets(ws.check_targets(rows, args.geometry), args.geometry), args.json)
+    if note:
+        _note(note, args.json)
+        _note(ws.format_verdicts(ws.zstd_verdicts(rows)), args.json)
+    return 0
+
+
+# ---- codec ----------------------------------------------------------------------------------
+
+def _codec_args(p) -> None:
+    from bench.wire_size import GEOMETRIES
+
+    p.add_argument("--geometry", default="qwen2.5-7b", choices=list(GEOMETRIES), help="heads and head_dim (default qwen2.5-7b)")
+    p.add_argument("--layers", type=int, default=4, help="layers of that geometry to encode (default 4)")
+    p.add_argument("--tokens", type=int, default=1024, help="streamed positions (default 1024)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per profile; the median is reported (default 5)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the KV encoded from and decoded into (default fp32, the CPU model dtype)")
+    p.add_argument("--device", default="cpu", help="torch device of the KV (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--zstd", action="store_true", help="also time every profile with the zstd stage on")
+    p.add_argument("--profile", action="append", dest="profiles", metavar="NAME",
+                   help="only this precision profile (repeatable; default: every named profile)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
+
+def _codec_run(args) -> int:
+    from bench import codec_bench as cb
+
+    rows = cb.measure(args.geometry, args.layers, args.tokens, args.repeats, args.dtype, args.device, args.profiles,
+                      ("none", "zstd") if args.zstd else ("none",), args.threads)
+    _emit(rows, args.json, cb.format_rows(rows))
+    r = rows[0]
+    _note(f"\n{r['geometry']}, {r['tokens']} positions, {r['dtype']} on {r['device']}, {r['threads']} thread(s): "
+          f"{r['fp16_mb']:.2f} MB of FP16 KV; "
+          f"median of {r['repeats']} repeats; x/clone = time / torch.clone of the same tensors in this run", args.json)
+    return 0
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+KERNELS_MODULE = "bench.kernels_bench"
+
+
+def _kernels_args(p) -> None:
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _kernels_run(args) -> int:
+    try:
+        module = importlib.import_module(KERNELS_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != KERNELS_MODULE:  # a real missing dependency inside the module: do not hide it
+            raise
+        print(f"kvwire bench kernels: {KERNELS_MODULE.replace('.', '/')}.py is not in this checkout, so there is no "
+              f"kernel benchmark to run yet; wire-size and codec work without it", file=sys.stderr)
+        return 2
+    run = getattr(module, "run", None)
+    if not callable(run):
+        print(f"kvwire bench kernels: {KERNELS_MODULE} defines no run(json_out)", file=sys.stderr)
+        return 2
+    run(args.json)
+    return 0
+
+
+# name -> (help, add_arguments, run)
+BENCHES: dict[str, tuple[str, Callable, Callable]] = {
+    "wire-size": ("bytes on the wire and ratio to FP16 KV per profile x retention; zstd on real KV", _wire_size_args, _wire_size_run),
+    "codec": ("encode/decode time per MB of FP16 KV per profile, against torch.clone", _codec_args, _codec_run),
+    "kernels": ("quantize/pack, unpack/dequantize and q2c kernel timings (bench/kernels_bench.py)", _kernels_args, _kernels_run),
+}
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (help_text, add, _) in BENCHES.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+
+
+def run(args) -> int:
+    return BENCHES[args.bench][2](args)
