@@ -81,6 +81,11 @@ def parse_frame(data: bytes) -> Frame:
     body = bytes(data[PREFIX_SIZE : PREFIX_SIZE + length])
     if flags & FLAG_ZSTD:
         try:
+            # decompress() honours max_output_size only when the zstd header declares no content
+            # size; a declared size is allocated as is, so it is checked against the cap first.
+            declared = zstandard.frame_content_size(body)
+            if declared > MAX_BODY:
+                raise FrameError("oversized", f"zstd body declares {declared} bytes, over the {MAX_BODY}-byte cap")
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY)
         except zstandard.ZstdError as exc:
             raise FrameError("bad_compression", f"zstd body does not decompress: {exc}") from None
