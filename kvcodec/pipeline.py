@@ -131,7 +131,9 @@ class Cloud:
         self.stop = eos_ids(loaded.model, loaded.tokenizer)
 
     def decoder(self) -> StreamDecoder:
-        return StreamDecoder(dtype=self.loaded.dtype, device=self.loaded.device, max_prompt=model_window(self.loaded.model) or 1 << 20)
+        """A decoder for one stream that refuses, before allocating anything, a stream this model cannot use."""
+        return StreamDecoder(dtype=self.loaded.dtype, device=self.loaded.device,
+                             max_prompt=model_window(self.loaded.model) or 1 << 20, on_header=self.check_compatible)
 
     def receive(self, frames: Iterable[bytes], timings: Timings | None = None) -> DecodedKV:
         """Feed every frame to a fresh decoder; the stream must be complete and verified."""
@@ -139,8 +141,6 @@ class Cloud:
         t = time.perf_counter()
         for frame in frames:
             dec.feed(frame)
-            if dec.header is not None and dec.seq == 1:
-                self.check_compatible(dec.header)
         if timings is not None:
             timings.add("decode", time.perf_counter() - t)
         return dec.result()

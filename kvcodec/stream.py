@@ -10,6 +10,7 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -23,6 +24,7 @@ from kvcodec.wire import (
 MODES = ("kv", "scout")
 MAX_PROMPT = 1 << 20  # a header may announce at most this many prompt tokens
 MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 1024
+DEFAULT_MAX_KV_BYTES = 16 << 30  # decoded KV a header may ask a receiver to hold (16 GiB)
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB cap, large enough that framing is noise
 _AXIS_CODES = {"token": 0, "channel": 1}
 _KIND_CODES = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "int3": 5, "fp32": 6}
@@ -69,12 +71,22 @@ def encode_header(h: StreamHeader) -> bytes:
 
 def _int(meta: dict, key: str, lo: int, hi: int, where: str = "header") -> int:
     v = meta.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+    if type(v) is not int or not lo <= v <= hi:
         raise FrameError("bad_header", f"{where}: {key}={v!r} is not an integer in [{lo}, {hi}]")
     return v
 
 
 def decode_header(frame: Frame) -> StreamHeader:
+    """Parse a header frame; any malformed field is a FrameError("bad_header"), whatever its type."""
+    try:
+        return _decode_header(frame)
+    except FrameError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as exc:
+        raise FrameError("bad_header", f"malformed header field: {exc}") from None
+
+
+def _decode_header(frame: Frame) -> StreamHeader:
     r = Reader(frame.body, "header")
     meta = read_json(r)
     mode = meta.get("mode")
@@ -89,7 +101,7 @@ def decode_header(frame: Frame) -> StreamHeader:
     n_prompt = _int(meta, "n_prompt", 2, MAX_PROMPT)
     n_kept = _int(meta, "n_kept", 1, n_prompt - 1)
     span = meta.get("context_span")
-    if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+    if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
             and 0 <= span[0] < span[1] <= n_prompt - 1):
         raise FrameError("bad_header", f"context_span {span!r} is not a non-empty span inside the prompt")
     kept = r.deltas(n_kept, signed=False, field="kept positions")
@@ -112,9 +124,15 @@ def decode_header(frame: Frame) -> StreamHeader:
     return StreamHeader(
         mode=mode, prompt_ids=ids, context_span=(span[0], span[1]), kept=kept, geometry=geo,
         model=str(meta.get("model", "")), tokenizer=str(meta.get("tokenizer", "")), dtype=str(meta.get("dtype", "")),
-        profile=profile, selector=str(meta.get("selector", "")), retention=float(meta.get("retention") or 0.0),
+        profile=profile, selector=str(meta.get("selector", "")), retention=_retention(meta.get("retention")),
         stream_id=frame.stream_id,
     )
+
+
+def _retention(value) -> float:
+    if type(value) not in (int, float) or not 0.0 < value <= 1.0:
+        raise FrameError("bad_header", f"retention {value!r} is not a number in (0, 1]")
+    return float(value)
 
 
 class StreamEncoder:
@@ -154,7 +172,7 @@ class StreamEncoder:
             body = bytearray()
             put_varint(body, len(positions))
             body += encode_deltas(positions.tolist(), signed=True)
-            body.append(len(specs))
+            body += struct.pack("<H", len(specs))
             for layer, (kq, vq) in enumerate(specs):
                 for q, t in ((kq, keys[layer]), (vq, values[layer])):
                     scales, payload = q.encode(t.index_select(1, index))
@@ -187,8 +205,13 @@ class StreamDecoder:
     cache is ever built from a stream that failed. `result()` needs a verified trailer.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", max_prompt: int = MAX_PROMPT):
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", max_prompt: int = MAX_PROMPT,
+                 max_kv_bytes: int = DEFAULT_MAX_KV_BYTES, on_header: Callable[[StreamHeader], None] | None = None):
+        """on_header runs after the header is verified and before anything is allocated: a receiver
+        checks there that the stream fits its model (it may raise its own error type).
+        max_kv_bytes caps the decoded KV a header may ask this decoder to hold."""
         self.dtype, self.device, self.max_prompt = dtype, torch.device(device), max_prompt
+        self.max_kv_bytes, self.on_header = max_kv_bytes, on_header
         self.header: StreamHeader | None = None
         self.seq = 0
         self.wire_bytes = 0
@@ -237,6 +260,17 @@ class StreamDecoder:
     def _start(self, header: StreamHeader) -> None:
         if header.prompt_len > self.max_prompt:
             raise FrameError("oversized", f"stream announces {header.prompt_len} prompt tokens; the limit is {self.max_prompt}")
+        if header.mode == "kv":
+            g = header.geometry
+            need = 2 * g["num_layers"] * g["kv_heads"] * len(header.kept) * g["head_dim"] * torch.finfo(self.dtype).bits // 8
+            if need > self.max_kv_bytes:
+                raise FrameError("oversized", f"stream needs {need} bytes of decoded KV; this receiver allows {self.max_kv_bytes}")
+        if self.on_header is not None:
+            try:
+                self.on_header(header)
+            except Exception as exc:  # the receiver's own error type goes up unchanged
+                self.failed = FrameError("incompatible", str(exc))
+                raise
         self.header = header
         self._slot = {p: i for i, p in enumerate(header.kept)}
         self._received = torch.zeros(len(header.kept), dtype=torch.bool)
@@ -254,15 +288,16 @@ class StreamDecoder:
         if not 1 <= n <= len(self.header.kept):
             raise FrameError("malformed", f"chunk seq {frame.seq} carries {n} positions")
         positions = r.deltas(n, signed=True, field="positions")
-        slots = []
+        slots, seen = [], set()
         for p in positions:
             slot = self._slot.get(p)
             if slot is None:
                 raise FrameError("bad_position", f"position {p} is not among the stream's kept positions")
-            if self._received[slot] or slot in slots:
+            if slot in seen or self._received[slot]:
                 raise FrameError("duplicated", f"position {p} arrived twice")
+            seen.add(slot)
             slots.append(slot)
-        (layers,) = r.unpack("B", "layer count")
+        (layers,) = r.unpack("H", "layer count")
         if layers != g["num_layers"]:
             raise FrameError("malformed", f"chunk has {layers} layers, the header says {g['num_layers']}")
         parts = []  # validate everything before decoding anything

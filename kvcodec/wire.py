@@ -159,7 +159,7 @@ class Reader:
             if not byte & 0x80:
                 return value
             shift += 7
-            if shift > 63:
+            if shift >= 63:  # nine 7-bit groups: anything longer is not a 64-bit value
                 raise FrameError("malformed", f"{self.what}: {field} varint is longer than 64 bits")
 
     def deltas(self, count: int, signed: bool, field: str) -> list[int]:

@@ -1,6 +1,7 @@
 """Malformed, truncated, reordered, duplicated or corrupted streams are always rejected with the
 codec's own FrameError — never another exception, never a cache."""
 import io
+import json
 import struct
 
 import pytest
@@ -161,3 +162,95 @@ def test_byte_stream_roundtrip(streams):
     assert decode(list(read_frames(io.BytesIO(blob)))).complete
     with pytest.raises(FrameError, match="truncated"):
         decode(list(read_frames(io.BytesIO(blob[:-3]))))
+
+
+def _rewrite_header(frame: bytes, edit) -> bytes:
+    """Re-encode a header frame after `edit(meta)` changes its JSON, with a valid CRC."""
+    body = parse_frame(frame).body
+    (n,) = struct.unpack_from("<I", body)
+    meta = json.loads(body[4 : 4 + n])
+    edit(meta)
+    raw = json.dumps(meta).encode()
+    head = parse_frame(frame)
+    return pack_frame(1, head.stream_id, 0, struct.pack("<I", len(raw)) + raw + body[4 + n :])
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(retention="x"),
+    lambda m: m.update(retention=True),
+    lambda m: m["profile"].update(layers=[1]),
+    lambda m: m["profile"]["default"]["k"].update(group=None),
+    lambda m: m["profile"]["default"]["k"].update(kind=["int8"]),
+    lambda m: m.update(context_span=[True, 5]),
+    lambda m: m.update(geometry=[]),
+    lambda m: m["geometry"].update(num_layers=1024, kv_heads=1024, head_dim=1024),
+], ids=["retention-str", "retention-bool", "layers-list", "group-null", "kind-list", "span-bool", "geometry-list", "huge-geometry"])
+def test_wrongly_typed_or_huge_header_fields_are_frame_errors(streams, edit):
+    frames = [_rewrite_header(streams["kv"][0], edit)] + streams["kv"][1:]
+    with pytest.raises(FrameError, match="bad_header|oversized"):
+        decode(frames)
+
+
+def test_receiver_check_runs_before_allocation(streams):
+    class Refused(Exception):
+        pass
+
+    def refuse(header):
+        raise Refused("wrong model")
+
+    dec = StreamDecoder(on_header=refuse)
+    with pytest.raises(Refused):
+        dec.feed(streams["kv"][0])
+    assert dec.header is None and not hasattr(dec, "_k")
+    with pytest.raises(FrameError, match="stream_failed"):
+        dec.feed(streams["kv"][1])
+
+
+def test_zstd_body_declaring_a_huge_size_is_refused():
+    import zstandard
+
+    from kvcodec.wire import FLAG_ZSTD, MAGIC, VERSION, _PREFIX
+
+    body = zstandard.ZstdCompressor().compress(b"\0" * (MAX_BODY + 1))  # ~100 bytes declaring > MAX_BODY
+    head = _PREFIX.pack(MAGIC, VERSION, 2, FLAG_ZSTD, b"\0" * 16, 1, len(body))
+    frame = head + body + struct.pack("<I", crc32c(head + body))
+    with pytest.raises(FrameError, match="oversized: zstd body declares"):
+        parse_frame(frame)
+
+
+def test_many_positions_are_checked_in_linear_time(streams):
+    """A crafted chunk repeating one position 30,000 times is refused at once."""
+    import time
+
+    from kvcodec.wire import encode_deltas, put_varint
+
+    body = bytearray()
+    put_varint(body, 30000)
+    body += encode_deltas([parse_header_first_kept(streams)] * 30000, signed=True)
+    head = parse_frame(streams["kv"][0])
+    started = time.perf_counter()
+    with pytest.raises(FrameError, match="duplicated|malformed"):
+        decode([streams["kv"][0], pack_frame(2, head.stream_id, 1, bytes(body))])
+    assert time.perf_counter() - started < 2.0
+
+
+def parse_header_first_kept(streams) -> int:
+    dec = StreamDecoder()
+    dec.feed(streams["kv"][0])
+    return dec.header.kept[0]
+
+
+def test_models_with_many_layers_encode(tmp_path):
+    """The chunk's layer count field is 16 bits: 300 layers round-trip."""
+    from kvcodec.profiles import get_profile
+    from kvcodec.stream import StreamEncoder, StreamHeader
+
+    layers, heads, dim, n = 300, 1, 8, 6
+    keys = [torch.randn(heads, n, dim) for _ in range(layers)]
+    header = StreamHeader(mode="kv", prompt_ids=list(range(n + 1)), context_span=(1, 4), kept=list(range(n)),
+                          geometry={"num_layers": layers, "kv_heads": heads, "head_dim": dim, "rope": {}},
+                          profile=get_profile("int8"))
+    enc = StreamEncoder(header)
+    frames = [enc.header_frame(), *enc.chunk_frames(keys, keys, torch.arange(n)), enc.trailer_frame()]
+    out = decode(frames)
+    assert len(out.keys) == 300 and torch.allclose(out.keys[299][0], keys[299], atol=0.05)
