@@ -1,0 +1,85 @@
+"""Reports of `kvwire eval`: the Markdown tables and the Pareto plot of quality against wire ratio."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.evaluator import FULL, NONE, TEXT
+
+STAGES = ("prefill", "select", "encode", "decode", "inject", "first_token", "generate")
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One quality/bytes table and one stage-time table per context length group."""
+    out = []
+    for length in dict.fromkeys(r["length"] for r in rows):
+        group = [r for r in rows if r["length"] == length]
+        if length is not None:
+            out.append(f"### Context {length} tokens\n")
+        out.append("| selector | retention | profile | n | F1 | EM | % of full F1 | agreement F1 | identical | "
+                   "bytes | wire ratio |")
+        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in group:
+            out.append(f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {r['n']} | {r['f1']:.3f} | "
+                       f"{r['em']:.3f} | {_fmt(r['pct_of_full_f1'], '.1f')} | {r['agreement_f1']:.3f} | "
+                       f"{100 * r['identical']:.0f}% | {r['bytes']:,} | {r['wire_ratio']:.4f} |")
+        out.append("")
+        timed = [r for r in group if r["selector"] != TEXT]
+        out.append("| selector | retention | profile | " + " | ".join(f"{s} ms" for s in STAGES) + " | answer tokens |")
+        out.append("|---|---:|---|" + "---:|" * (len(STAGES) + 1))
+        for r in timed:
+            cells = " | ".join(f"{r['stage_ms'].get(s, 0.0):.1f}" for s in STAGES)
+            out.append(f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {cells} | {r['answer_tokens']:.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def pareto_points(rows: list[dict]) -> list[dict]:
+    """Rows not dominated by another (lower or equal wire ratio with higher or equal % of full F1)."""
+    pts = [r for r in rows if r["selector"] not in (FULL, TEXT) and r["pct_of_full_f1"] is not None]
+    front = [r for r in pts if not any(
+        o is not r and o["wire_ratio"] <= r["wire_ratio"] and o["pct_of_full_f1"] >= r["pct_of_full_f1"]
+        and (o["wire_ratio"] < r["wire_ratio"] or o["pct_of_full_f1"] > r["pct_of_full_f1"]) for o in pts)]
+    return sorted(front, key=lambda r: r["wire_ratio"])
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
+    """% of full-KV F1 against wire ratio; one line per selector (NONE = all positions, quantization
+    only), one panel per context length; the Pareto front dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = list(dict.fromkeys(r["length"] for r in rows))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.2 * len(lengths), 4.4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        group = [r for r in rows if r["length"] == length and r["pct_of_full_f1"] is not None]
+        for selector in dict.fromkeys(r["selector"] for r in group):
+            if selector in (FULL, TEXT):
+                continue
+            pts = sorted((r for r in group if r["selector"] == selector), key=lambda r: r["wire_ratio"])
+            label = "none (all positions)" if selector == NONE else selector
+            ax.plot([r["wire_ratio"] for r in pts], [r["pct_of_full_f1"] for r in pts], marker="o", label=label)
+            for r in pts:
+                ax.annotate(f"{r['profile']}" + ("" if r["retention"] >= 1 else f"@{r['retention']:g}"),
+                            (r["wire_ratio"], r["pct_of_full_f1"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = pareto_points(group)
+        if front:
+            ax.plot([r["wire_ratio"] for r in front], [r["pct_of_full_f1"] for r in front], "k--", lw=0.8, alpha=0.5,
+                    label="Pareto front")
+        ax.axhline(100, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("wire ratio (bytes on the wire / FP16 KV bytes of the prompt)")
+        ax.set_ylabel("% of full-KV F1")
+        n = max((r["n"] for r in group), default=0)
+        ax.set_title(f"{title}" + (f", {length} tokens" if length is not None else "") + f" (n={n})", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

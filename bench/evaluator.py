@@ -1,0 +1,211 @@
+"""The evaluation core shared by `kvwire eval` and `kvwire diagnose`: settings, one question through
+the daemons' pipeline at every setting, resumable per-answer records, and their aggregation.
+
+Every compressed answer takes the path a daemon request takes: Edge.stream (prompt -> prefill ->
+select -> encode -> frames) -> Cloud.receive (verify, decode) -> Cloud.answer_kv (cache, generate).
+The reference ("full") is Cloud.answer_text: the model's own prefill of the whole prompt, no codec.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.data import Example
+from bench.squad_metrics import best_over_golds, exact_match, f1_score
+from kvcodec.pipeline import Cloud, Edge, EdgeRequest, PrefillMemo, Timings, fp16_kv_bytes
+from kvcodec.profiles import PrecisionProfile, get_profile
+from kvcodec.selectors import check_retention, get_selector
+
+FULL, TEXT, NONE = "full", "text", "none"  # baseline selectors; NONE: retention 1.0, nothing dropped
+BASELINE_PROFILE = "-"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One (selector, retention, profile) point; selector FULL/TEXT mark the baselines.
+
+    profile: a PrecisionProfile (named, from a file, or built in memory by diagnose). The key names
+    the profile and a hash of its content, so a resumed run never reuses answers of an edited profile.
+    """
+
+    selector: str
+    retention: float
+    profile: PrecisionProfile | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.selector in (FULL, TEXT)
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile.name if self.profile is not None else BASELINE_PROFILE
+
+    @property
+    def key(self) -> str:
+        if self.profile is None:
+            return f"{self.selector}:{self.retention:g}:{BASELINE_PROFILE}"
+        digest = hashlib.sha256(json.dumps(self.profile.to_dict()["default"], sort_keys=True).encode()
+                                + json.dumps(self.profile.to_dict()["layers"], sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.selector}:{self.retention:g}:{self.profile.name}#{digest}"
+
+
+def make_setting(selector: str, retention: float, profile: str | PrecisionProfile) -> Setting:
+    """A validated setting; at retention 1.0 the selector is irrelevant and becomes NONE."""
+    retention = check_retention(float(retention))
+    if retention >= 1.0:
+        selector = NONE
+    else:
+        get_selector(selector)
+    return Setting(selector, retention, get_profile(profile))
+
+
+def baselines() -> list[Setting]:
+    return [Setting(FULL, 1.0), Setting(TEXT, 1.0)]
+
+
+def run_order(settings: list[Setting]) -> list[Setting]:
+    """Selectors that capture attention first, so retention-1.0 settings reuse their prefill."""
+    return sorted(settings, key=lambda s: (s.is_baseline is False, s.retention >= 1.0, s.selector))
+
+
+class RecordStore:
+    """Answers already computed, one JSON object a line in DIR/records.jsonl, keyed by (example, setting).
+
+    A run killed mid-write leaves at most one torn last line, which is ignored and recomputed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[tuple[str, str], dict] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.records[(rec["example"], rec["setting"])] = rec
+        self._fh = None
+
+    def get(self, example_id: str, setting: Setting) -> dict | None:
+        return self.records.get((example_id, setting.key))
+
+    def add(self, rec: dict) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+            if self._fh.tell() and not self.path.read_bytes().endswith(b"\n"):
+                self._fh.write("\n")  # end a torn line so the next record starts clean
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        self.records[(rec["example"], rec["setting"])] = rec
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class Evaluator:
+    """Runs questions through the pipeline at a list of settings and records one answer per setting."""
+
+    def __init__(self, loaded, max_new_tokens: int, store: RecordStore):
+        self.edge, self.cloud = Edge(loaded), Cloud(loaded)
+        self.geometry = self.edge.geometry
+        self.max_new_tokens = max_new_tokens
+        self.store = store
+        self.prefills = 0  # prefills run by the edge (the full baseline's own prefill not included)
+
+    def pending(self, ex: Example, settings: list[Setting]) -> list[Setting]:
+        return [s for s in settings if self.store.get(ex.id, s) is None]
+
+    def run_example(self, ex: Example, settings: list[Setting]) -> None:
+        """Compute and record every setting of `ex` not yet recorded; the full baseline comes first
+        because every other answer is compared with it."""
+        full_setting = Setting(FULL, 1.0)
+        full = self.store.get(ex.id, full_setting)
+        if full is None:
+            t0, timings = time.perf_counter(), Timings()
+            ans = self.cloud.answer_text(ex.context, ex.question, self.max_new_tokens, timings)
+            full_bytes = fp16_kv_bytes(self.geometry, ans.prompt_len)
+            full = self._record(ex, full_setting, ans.text, ans.tokens, None, full_bytes, 1.0, ans, timings, t0)
+        memo = PrefillMemo()
+        for s in run_order(self.pending(ex, settings)):
+            if s.selector == FULL:
+                continue
+            t0, timings = time.perf_counter(), Timings()
+            if s.selector == TEXT:
+                # mode text sends the question and passage; the cloud's own prefill of them is exactly
+                # the full baseline's computation (same model), so its answer is the full answer
+                text_bytes = len(ex.context.encode()) + len(ex.question.encode())
+                ratio = text_bytes / fp16_kv_bytes(self.geometry, full["prompt_len"])
+                self._record_text(ex, s, full, text_bytes, ratio)
+                continue
+            req = EdgeRequest(ex.context, ex.question, "kv", s.selector if s.selector != NONE else "q2c", s.retention,
+                              s.profile)
+            frames = list(self.edge.stream(req, timings, memo))
+            ans = self.cloud.answer_kv(self.cloud.receive(frames, timings), self.max_new_tokens, timings)
+            self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0)
+        self.prefills += memo.runs
+
+    def _record(self, ex, s: Setting, text, tokens, full, nbytes, ratio, ans, timings, t0) -> dict:
+        rec = self._base(ex, s, text, tokens, full)
+        rec.update(bytes=nbytes, wire_ratio=ratio, prompt_len=ans.prompt_len, context_tokens=ans.context_tokens,
+                   kept=ans.kept_positions, timings_ms=timings.ms(), seconds=round(time.perf_counter() - t0, 4))
+        self.store.add(rec)
+        return rec
+
+    def _record_text(self, ex, s: Setting, full: dict, nbytes: int, ratio: float) -> None:
+        rec = self._base(ex, s, full["prediction"], full["tokens"], full)
+        rec.update(bytes=nbytes, wire_ratio=ratio, prompt_len=full["prompt_len"], context_tokens=full["context_tokens"],
+                   kept=full["kept"], timings_ms=full["timings_ms"], seconds=full["seconds"])
+        self.store.add(rec)
+
+    @staticmethod
+    def _base(ex: Example, s: Setting, text: str, tokens: list[int], full: dict | None) -> dict:
+        golds = list(ex.answers)
+        return {
+            "example": ex.id, "setting": s.key, "selector": s.selector, "retention": s.retention,
+            "profile": s.profile_name, "length": ex.meta.get("length"), "prediction": text, "tokens": tokens,
+            "f1": best_over_golds(f1_score, text, golds), "em": best_over_golds(exact_match, text, golds),
+            "agreement_f1": 1.0 if full is None else f1_score(text, full["prediction"]),
+            "identical": True if full is None else tokens == full["tokens"],
+        }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(store: RecordStore, examples: list[Example], settings: list[Setting]) -> list[dict]:
+    """One row per (length, setting) over the examples that have both that answer and the full answer."""
+    groups: dict = {}
+    for ex in examples:
+        groups.setdefault(ex.meta.get("length"), []).append(ex)
+    rows = []
+    for length, exs in groups.items():
+        for s in settings:
+            pairs = [(store.get(ex.id, s), store.get(ex.id, Setting(FULL, 1.0))) for ex in exs]
+            pairs = [(r, f) for r, f in pairs if r is not None and f is not None]
+            if not pairs:
+                continue
+            recs = [r for r, _ in pairs]
+            f1, full_f1 = _mean(r["f1"] for r in recs), _mean(f["f1"] for _, f in pairs)
+            stages = sorted({k for r in recs for k in r["timings_ms"]})
+            rows.append({
+                "selector": s.selector, "retention": s.retention, "profile": s.profile_name, "length": length,
+                "n": len(recs), "f1": round(f1, 4), "em": round(_mean(r["em"] for r in recs), 4),
+                "agreement_f1": round(_mean(r["agreement_f1"] for r in recs), 4),
+                "identical": round(_mean(float(r["identical"]) for r in recs), 4),
+                "pct_of_full_f1": round(100 * f1 / full_f1, 2) if full_f1 > 0 else None,
+                "bytes": round(_mean(r["bytes"] for r in recs)), "wire_ratio": round(_mean(r["wire_ratio"] for r in recs), 5),
+                "prompt_tokens": round(_mean(r["prompt_len"] for r in recs), 1),
+                "kept_positions": round(_mean(r["kept"] for r in recs), 1),
+                "answer_tokens": round(_mean(len(r["tokens"]) for r in recs), 2),
+                "stage_ms": {k: round(_mean(r["timings_ms"].get(k, 0.0) for r in recs), 2) for k in stages},
+                "setting": s.key,
+            })
+    return rows
