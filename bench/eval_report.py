@@ -47,39 +47,42 @@ def pareto_points(rows: list[dict]) -> list[dict]:
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
-    """% of full-KV F1 against wire ratio; one line per selector (NONE = all positions, quantization
-    only), one panel per context length; the Pareto front dashed."""
+    """Quality against wire ratio, one line per selector (NONE = all positions, quantization only),
+    one column per context length: % of full-KV F1 on top (the Pareto front dashed), agreement with
+    the full-KV answer below (less noisy than gold F1 on few questions)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = list(dict.fromkeys(r["length"] for r in rows))
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6.2 * len(lengths), 4.4), squeeze=False)
-    for ax, length in zip(axes[0], lengths):
-        group = [r for r in rows if r["length"] == length and r["pct_of_full_f1"] is not None]
-        for selector in dict.fromkeys(r["selector"] for r in group):
-            if selector in (FULL, TEXT):
-                continue
-            pts = sorted((r for r in group if r["selector"] == selector), key=lambda r: r["wire_ratio"])
-            label = "none (all positions)" if selector == NONE else selector
-            ax.plot([r["wire_ratio"] for r in pts], [r["pct_of_full_f1"] for r in pts], marker="o", label=label)
-            for r in pts:
-                ax.annotate(f"{r['profile']}" + ("" if r["retention"] >= 1 else f"@{r['retention']:g}"),
-                            (r["wire_ratio"], r["pct_of_full_f1"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        front = pareto_points(group)
-        if front:
-            ax.plot([r["wire_ratio"] for r in front], [r["pct_of_full_f1"] for r in front], "k--", lw=0.8, alpha=0.5,
-                    label="Pareto front")
-        ax.axhline(100, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_xlabel("wire ratio (bytes on the wire / FP16 KV bytes of the prompt)")
-        ax.set_ylabel("% of full-KV F1")
-        n = max((r["n"] for r in group), default=0)
-        ax.set_title(f"{title}" + (f", {length} tokens" if length is not None else "") + f" (n={n})", fontsize=9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(2, len(lengths), figsize=(6.2 * len(lengths), 8.2), squeeze=False)
+    for col, length in enumerate(lengths):
+        group = [r for r in rows if r["length"] == length and r["selector"] not in (FULL, TEXT)]
+        n = max((r["n"] for r in rows if r["length"] == length), default=0)
+        for ax, metric, label in ((axes[0][col], "pct_of_full_f1", "% of full-KV F1"),
+                                  (axes[1][col], "agreement_f1", "agreement with the full-KV answer (F1)")):
+            pts_all = [r for r in group if r[metric] is not None]
+            for selector in dict.fromkeys(r["selector"] for r in pts_all):
+                pts = sorted((r for r in pts_all if r["selector"] == selector), key=lambda r: r["wire_ratio"])
+                ax.plot([r["wire_ratio"] for r in pts], [r[metric] for r in pts], marker="o",
+                        label="none (all positions)" if selector == NONE else selector)
+                for r in pts:
+                    ax.annotate(r["profile"] + ("" if r["retention"] >= 1 else f"@{r['retention']:g}"),
+                                (r["wire_ratio"], r[metric]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if metric == "pct_of_full_f1":
+                front = pareto_points(pts_all)
+                if front:
+                    ax.plot([r["wire_ratio"] for r in front], [r[metric] for r in front], "k--", lw=0.8, alpha=0.5,
+                            label="Pareto front")
+            ax.axhline(100 if metric == "pct_of_full_f1" else 1.0, color="grey", lw=0.8, ls=":")
+            ax.set_xscale("log")
+            ax.set_xlabel("wire ratio (bytes on the wire / FP16 KV bytes of the prompt)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{title}" + (f", {length} tokens" if length is not None else "") + f" (n={n})", fontsize=9)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -168,3 +168,23 @@ def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
     assert all(r["n"] == 3 for r in json.loads((tmp_path / "results.json").read_text()))
     assert main(args + ["--shard", "2/2"]) == 2
     assert "K must be in 0..N-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("all_low, only_low, only_hi, expected", [
+    (0.99, [1.0, 1.0, 0.98], [0.99, 0.99, 0.99], ("none", [])),  # INT4 is harmless
+    (0.70, [0.72, 1.0, 0.99], [1.0, 0.70, 0.71], ("concentrated", [0])),  # the Qwen2.5-7B pattern: layer 0
+    (0.60, [0.97, 0.98, 0.97], [0.62, 0.61, 0.63], ("distributed", [])),  # the Phi-3.5 pattern: no culprit
+    (0.60, [0.90, 0.90, 0.90], [0.70, 0.70, 0.70], ("distributed", [0, 1, 2])),  # too many culprits for --max-protected 2
+])
+def test_diagnose_verdicts(all_low, only_low, only_hi, expected):
+    from bench.diagnose import choose, profile_for
+
+    rows = lambda values: [{"agreement_f1": v} for v in values]
+    pattern, layers = choose({"agreement_f1": all_low}, rows(only_low), rows(only_hi), tolerance=0.05, max_protected=2)
+    assert (pattern, layers) == expected
+    profile = profile_for(pattern, layers, "int4", "p")
+    kinds = {i: (k.kind, v.kind) for i, (k, v) in enumerate(profile.resolve(3))}
+    if pattern == "distributed":
+        assert set(kinds.values()) == {("int8", "int8")}
+    else:
+        assert kinds == {i: ("fp16", "fp16") if i in layers else ("int4", "int4") for i in range(3)}
