@@ -162,8 +162,11 @@ def run(args) -> int:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "run.json").write_text(json.dumps({"config": config, "runtime": runtime}, indent=1))
     table = markdown_table(rows)
-    (out / "results.md").write_text(f"# {title}\n\n{len(questions)} questions, answers capped at "
-                                    f"{args.max_new_tokens} tokens.\n\n{table}\n{runtime_text(runtime)}\n")
+    lengths = sorted({q.meta["length"] for q in questions}) if args.needle else []
+    count = (f"{len(questions)} needles ({len(questions) // len(lengths)} questions x {len(lengths)} lengths)" if lengths
+             else f"{len(questions)} questions")
+    (out / "results.md").write_text(f"# {title}\n\n{count}, answers capped at {args.max_new_tokens} tokens.\n\n"
+                                    f"{table}\n{runtime_text(runtime)}\n")
     pareto_plot(rows, out / "pareto.png", title)
     print(table)
     print(runtime_text(runtime))
@@ -192,4 +195,5 @@ def runtime_text(rt: dict) -> str:
     if not rt["questions"]:
         return "no answers yet"
     return (f"Runtime: {rt['seconds_per_question']} s per question ({rt['answers_per_question']} answers each, "
-            f"{rt['seconds_per_answer']} s per answer including its share of prefills), over {rt['questions']} questions.")
+            f"{rt['seconds_per_answer']} s per answer including its share of prefills), over {rt['questions']} "
+            f"questions (a needle counts as a question).")
