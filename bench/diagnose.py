@@ -18,20 +18,14 @@ import json
 import time
 from pathlib import Path
 
-from bench.data import SQUAD_DEV
-from bench.eval import check_resume, load_questions, set_threads
+from bench.eval import add_model_arguments, check_resume, load_questions, set_threads
 from bench.evaluator import FULL, NONE, Evaluator, RecordStore, Setting, summarize
 from kvcodec.profiles import PrecisionProfile
 from kvcodec.quant import Quantizer
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="fp32", help="model dtype: fp32, fp16 or bf16 (default fp32)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other work)")
-    p.add_argument("--data", default=SQUAD_DEV, help="squad-dev (after `kvwire data fetch`), squad-sample, or a .json/.jsonl path")
+    add_model_arguments(p)
     p.add_argument("--limit", type=int, default=30, help="questions to use (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="take questions in file order")

@@ -26,13 +26,18 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def add_arguments(p) -> None:
+def add_model_arguments(p) -> None:
+    """The model and data options eval and diagnose share."""
     p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="fp32", help="model dtype: fp32, fp16 or bf16 (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other work)")
     p.add_argument("--data", default=SQUAD_DEV, help="squad-dev (after `kvwire data fetch`), squad-sample, or a .json/.jsonl path")
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
     p.add_argument("--limit", type=int, default=100, help="questions to use (default 100; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle and the needle filler (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="take questions in file order instead of a seeded shuffle")
