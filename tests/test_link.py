@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.netlab import LinkSpec, netlab_fixture
-from tests.netlab.daemons import answer, edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
+from bench.netlab import LinkSpec, netlab_fixture
+from bench.netlab.daemons import answer, edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
 
 RATE = "20mbit"
 RELAY_DELAY_MS = 20

@@ -1,4 +1,4 @@
-"""The network test harness (tests/netlab) and the fault-injecting relay (bench/relay.py), proven with
+"""The network test harness (bench/netlab) and the fault-injecting relay (bench/relay.py), proven with
 small servers of our own: namespaces appear and vanish, traffic crosses the veth and only the veth,
 tbf really limits throughput, and the relay delays, stalls, resets and flips bits as configured.
 
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.netlab import LinkSpec, NetLab, netlab_fixture, sweep_stale
+from bench.netlab.daemons import TOOLS
+from bench.netlab.namespaces import NetlabUnavailable, check_available, list_namespaces, rate_bits
+from bench.netlab.tools import client as echo_client
 from bench.relay import Relay, RelayConfig, check_target, config_from_args
-from tests.netlab import LinkSpec, NetLab, netlab_fixture, sweep_stale
-from tests.netlab.namespaces import NetlabUnavailable, check_available, list_namespaces, rate_bits
-from tests.netlab.tools import client as echo_client
 
-TOOLS = str(Path(__file__).resolve().parent / "netlab" / "tools.py")
 SHAPED = "8mbit"  # 1 MB/s: a 1.5 MB download takes ~1.5 s, long enough to measure, short enough for CI
 RELAY_DELAY_MS = 50
 
@@ -106,7 +106,7 @@ def test_lab_is_removed_when_the_run_gets_sigterm(tmp_path):
     script.write_text(
         "import json, sys, time\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-        "from tests.netlab import NetLab\n"
+        "from bench.netlab import NetLab\n"
         "try:\n"
         "    with NetLab() as lab:\n"
         "        p = lab.edge.spawn(['sleep', '60'])\n"
@@ -424,7 +424,7 @@ def test_relay_refuses_targets_off_this_machine():
 
 
 def test_harness_says_why_it_cannot_run(monkeypatch):
-    import tests.netlab.namespaces as ns_mod
+    import bench.netlab.namespaces as ns_mod
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NetlabUnavailable, match="need root"):

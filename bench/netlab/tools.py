@@ -1,10 +1,10 @@
 """Tiny servers and clients that the network tests run inside the namespaces, as separate processes.
 
-    python tests/netlab/tools.py echo  HOST PORT            # echo server; logs {"event": "listening", "port": ...}
-    python tests/netlab/tools.py blast HOST PORT            # sends as many bytes as each client asks for
-    python tests/netlab/tools.py fetch HOST PORT NBYTES     # times a download from blast
-    python tests/netlab/tools.py client HOST PORT [--count N] [--size B]  # echo round trips
-    python tests/netlab/tools.py http METHOD URL [--json BODY] [--header K:V]  # one HTTP request
+    python bench/netlab/tools.py echo  HOST PORT            # echo server; logs {"event": "listening", "port": ...}
+    python bench/netlab/tools.py blast HOST PORT            # sends as many bytes as each client asks for
+    python bench/netlab/tools.py fetch HOST PORT NBYTES     # times a download from blast
+    python bench/netlab/tools.py client HOST PORT [--count N] [--size B]  # echo round trips
+    python bench/netlab/tools.py http METHOD URL [--json BODY] [--header K:V]  # one HTTP request
 
 Servers log one JSON line per event; clients print one JSON result line. Every client is bounded
 by --timeout, and refuses targets other than loopback or an on-link test address (bench.relay's
