@@ -15,16 +15,10 @@ from kvcodec.errors import ConfigError
 from kvcodec.models import LoadedModel
 from kvcodec.pipeline import Edge, EdgeRequest, Timings
 from kvcodec.profiles import PrecisionProfile, get_profile, profile_names
-from kvcodec.wire import FRAME_TYPES, MAGIC
+from kvcodec.wire import peek_type
 from proto import kvwire_pb2_grpc
 
 log = logging.getLogger("edge_agent")
-
-
-def frame_kind(frame: bytes) -> str:
-    """header/chunk/trailer, read from the frame's type byte (right after MAGIC and the version byte)."""
-    offset = len(MAGIC) + 1
-    return FRAME_TYPES.get(frame[offset], "unknown") if len(frame) > offset else "unknown"
 
 
 class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
@@ -85,7 +79,7 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         for frame in itertools.chain([first], frames):
             yield PrefillReply(req.request_id, frame=frame).to_pb()
             # counted once gRPC has taken the message: bytes actually written to the stream
-            self.metrics.bytes.labels(req.mode, frame_kind(frame)).inc(len(frame))
+            self.metrics.bytes.labels(req.mode, peek_type(frame)).inc(len(frame))
             sent, count = sent + len(frame), count + 1
         timings.add("total", time.perf_counter() - started)
         self.metrics.observe_stages(req.mode, timings.values)

@@ -79,8 +79,11 @@ class PrecisionProfile:
 def _spec(entry, where: str) -> Quantizer:
     if not isinstance(entry, dict) or "kind" not in entry or set(entry) - {"kind", "axis", "group"}:
         raise ConfigError(f'{where}: expected {{"kind": ..., "axis": ..., "group": ...}}, got {entry!r}')
+    group = entry.get("group", 0)
+    if type(group) is not int:  # not bool, float or a numeric string
+        raise ConfigError(f"{where}: group must be a whole number (0: one scale per row), got {group!r}")
     try:
-        return Quantizer(entry["kind"], entry.get("axis", "token"), int(entry.get("group", 0)))
+        return Quantizer(entry["kind"], entry.get("axis", "token"), group)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -96,6 +99,7 @@ def _uniform(name: str, kind: str) -> PrecisionProfile:
 NAMED_PROFILES: dict[str, PrecisionProfile] = {
     p.name: p
     for p in (
+        _uniform("fp32", "fp32"),  # exact passthrough of an fp32 model's KV: for checking the codec path
         _uniform("fp16", "fp16"),
         _uniform("bf16", "bf16"),
         _uniform("int8", "int8"),

@@ -56,6 +56,16 @@ def pack_frame(kind: int, stream_id: bytes, seq: int, body: bytes, compress: boo
     return head + body + struct.pack("<I", crc32c(head + body))
 
 
+def peek_type(data: bytes) -> str:
+    """header/chunk/trailer from a frame's type byte, without verifying the frame ("unknown" if it has none).
+
+    For counting and logging bytes by kind; only parse_frame() says whether a frame is valid.
+    """
+    if len(data) < PREFIX_SIZE or data[: len(MAGIC)] != MAGIC:
+        return "unknown"
+    return FRAME_TYPES.get(_PREFIX.unpack_from(data)[2], "unknown")
+
+
 def parse_frame(data: bytes) -> Frame:
     """Parse and verify one frame; FrameError with a precise reason on anything wrong."""
     if len(data) < PREFIX_SIZE + CRC_SIZE:

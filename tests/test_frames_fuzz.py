@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from kvcodec.errors import FrameError
 from kvcodec.pipeline import Edge, EdgeRequest
 from kvcodec.stream import StreamDecoder
-from kvcodec.wire import CRC_SIZE, MAX_BODY, PREFIX_SIZE, crc32c, pack_frame, parse_frame, read_frames
+from kvcodec.wire import CRC_SIZE, MAX_BODY, PREFIX_SIZE, crc32c, pack_frame, parse_frame, peek_type, read_frames
 
 CONTEXT = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 QUESTION = "Who was the leader?"
@@ -53,6 +53,13 @@ def recrc(frame: bytes) -> bytes:
 def test_valid_streams_decode(streams):
     for frames in streams.values():
         assert decode(frames).complete
+
+
+def test_peek_type_names_each_frame_and_never_raises(streams):
+    for frames in streams.values():
+        kinds = [peek_type(f) for f in frames]
+        assert kinds[0] == "header" and kinds[-1] == "trailer" and set(kinds[1:-1]) <= {"chunk"}
+    assert [peek_type(b) for b in (b"", b"KVWF", b"XXXX" + bytes(40))] == ["unknown"] * 3
 
 
 @FUZZ

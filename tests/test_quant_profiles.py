@@ -74,7 +74,7 @@ def test_int4_nibble_order():
 
 
 def test_named_profiles_and_mixed_layer0():
-    assert profile_names() == ["fp16", "bf16", "int8", "int4", "mixed-int4"]
+    assert profile_names() == ["fp32", "fp16", "bf16", "int8", "int4", "mixed-int4"]
     specs = get_profile("mixed-int4").resolve(30, 64)
     assert specs[0] == (Quantizer("fp16"), Quantizer("fp16"))
     assert all(k.kind == v.kind == "int4" for k, v in specs[1:])
@@ -94,6 +94,9 @@ def test_profile_json_file_roundtrip(tmp_path):
     ({"default": {"k": {"kind": "fp16", "group": 8}}}, "passthrough"),
     ({"layers": {}}, "at least a \"default\""),
     ({"default": {"k": {"kind": "int4"}}, "layers": {"x": {"k": {"kind": "int8"}}}}, "not an integer"),
+    ({"default": {"k": {"kind": "int4", "group": True}}}, "group must be a whole number"),
+    ({"default": {"k": {"kind": "int4", "group": "16"}}}, "group must be a whole number"),
+    ({"default": {"k": {"kind": "int4", "group": 16.0}}}, "group must be a whole number"),
 ])
 def test_bad_profile_files_name_the_problem(tmp_path, data, message):
     path = tmp_path / "bad.json"
@@ -103,7 +106,7 @@ def test_bad_profile_files_name_the_problem(tmp_path, data, message):
 
 
 def test_unknown_profile_lists_names():
-    with pytest.raises(ConfigError, match="unknown profile 'int5'; known: fp16, bf16, int8, int4, mixed-int4"):
+    with pytest.raises(ConfigError, match="unknown profile 'int5'; known: fp32, fp16, bf16, int8, int4, mixed-int4"):
         get_profile("int5")
 
 
