@@ -5,6 +5,8 @@ raises the same ValueError whichever backend would have run it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_BITS = (8, 4, 3)
@@ -103,3 +105,12 @@ def check_q2c_args(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_st
     for name, t in (("k", k), ("q_pos", q_pos)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def q2c_prologue(q: torch.Tensor, k: torch.Tensor, ctx_start: int, ctx_end: int,
+                 scale: float | None) -> tuple[int, float, torch.Tensor]:
+    """What both q2c_scores backends start with: (query heads per kv head, softmax scale, the
+    zeroed fp32 output of ctx_end - ctx_start scores). q: [Hq, Lq, D], k: [Hkv, S, D]."""
+    group = q.shape[0] // k.shape[0]
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    return group, scale, torch.zeros(ctx_end - ctx_start, dtype=torch.float32, device=q.device)

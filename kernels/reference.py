@@ -6,11 +6,9 @@ round half to even). Arguments are assumed to have passed kernels.layout's check
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .layout import qrange
+from .layout import q2c_prologue, qrange
 
 # q2c keeps at most this many fp32 scores (q_heads x rows x keys) alive at once: 16 MiB.
 SCORE_BLOCK_ELEMS = 1 << 22
@@ -102,9 +100,7 @@ def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start:
     """
     q_heads, rows, head_dim = q.shape
     kv_heads, seq, _ = k.shape
-    group = q_heads // kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out = torch.zeros(ctx_end - ctx_start, dtype=torch.float32, device=q.device)
+    group, scale, out = q2c_prologue(q, k, ctx_start, ctx_end, scale)
     if rows == 0 or ctx_end == ctx_start:
         return out
     pos = q_pos.to(torch.int64)

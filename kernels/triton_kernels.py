@@ -8,7 +8,6 @@ configurations to cubins without a GPU, to catch compile errors and register spi
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -16,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .layout import packed_row_bytes
+from .layout import packed_row_bytes, q2c_prologue
 
 # Fixed when the @triton.jit decorators below run: True means every kernel is interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -422,9 +421,7 @@ def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start:
     so on GPU the fp32 summation order, and hence the last bits, may vary between runs."""
     q_heads, rows, head_dim = q.shape
     kv_heads, seq, _ = k.shape
-    group = q_heads // kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out = torch.zeros(ctx_end - ctx_start, dtype=torch.float32, device=q.device)
+    group, scale, out = q2c_prologue(q, k, ctx_start, ctx_end, scale)
     if rows == 0 or ctx_end == ctx_start:
         return out
     pos = q_pos.clamp(-1, seq - 1).to(torch.int32).contiguous()
