@@ -1,4 +1,4 @@
-"""`kvwire bench`: the benchmark subcommands (wire-size, codec, kernels). They print figures; they never pass or fail.
+"""`kvwire bench`: the benchmark subcommands (wire-size, codec, kernels, link). They print figures; they never pass or fail.
 
 Each benchmark is one entry of BENCHES: its help line, its arguments, and a runner that imports
 the benchmark module only when that benchmark runs, so `kvwire --help` stays cheap.
@@ -112,11 +112,53 @@ def _kernels_run(args) -> int:
     return 0
 
 
+# ---- link -----------------------------------------------------------------------------------
+
+def _link_args(p) -> None:
+    p.add_argument("--bandwidth", default="10mbit,100mbit,1gbit",
+                   help="comma list of tc rates the link is shaped to in turn (default 10mbit,100mbit,1gbit)")
+    p.add_argument("--delay", default="20ms",
+                   help="delay bench.relay adds each way between cloud and edge (default 20ms; 0: no relay)")
+    p.add_argument("--tokens", default="512,2048", help="comma list of context lengths in tokens (default 512,2048)")
+    p.add_argument("--modes", default="all", metavar="LIST",
+                   help="comma list of text, kv-fp16, kv-mixed-int4, kv-q2c0.5-mixed-int4, scout-q2c0.5 (default all; "
+                        "text is always run: every ratio divides by it)")
+    p.add_argument("--repeats", type=int, default=1, help="requests per mode and cell; the median is reported (default 1)")
+    p.add_argument("--model", default="embedded", help="model of both daemons (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of EACH daemon (default 1: the two share this machine's cores, as two hosts "
+                        "would each have their own)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default 16)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds one request may take, also its edge-stream deadline (default 300)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
+
+def _link_run(args) -> int:
+    from bench import link
+    from bench.netlab import NetlabUnavailable
+
+    modes = list(link.MODES) if args.modes == "all" else link.parse_modes(args.modes)
+    cfg = link.LinkConfig(bandwidths=link.parse_bandwidths(args.bandwidth), delay_ms=link.parse_delay(args.delay),
+                          tokens=link.parse_tokens(args.tokens), modes=modes, repeats=args.repeats, model=args.model,
+                          threads=args.threads, max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)
+    try:
+        rows = link.run_link(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except NetlabUnavailable as exc:
+        print(f"kvwire bench link: the network lab cannot run here: {exc}", file=sys.stderr)
+        return 2
+    _emit(rows, args.json, link.format_rows(rows))
+    _note("\n" + "\n".join(link.verdicts(rows)), args.json)
+    _note("\n" + link.describe(cfg), args.json)
+    return 0
+
+
 # name -> (help, add_arguments, run)
 BENCHES: dict[str, tuple[str, Callable, Callable]] = {
     "wire-size": ("bytes on the wire and ratio to FP16 KV per profile x retention; zstd on real KV", _wire_size_args, _wire_size_run),
     "codec": ("encode/decode time per MB of FP16 KV per profile, against torch.clone", _codec_args, _codec_run),
     "kernels": ("quantize/pack, unpack/dequantize and q2c kernel timings (bench/kernels_bench.py)", _kernels_args, _kernels_run),
+    "link": ("time to first token and total latency per mode over a shaped link, as ratios to text mode", _link_args, _link_run),
 }
 
 
