@@ -32,3 +32,15 @@ class DeadlineExceededError(ServiceError):
 
 class EdgeFailedError(ServiceError):
     """The edge-agent failed in a way the request did not cause (an internal error there)."""
+
+
+class UnauthenticatedError(ServiceError):
+    """The caller sent no bearer token, or not the one this daemon's auth_token_file holds."""
+
+    def __init__(self, message: str, token_sent: bool = False):
+        super().__init__(message)
+        self.token_sent = token_sent  # a wrong token (RFC 6750 error="invalid_token") rather than a missing one
+
+
+class EdgeRefusedTokenError(ServiceError):
+    """The edge-agent answered UNAUTHENTICATED: this cloud-agent's edge_token_file does not hold the edge's token."""

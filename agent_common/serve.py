@@ -32,28 +32,41 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """uvicorn on a socket we bound; `port` is known before serving starts."""
+    """uvicorn on a socket we bound; `port` is known before serving starts. With a certificate and
+    key (checked beforehand by agent_common.security) the port speaks HTTPS only."""
 
-    def __init__(self, app, host: str, port: int, grace_seconds: float):
+    def __init__(self, app, host: str, port: int, grace_seconds: float,
+                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
         self.sock = bind_socket(host, port)
         self.port = self.sock.getsockname()[1]
+        self.scheme = "https" if ssl_certfile else "http"
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=grace_seconds, server_header=False)
+                                timeout_graceful_shutdown=grace_seconds, server_header=False,
+                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
         self.server = _Server(config)
+        self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
 
-    async def serve(self) -> None:
-        await self.server.serve(sockets=[self.sock])
-
-    async def started(self, task: asyncio.Task) -> None:
-        """Return once uvicorn accepts connections (or raise what made it fail)."""
+    async def start(self) -> None:
+        """Install the SIGTERM/SIGINT handlers and return once uvicorn accepts connections (or raise what made it fail)."""
+        install_stop_handlers(self._stop)
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
         while not self.server.started:
-            if task.done():
-                task.result()
+            if self._task.done():
+                self._task.result()
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
 
-    def stop(self) -> None:
+    async def until_stopped(self) -> None:
+        """Return on SIGTERM/SIGINT, or when the HTTP server stops by itself."""
+        stopper = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({stopper, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+
+    async def shutdown(self) -> None:
+        """Close the listener and let requests in flight finish within the grace period."""
         self.server.should_exit = True
+        await self._task
 
 
 def install_stop_handlers(stop: asyncio.Event) -> None:

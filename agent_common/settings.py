@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource
 
 # The values of the --config file for the settings object being built (set only inside load_settings).
@@ -34,6 +34,45 @@ class AgentSettings(BaseSettings):
     @classmethod
     def env_prefix(cls) -> str:
         return cls.model_config.get("env_prefix", "")
+
+    def require_together(self, *names: str) -> None:
+        """ValueError unless the named options are all set or all unset (a certificate without its key, ...)."""
+        given = [n for n in names if getattr(self, n) is not None]
+        if given and len(given) != len(names):
+            missing = [n for n in names if n not in given]
+            raise ValueError(f"{' and '.join(given)} given without {' and '.join(missing)}: set both or neither")
+
+    def require_for(self, needed: str, *names: str) -> None:
+        """ValueError when any of `names` is set while `needed` is not (a client certificate without TLS, ...)."""
+        given = [n for n in names if getattr(self, n) is not None]
+        if given and getattr(self, needed) is None:
+            raise ValueError(f"{' and '.join(given)} need {needed} (they only apply with TLS)")
+
+
+MIB = 1 << 20
+
+
+class DaemonSettings(AgentSettings):
+    """The options both daemons have: model, threads, bind address, gRPC message cap, shutdown, logs, and
+    the two security options that mean the same on both (each daemon adds its own TLS options)."""
+
+    model: str = Field("embedded", description="model folder or hub id; 'embedded' is the bundled SmolLM2-135M-Instruct")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="weights and KV dtype")
+    device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
+    threads: int = Field(0, ge=0, le=1024, description="CPU threads for torch (0: torch's default, one per core; 1 avoids thrashing on a shared host)")
+    host: str = Field("127.0.0.1", description="address this daemon's ports bind to (0.0.0.0 for every interface)")
+    max_message_bytes: int = Field(8 * MIB, ge=4 * MIB, le=64 * MIB, description="gRPC message cap in both directions (frames are at most ~1 MiB)")
+    grace_seconds: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT, how long requests in flight may take to finish")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level of the JSON logs on stderr")
+    auth_token_file: str | None = Field(None, description="file holding the bearer token callers must send (Authorization: Bearer <token>); "
+                                                          "none: no token asked. Health, readiness and metrics stay open (docs/security.md)")
+    tls_cert_file: str | None = Field(None, description="PEM certificate (chain) this daemon's server presents; with tls_key_file it switches TLS on")
+    tls_key_file: str | None = Field(None, description="unencrypted PEM private key of tls_cert_file")
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        self.require_together("tls_cert_file", "tls_key_file")
+        return self
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -78,7 +117,8 @@ def build_parser(cls: type[AgentSettings], prog: str, description: str) -> argpa
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, metavar=_type_name(field.annotation), default=None, help=help_text)
+            metavar = "FILE" if name.endswith("_file") else _type_name(field.annotation)
+            parser.add_argument(flag, dest=name, metavar=metavar, default=None, help=help_text)
     return parser
 
 

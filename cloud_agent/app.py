@@ -9,15 +9,20 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from agent_common.errors import ServiceError
+from agent_common.errors import ServiceError, UnauthenticatedError
 from agent_common.logs import log_event, request_id_var
 from agent_common.metrics import CONTENT_TYPE, Metrics
+from agent_common.security import bearer_matches
 from cloud_agent.api import AnswerRequest, AnswerResponse
-from cloud_agent.errors import RequestTooLargeError, classify, error_response
+from cloud_agent.errors import LengthRequiredError, RequestTooLargeError, classify, error_response
 from cloud_agent.service import AnswerService
 from kvcodec.errors import KVWireError
 
 log = logging.getLogger("cloud_agent")
+
+# Probes and scrapers (kubelet, load balancers, Prometheus) carry no token; these pages say only whether
+# the daemon is up and how it performs. Every other path, /answer and the API docs included, needs the token.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def request_id_from(header: str | None) -> str:
@@ -27,19 +32,49 @@ def request_id_from(header: str | None) -> str:
     return uuid.uuid4().hex
 
 
-def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int) -> FastAPI:
+def refusal(authorization: str | None, token: str | None) -> UnauthenticatedError | None:
+    """Why a request to a protected path is refused (None: let it in). No token configured: nothing is asked."""
+    if token is None or bearer_matches(authorization, token):
+        return None
+    if authorization is None:
+        return UnauthenticatedError("this cloud-agent requires the header 'Authorization: Bearer <token>' "
+                                    "(the token in its auth_token_file)")
+    return UnauthenticatedError("the bearer token in the Authorization header is not the one this cloud-agent accepts",
+                                token_sent=True)
+
+
+def admission(request: Request, auth_token: str | None, max_body_bytes: int) -> ServiceError | None:
+    """Why a request is refused before any handler reads it (None: it goes on). The token comes first: a
+    caller without it learns nothing about limits. Bodies must declare their length so that the limit
+    holds before a byte is read (a chunked body could otherwise grow without bound)."""
+    if request.url.path not in OPEN_PATHS:
+        refused = refusal(request.headers.get("authorization"), auth_token)
+        if refused is not None:
+            return refused
+    if "transfer-encoding" in request.headers:
+        return LengthRequiredError(f"send the request body with a Content-Length header (at most {max_body_bytes} bytes, "
+                                   "--max-body-bytes), not chunked")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_body_bytes:
+        return RequestTooLargeError(f"the request body is {length} bytes; this cloud-agent accepts at most {max_body_bytes} "
+                                    "(--max-body-bytes)")
+    return None
+
+
+def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, auth_token: str | None = None) -> FastAPI:
+    """The app; with `auth_token`, every path but OPEN_PATHS answers 401 unless the request carries `Authorization: Bearer <auth_token>`."""
     app = FastAPI(title="kvwire cloud-agent", summary="Answers questions about a context with KV or scout positions from an edge-agent.")
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
         rid = request_id_from(request.headers.get("x-request-id"))
-        token = request_id_var.set(rid)
+        rid_token = request_id_var.set(rid)
         started = time.perf_counter()
         try:
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max_body_bytes:
-                response = error_response(RequestTooLargeError(
-                    f"the request body is {length} bytes; this cloud-agent accepts at most {max_body_bytes} (--max-body-bytes)"), rid)
+            refused = admission(request, auth_token, max_body_bytes)
+            if refused is not None:
+                metrics.requests.labels("unknown", classify(refused)[1]).inc()  # refused before a mode was known
+                response = error_response(refused, rid)
             else:
                 response = await call_next(request)
             response.headers["X-Request-ID"] = rid
@@ -48,7 +83,7 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int) ->
                       ms=round((time.perf_counter() - started) * 1000, 2))
             return response
         finally:
-            request_id_var.reset(token)
+            request_id_var.reset(rid_token)
 
     async def handle_error(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, RequestValidationError) and request.url.path == "/answer":

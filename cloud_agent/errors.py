@@ -7,8 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from agent_common.errors import (
-    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeUnavailableError, OverloadedError, ServiceError,
-    ShuttingDownError,
+    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeRefusedTokenError, EdgeUnavailableError, OverloadedError,
+    ServiceError, ShuttingDownError, UnauthenticatedError,
 )
 from kvcodec.errors import ConfigError, FrameError, GeometryMismatchError, PromptTooLongError
 
@@ -19,10 +19,16 @@ class RequestTooLargeError(ServiceError):
     """The request body is larger than --max-body-bytes."""
 
 
+class LengthRequiredError(ServiceError):
+    """A chunked request body: its size is unknown until read, so --max-body-bytes could not hold."""
+
+
 # (error class, HTTP status, outcome label of kvwire_requests_total) — most specific first
 STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (UnauthenticatedError, 401, "unauthenticated"),
     (PromptTooLongError, 413, "too_long"),
     (RequestTooLargeError, 413, "too_long"),
+    (LengthRequiredError, 411, "invalid"),
     (ConfigError, 422, "invalid"),
     (RequestValidationError, 422, "invalid"),
     (GeometryMismatchError, 409, "mismatch"),
@@ -32,6 +38,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (EdgeUnavailableError, 503, "edge_unavailable"),
     (ShuttingDownError, 503, "shutting_down"),
     (DeadlineExceededError, 504, "deadline"),
+    (EdgeRefusedTokenError, 502, "edge_unauthenticated"),
     (EdgeFailedError, 502, "edge_error"),
 )
 RETRY_LATER = {429, 503}
@@ -72,4 +79,6 @@ def error_response(exc: BaseException, request_id: str | None) -> JSONResponse:
     if status == 500:
         log.error("internal_error", exc_info=exc)
     headers = {"Retry-After": "1"} if status in RETRY_LATER else None
+    if isinstance(exc, UnauthenticatedError):  # RFC 6750: the scheme, and invalid_token when a token was sent but wrong
+        headers = {"WWW-Authenticate": 'Bearer realm="kvwire"' + (', error="invalid_token"' if exc.token_sent else "")}
     return JSONResponse({"detail": message_of(exc), "error": outcome, "request_id": request_id}, status_code=status, headers=headers)

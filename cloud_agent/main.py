@@ -4,14 +4,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
+from dataclasses import dataclass
 
-from agent_common.logs import log_event, setup_logging
+import grpc
+
+from agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from agent_common.logs import log_event
 from agent_common.metrics import Metrics
-from agent_common.serve import HttpServer, install_stop_handlers
-from agent_common.settings import apply_thread_limit, load_settings
+from agent_common.security import channel_credentials, check_key_pair, read_token
+from agent_common.serve import HttpServer
 from cloud_agent.settings import CloudSettings
-from kvcodec.errors import KVWireError
 
 log = logging.getLogger("cloud_agent")
 
@@ -19,39 +21,66 @@ DESCRIPTION = """\
 KVWire cloud-agent: POST /answer {question, context, mode: kv|scout|text, ...}. In kv mode it
 receives the edge's quantized KV of the kept positions and generates from it; in scout mode it
 prefills with its own model and keeps the edge's chosen positions; text mode needs no edge.
-HTTP: /answer, /healthz, /readyz (model loaded and edge reachable), /metrics."""
+HTTP: /answer, /healthz, /readyz (model loaded and edge reachable), /metrics.
+HTTPS, a bearer token for /answer, and TLS, mutual TLS and a token towards the edge switch on
+with the tls_*, auth_token_file and edge_* options (docs/security.md)."""
 
 
-async def serve(settings: CloudSettings) -> int:
-    from transformers.utils import logging as hf_logging
+@dataclass(frozen=True)
+class CloudSecurity:
+    """What the security options switched on, read and checked before the model loads."""
 
+    auth_token: str | None  # /answer callers must send it
+    edge_credentials: grpc.ChannelCredentials | None  # None: plaintext gRPC to the edge
+    edge_token: str | None  # sent to the edge with every Prefill
+
+
+def check_security(settings: CloudSettings) -> CloudSecurity:
+    """Read the TLS files and the token files; SecurityConfigError (exit 2) names the setting at fault."""
+    if settings.tls_cert_file:  # uvicorn reads them itself; checked here so a bad pair fails before the model loads
+        check_key_pair(settings.tls_cert_file, settings.tls_key_file, "tls_cert_file", "tls_key_file")
+    credentials = None
+    if settings.edge_ca_file:
+        credentials = channel_credentials(settings.edge_ca_file, settings.edge_cert_file, settings.edge_key_file)
+    return CloudSecurity(
+        auth_token=read_token(settings.auth_token_file, "auth_token_file") if settings.auth_token_file else None,
+        edge_credentials=credentials,
+        edge_token=read_token(settings.edge_token_file, "edge_token_file") if settings.edge_token_file else None,
+    )
+
+
+def edge_client(settings: CloudSettings, security: CloudSecurity):
+    """The EdgeClient these settings describe: plaintext or TLS (mutual with a client certificate), with or without a token."""
+    from edge_agent.client import EdgeClient
+
+    return EdgeClient(settings.edge, settings.max_message_bytes, credentials=security.edge_credentials,
+                      server_name=settings.edge_server_name, token=security.edge_token)
+
+
+async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
     from cloud_agent.app import create_app
     from cloud_agent.service import AnswerService
-    from edge_agent.client import EdgeClient
-    from kvcodec.models import load_model
 
-    hf_logging.disable_progress_bar()
-    started = time.perf_counter()
-    loaded = load_model(settings.model, settings.dtype, settings.device)
-    log_event(log, "model_loaded", model=loaded.source, seconds=round(time.perf_counter() - started, 2))
+    warn_if_exposed(log, settings.auth_token_file, "auth_token_file", settings.tls_cert_file is not None,
+                    "the HTTP port is plaintext (no tls_cert_file; fine behind a TLS-terminating proxy): callers' token")
+    warn_if_exposed(log, settings.edge_token_file, "edge_token_file", security.edge_credentials is not None,
+                    "the gRPC link to the edge is plaintext (no edge_ca_file): the token sent to the edge")
+    loaded, seconds = load_daemon_model(settings)
+    log_event(log, "model_loaded", model=loaded.source, seconds=seconds)
     metrics = Metrics("cloud")
-    edge = EdgeClient(settings.edge, settings.max_message_bytes)
+    edge = edge_client(settings, security)
     service = AnswerService(loaded, settings, edge, metrics)
-    http = HttpServer(create_app(service, metrics, settings.max_body_bytes), settings.host, settings.http_port, settings.grace_seconds)
+    http = HttpServer(create_app(service, metrics, settings.max_body_bytes, security.auth_token), settings.host,
+                      settings.http_port, settings.grace_seconds, settings.tls_cert_file, settings.tls_key_file)
 
-    stop = asyncio.Event()
-    install_stop_handlers(stop)
-    http_task = asyncio.create_task(http.serve())
-    await http.started(http_task)
-    log_event(log, "listening", host=settings.host, http_port=http.port, edge=settings.edge)
-
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({stopper, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    await http.start()
+    log_event(log, "listening", host=settings.host, http_port=http.port, scheme=http.scheme, edge=settings.edge,
+              edge_tls="off" if not edge.tls else "mutual" if settings.edge_cert_file else "tls",
+              token=security.auth_token is not None)
+    await http.until_stopped()
     log_event(log, "draining", grace_seconds=settings.grace_seconds, inflight=service.inflight)
     service.draining = True
-    http.stop()  # listeners close now; in-flight requests finish within the grace period
-    await http_task
-    stopper.cancel()
+    await http.shutdown()  # listeners close now; in-flight requests finish within the grace period
     await asyncio.to_thread(service.close)
     edge.close()
     log_event(log, "stopped")
@@ -59,15 +88,7 @@ async def serve(settings: CloudSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(CloudSettings, argv, "cloud-agent", DESCRIPTION)
-    setup_logging("cloud-agent", settings.log_level)
-    apply_thread_limit(settings.threads)
-    try:
-        return asyncio.run(serve(settings))
-    except (KVWireError, OSError, RuntimeError) as exc:
-        log_event(log, "startup_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
-        print(f"cloud-agent: error: {exc}", file=sys.stderr)
-        return 1
+    return run_daemon("cloud-agent", CloudSettings, DESCRIPTION, argv, check_security, serve, log)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,16 @@
-"""cloud-agent options: the one place each is declared and documented."""
+"""cloud-agent options: the one place each is declared and documented (shared ones: agent_common.settings.DaemonSettings)."""
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from agent_common.settings import AgentSettings
-
-MIB = 1 << 20
+from agent_common.settings import MIB, DaemonSettings
 
 
-class CloudSettings(AgentSettings):
+class CloudSettings(DaemonSettings):
     model_config = SettingsConfigDict(env_prefix="KVWIRE_CLOUD_", extra="forbid")
 
-    model: str = Field("embedded", description="model folder or hub id; 'embedded' is the bundled SmolLM2-135M-Instruct")
-    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="weights and KV dtype")
-    device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
-    threads: int = Field(0, ge=0, le=1024, description="CPU threads for torch (0: torch's default, one per core; 1 avoids thrashing on a shared host)")
-    host: str = Field("127.0.0.1", description="address the HTTP port binds to (0.0.0.0 for every interface)")
+    tls_cert_file: str | None = Field(None, description="PEM certificate (chain) of the HTTP port; with tls_key_file the port serves HTTPS only")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP port of /answer, /healthz, /readyz, /metrics (0: a free port, logged)")
     edge: str = Field("127.0.0.1:50051", description="HOST:PORT of the edge-agent's gRPC port")
     max_concurrency: int = Field(4, ge=1, le=256, description="/answer requests served at once; more get HTTP 429 at once (forward passes run one at a time)")
@@ -28,6 +20,15 @@ class CloudSettings(AgentSettings):
     deadline_reserve_ms: int | None = Field(None, ge=0, description="time kept free before a request's deadline to inject and generate: the edge stream is cut this long before it (anytime answer from the positions that arrived); none: estimated from this cloud's measured generation speed")
     readyz_timeout_s: float = Field(1.0, gt=0, description="how long /readyz waits for the edge's health check")
     max_body_bytes: int = Field(4 * MIB, ge=1024, description="largest /answer request body (larger: HTTP 413)")
-    max_message_bytes: int = Field(8 * MIB, ge=4 * MIB, le=64 * MIB, description="gRPC message cap in both directions (frames are at most ~1 MiB)")
-    grace_seconds: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level of the JSON logs on stderr")
+    edge_ca_file: str | None = Field(None, description="PEM CA bundle that signed the edge-agent's certificate; switches TLS to the edge on")
+    edge_cert_file: str | None = Field(None, description="PEM client certificate presented to the edge-agent (mutual TLS); needs edge_key_file and edge_ca_file")
+    edge_key_file: str | None = Field(None, description="unencrypted PEM private key of edge_cert_file")
+    edge_server_name: str | None = Field(None, description="name checked in the edge-agent's certificate instead of the host in --edge "
+                                                           "(e.g. when --edge is an IP address the certificate does not list)")
+    edge_token_file: str | None = Field(None, description="file holding the bearer token sent to the edge-agent (its auth_token_file; may be the same file as ours)")
+
+    @model_validator(mode="after")
+    def _edge_tls(self):
+        self.require_together("edge_cert_file", "edge_key_file")
+        self.require_for("edge_ca_file", "edge_cert_file", "edge_key_file", "edge_server_name")
+        return self

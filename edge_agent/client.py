@@ -7,25 +7,43 @@ from typing import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent_common.errors import DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeUnavailableError
+from agent_common.errors import (
+    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeRefusedTokenError, EdgeUnavailableError,
+)
 from edge_agent.messages import PrefillReply, PrefillRequest
 from kvcodec.errors import ConfigError, PromptTooLongError
 from proto import kvwire_pb2_grpc
 
 
 class EdgeClient:
-    """One channel to one edge-agent, opened lazily and reconnected by gRPC as needed."""
+    """One channel to one edge-agent, opened lazily and reconnected by gRPC as needed.
 
-    def __init__(self, address: str, max_message_bytes: int = 8 << 20):
+    With `credentials` (agent_common.security.channel_credentials) the channel speaks TLS, checking the
+    edge's certificate against `server_name` when given, else against the host in `address`. With a
+    `token`, every Prefill carries `authorization: Bearer <token>`; health checks carry none (the edge
+    keeps them open).
+    """
+
+    def __init__(self, address: str, max_message_bytes: int = 8 << 20, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None, token: str | None = None):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=[
+        self.tls = credentials is not None
+        self.sends_token = token is not None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             # an edge that restarts is found again within a second or two, not after gRPC's default 2-minute backoff cap
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
-        ])
+        ]
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = kvwire_pb2_grpc.EdgeServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -45,7 +63,7 @@ class EdgeClient:
 
     def prefill(self, request: PrefillRequest, timeout_s: float) -> Iterator[PrefillReply]:
         """The edge's stream for `request`. Closing the iterator early cancels the call on the edge."""
-        call = self._stub.Prefill(request.to_pb(), timeout=timeout_s)
+        call = self._stub.Prefill(request.to_pb(), timeout=timeout_s, metadata=self._metadata)
         try:
             for pb in call:
                 yield PrefillReply.from_pb(pb)
@@ -64,8 +82,33 @@ class EdgeClient:
             return EdgeBusyError(f"edge-agent at {self.address} is busy: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceededError(f"the deadline of {timeout_s * 1000:.0f} ms passed before edge-agent at {self.address} finished")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if not self.sends_token:
+                return EdgeRefusedTokenError(f"edge-agent at {self.address} requires a bearer token and this cloud-agent sends "
+                                             "none; set edge_token_file to a file holding the edge's auth_token_file token")
+            return EdgeRefusedTokenError(f"edge-agent at {self.address} refused this cloud-agent's token; check edge_token_file "
+                                         "here against auth_token_file on the edge")
         if code == grpc.StatusCode.UNAVAILABLE:
+            hint = self._connection_hint(details)
             return EdgeUnavailableError(
-                f"edge-agent at {self.address} is unreachable ({details}); kv and scout modes need it, mode=text does not"
+                f"edge-agent at {self.address} is unreachable ({details}){'; ' + hint if hint else ''}; "
+                "kv and scout modes need it, mode=text does not"
             )
         return EdgeFailedError(f"edge-agent at {self.address} failed: {code.name}: {details}")
+
+    def _connection_hint(self, details: str) -> str:
+        """What to check when a connection failed in a way that points at TLS (gRPC gives the reason only as text)."""
+        text = details.lower()
+        if "hostname verification" in text:
+            return ("TLS: the edge's certificate does not name the host in --edge; connect by a name it lists "
+                    "or set --edge-server-name")
+        if "handshake" in text or "certificate" in text:
+            return ("TLS handshake failed: check that --edge-ca-file holds the CA that signed the edge's certificate "
+                    "and that the certificate has not expired")
+        if "socket closed" in text or "connection reset" in text:
+            if not self.tls:
+                return ("the edge closed the connection: if it serves TLS (tls_cert_file), give this cloud-agent "
+                        "--edge-ca-file")
+            return ("the edge closed the TLS connection: if it requires client certificates (tls_client_ca_file), give "
+                    "this cloud-agent --edge-cert-file and --edge-key-file signed by that CA")
+        return ""

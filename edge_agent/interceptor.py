@@ -7,9 +7,10 @@ import uuid
 
 import grpc
 
-from agent_common.errors import OverloadedError, ShuttingDownError
+from agent_common.errors import OverloadedError, ShuttingDownError, UnauthenticatedError
 from agent_common.logs import log_event, request_id_var
 from agent_common.metrics import Metrics
+from agent_common.security import bearer_matches
 from kvcodec.errors import ConfigError, PromptTooLongError
 
 log = logging.getLogger("edge_agent")
@@ -24,6 +25,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE, "shutting_down"),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
 )
 
 
@@ -81,3 +83,38 @@ class RequestInterceptor(grpc.ServerInterceptor):
         return grpc.unary_stream_rpc_method_handler(
             wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses EdgeService calls that do not carry `authorization: Bearer <token>` with UNAUTHENTICATED,
+    before the request is even deserialized (so mode="unknown" in kvwire_requests_total).
+
+    grpc.health.v1 stays open: load balancers and the cloud's /readyz probe it without a token, and it
+    reveals nothing but SERVING / NOT_SERVING.
+    """
+
+    def __init__(self, token: str, metrics: Metrics):
+        self._token = token
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        if not handler_call_details.method.startswith(SERVICE_PREFIX):
+            return continuation(handler_call_details)
+        sent = [v for k, v in (handler_call_details.invocation_metadata or ()) if k == "authorization"]
+        if len(sent) == 1 and bearer_matches(sent[0], self._token):
+            return continuation(handler_call_details)
+        exc = UnauthenticatedError("edge-agent refused the call: it carried a bearer token that is not the one in this edge's "
+                                   "auth_token_file" if sent else
+                                   "edge-agent requires authorization metadata 'Bearer <token>' (its auth_token_file); the call carried none",
+                                   token_sent=bool(sent))
+        code, outcome, message = status_of(exc)
+        self.metrics.requests.labels("unknown", outcome).inc()
+        log_event(log, "prefill_refused", logging.WARNING, mode="unknown", status=code.name, reason=message)
+        handler = continuation(handler_call_details)
+
+        def refuse(request, context):
+            context.abort(code, message)
+
+        if handler is not None and handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)

@@ -4,20 +4,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent_common.logs import log_event, setup_logging
+from agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from agent_common.logs import log_event
 from agent_common.metrics import Metrics
-from agent_common.serve import HttpServer, install_stop_handlers
-from agent_common.settings import apply_thread_limit, grpc_address, load_settings
-from edge_agent.interceptor import RequestInterceptor
+from agent_common.security import read_token, server_credentials
+from agent_common.serve import HttpServer
+from agent_common.settings import grpc_address
+from edge_agent.interceptor import RequestInterceptor, TokenInterceptor
 from edge_agent.settings import EdgeSettings
-from kvcodec.errors import KVWireError
 from proto import kvwire_pb2, kvwire_pb2_grpc
 
 if TYPE_CHECKING:
@@ -28,80 +29,93 @@ log = logging.getLogger("edge_agent")
 DESCRIPTION = """\
 KVWire edge-agent: prefills a context with the edge model, keeps the positions that matter for
 the question, quantizes their KV cache and streams checksummed frames to a cloud-agent over gRPC
-(EdgeService.Prefill; health: grpc.health.v1). HTTP: /healthz, /readyz, /metrics."""
+(EdgeService.Prefill; health: grpc.health.v1). HTTP: /healthz, /readyz, /metrics.
+TLS, mutual TLS and a bearer token switch on with the tls_* and auth_token_file options (docs/security.md)."""
 SERVICE_NAME = kvwire_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name
 EXTRA_THREADS = 4  # gRPC workers beyond max_concurrency, for health checks and prompt refusals
 
 
-def build_grpc_server(servicer: EdgeServicer, metrics: Metrics, settings: EdgeSettings):
-    """The gRPC server with message caps, the request interceptor, EdgeService and health; not started."""
+@dataclass(frozen=True)
+class EdgeSecurity:
+    """What the security options switched on, read and checked before the model loads."""
+
+    credentials: grpc.ServerCredentials | None  # None: plaintext gRPC
+    token: str | None  # None: Prefill needs no token
+    mutual_tls: bool = False
+
+    @property
+    def tls_mode(self) -> str:
+        """off, tls or mutual (logged in the `listening` line)."""
+        return "off" if self.credentials is None else "mutual" if self.mutual_tls else "tls"
+
+
+def check_security(settings: EdgeSettings) -> EdgeSecurity:
+    """Read the TLS files and the token file; SecurityConfigError (exit 2) names the setting at fault."""
+    credentials = None
+    if settings.tls_cert_file:
+        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    token = read_token(settings.auth_token_file, "auth_token_file") if settings.auth_token_file else None
+    return EdgeSecurity(credentials, token, mutual_tls=settings.tls_client_ca_file is not None)
+
+
+def build_grpc_server(servicer: EdgeServicer, metrics: Metrics, settings: EdgeSettings, token: str | None = None):
+    """The gRPC server with message caps, the token check (when a token is set), the request interceptor,
+    EdgeService and health; not started, no port bound."""
     workers = settings.max_concurrency + EXTRA_THREADS
     options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second edge on a taken port must fail, not share it
     ]
+    interceptors = ([TokenInterceptor(token, metrics)] if token else []) + [RequestInterceptor(metrics)]
     # maximum_concurrent_rpcs: RPCs beyond the worker pool are refused (RESOURCE_EXHAUSTED), never queued
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-rpc"), options=options,
-                         interceptors=[RequestInterceptor(metrics)], maximum_concurrent_rpcs=workers)
+                         interceptors=interceptors, maximum_concurrent_rpcs=workers)
     kvwire_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
 
 
-async def serve(settings: EdgeSettings) -> int:
-    from transformers.utils import logging as hf_logging
-
+async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
     from edge_agent.http import create_app
     from edge_agent.service import EdgeServicer
-    from kvcodec.models import load_model  # torch and transformers load here, after the flags were checked
 
-    hf_logging.disable_progress_bar()
-    started = time.perf_counter()
-    loaded = load_model(settings.model, settings.dtype, settings.device)
+    warn_if_exposed(log, settings.auth_token_file, "auth_token_file", security.credentials is not None,
+                    "the gRPC port is plaintext (no tls_cert_file): the cloud's token")
+    loaded, seconds = load_daemon_model(settings)
     metrics = Metrics("edge")
     servicer = EdgeServicer(loaded, settings, metrics)
-    log_event(log, "model_loaded", model=loaded.source, seconds=round(time.perf_counter() - started, 2),
-              geometry=servicer.edge.geometry, profile=servicer.default_profile.name)
+    log_event(log, "model_loaded", model=loaded.source, seconds=seconds, geometry=servicer.edge.geometry,
+              profile=servicer.default_profile.name)
 
-    server, health_servicer = build_grpc_server(servicer, metrics, settings)
-    grpc_port = server.add_insecure_port(grpc_address(settings.host, settings.grpc_port))
+    server, health_servicer = build_grpc_server(servicer, metrics, settings, security.token)
+    address = grpc_address(settings.host, settings.grpc_port)
+    if security.credentials is None:
+        grpc_port = server.add_insecure_port(address)
+    else:
+        grpc_port = server.add_secure_port(address, security.credentials)
     http = HttpServer(create_app(servicer, metrics, loaded.source), settings.host, settings.http_port, settings.grace_seconds)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    stop = asyncio.Event()
-    install_stop_handlers(stop)
-    http_task = asyncio.create_task(http.serve())
-    await http.started(http_task)
-    log_event(log, "listening", host=settings.host, grpc_port=grpc_port, http_port=http.port)
-
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({stopper, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    await http.start()
+    log_event(log, "listening", host=settings.host, grpc_port=grpc_port, http_port=http.port,
+              grpc_tls=security.tls_mode, token=security.token is not None)
+    await http.until_stopped()
     log_event(log, "draining", grace_seconds=settings.grace_seconds)
     servicer.draining = True
     health_servicer.enter_graceful_shutdown()  # health checks answer NOT_SERVING from now on
     done = server.stop(settings.grace_seconds)  # refuses new RPCs; in-flight streams get the grace period
     await asyncio.to_thread(done.wait)
-    http.stop()
-    await http_task
-    stopper.cancel()
+    await http.shutdown()
     log_event(log, "stopped")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(EdgeSettings, argv, "edge-agent", DESCRIPTION)
-    setup_logging("edge-agent", settings.log_level)
-    apply_thread_limit(settings.threads)
-    try:
-        return asyncio.run(serve(settings))
-    except (KVWireError, OSError, RuntimeError) as exc:
-        log_event(log, "startup_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
-        return 1
+    return run_daemon("edge-agent", EdgeSettings, DESCRIPTION, argv, check_security, serve, log)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,33 @@ def test_corrupted_frame_is_502_and_counted_by_reason(tiny_loaded):
         server.stop(None)
 
 
+# --- request limits on an in-process cloud ----------------------------------------------------
+
+def test_body_size_chunked_bodies_and_max_new_tokens_are_refused_before_any_work(tiny_loaded):
+    from cloud_agent.app import create_app
+    from cloud_agent.service import AnswerService
+
+    metrics = Metrics("cloud")
+    edge = EdgeClient("127.0.0.1:1")  # never contacted: every request here is refused or in text mode
+    service = AnswerService(tiny_loaded, CloudSettings(max_body_bytes=2048, max_new_tokens=8), edge, metrics)
+    body = {"question": "Who?", "context": CONTEXT, "mode": "text"}
+    try:
+        with TestClient(create_app(service, metrics, 2048)) as http:
+            big = http.post("/answer", json={**body, "context": CONTEXT * 40})
+            assert big.status_code == 413 and "at most 2048 (--max-body-bytes)" in big.json()["detail"], big.text
+            chunked = http.post("/answer", content=iter([json.dumps(body).encode()]), headers={"content-type": "application/json"})
+            assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"], chunked.text
+            many = http.post("/answer", json={**body, "max_new_tokens": 9})
+            assert many.status_code == 422 and "limit of 8" in many.json()["detail"], many.text
+            assert http.post("/answer", json={**body, "max_new_tokens": 8}).status_code == 200
+        assert metrics.requests.labels("unknown", "too_long")._value.get() == 1
+        assert metrics.requests.labels("unknown", "invalid")._value.get() == 1
+        assert metrics.requests.labels("text", "invalid")._value.get() == 1
+    finally:
+        service.close()
+        edge.close()
+
+
 # --- deploy/ stays in step with the code -------------------------------------------------------
 
 def _exposed_metric_names() -> set[str]:
