@@ -298,3 +298,63 @@ def test_bad_security_settings_exit_2_with_one_clear_line(pki):
         assert expected in err and "Traceback" not in err, (module, values, err)
         prog = module.replace("_", "-")
         assert f"{prog}: error:" in err
+
+
+# --- the pieces, in-process --------------------------------------------------------------------
+
+@pytest.mark.parametrize("header, accepted", [
+    ("Bearer cloud-token-0123456789abcdef", True),
+    ("bearer  cloud-token-0123456789abcdef ", True),  # the scheme is case-insensitive (RFC 7235)
+    ("Bearer cloud-token-0123456789abcde", False),
+    ("Basic cloud-token-0123456789abcdef", False),
+    ("cloud-token-0123456789abcdef", False),
+    ("", False),
+    (None, False),
+])
+def test_bearer_header_parsing(header, accepted):
+    from agent_common.security import bearer_matches
+
+    assert bearer_matches(header, "cloud-token-0123456789abcdef") is accepted
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\n", "is empty"),
+    (b"two words-0123456789abcdef\n", "may hold only letters"),
+    (b"caf\xc3\xa9-0123456789abcdef", "may hold only letters"),
+])
+def test_token_files_are_checked(tmp_path, content, needle):
+    from agent_common.security import SecurityConfigError, read_token
+
+    path = tmp_path / "t.token"
+    path.write_bytes(content)
+    with pytest.raises(SecurityConfigError, match=needle):
+        read_token(str(path), "auth_token_file")
+
+
+def test_refusals_map_to_401_502_and_unauthenticated():
+    import grpc
+
+    from agent_common.errors import EdgeRefusedTokenError, UnauthenticatedError
+    from cloud_agent.errors import classify
+    from edge_agent.interceptor import status_of
+
+    assert classify(UnauthenticatedError("x")) == (401, "unauthenticated")
+    assert classify(EdgeRefusedTokenError("x")) == (502, "edge_unauthenticated")
+    assert status_of(UnauthenticatedError("x"))[:2] == (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+
+
+def test_start_up_warns_about_a_token_in_clear_or_readable_by_all(tmp_path, caplog):
+    import logging
+
+    from agent_common.daemon import warn_if_exposed
+
+    path = tmp_path / "t.token"
+    path.write_text("x" * 20)
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        warn_if_exposed(logging.getLogger("t"), str(path), "auth_token_file", False, "the gRPC port is plaintext")
+    assert [r.getMessage() for r in caplog.records] == ["token_in_clear", "token_file_readable"]
+    caplog.clear()
+    path.chmod(0o600)
+    warn_if_exposed(logging.getLogger("t"), str(path), "auth_token_file", True, "")
+    assert not caplog.records
