@@ -139,7 +139,7 @@ def test_edge_refusals_reach_the_client_as_domain_errors(edge_server):
     servicer, client, metrics = edge_server
     with pytest.raises(ConfigError, match="unknown selector 'nope'; known: q2c"):
         _drain(client, selector="nope")
-    with pytest.raises(ConfigError, match="unknown profile '/etc/passwd'; allowed: fp16"):
+    with pytest.raises(ConfigError, match="unknown profile '/etc/passwd'; allowed: .*fp16"):
         _drain(client, profile="/etc/passwd")  # requests never make the edge read a file
     with pytest.raises(ConfigError, match="edge streams modes kv and scout"):
         _drain(client, mode="text")
