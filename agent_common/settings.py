@@ -139,10 +139,17 @@ def load_settings(cls: type[AgentSettings], argv: list[str] | None, prog: str, d
         finally:
             _file_values.reset(token)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(e) for e in exc.errors())
         parser.exit(2, f"{prog}: error: invalid settings: {problems}\n")
     except ValueError as exc:
         parser.exit(2, f"{prog}: error: {exc}\n")
+
+
+def _problem(error: dict) -> str:
+    """One validation error as `field: message`; a check across fields (a cert without its key) is its message alone."""
+    where = ".".join(map(str, error["loc"]))
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" and "error" in error.get("ctx", {}) else error["msg"]
+    return f"{where}: {message}" if where else message
 
 
 def grpc_address(host: str, port: int) -> str:
