@@ -47,8 +47,12 @@ class RelayConfig:
     stall_max_ms: float = 0.0  # a stall lasts uniform(0, stall_max_ms)
     reset_after_bytes: int | None = None  # RST both sides once this many bytes were forwarded
     reset_direction: str = "both"  # which bytes count towards reset_after_bytes: up, down or both
+    silence_after_bytes: int | None = None  # then forward and read nothing more that way; the connection stays open
+    silence_direction: str = "down"
     flip_prob: float = 0.0  # chance per chunk of flipping one random bit in it
     flip_offset: int | None = None  # flip exactly one bit at this byte offset of the stream
+    flip_marker: bytes | None = None  # count flip_offset from the end of this byte string's flip_marker_count-th occurrence
+    flip_marker_count: int = 1
     flip_mask: int = 0x01  # the bit(s) flipped at flip_offset
     flip_direction: str = "down"
     faulty_connections: int | None = None  # resets and flips hit only the first N connections
@@ -69,8 +73,16 @@ class RelayConfig:
             raise ValueError(f"reset_after_bytes must be >= 0, got {self.reset_after_bytes}")
         if self.flip_offset is not None and self.flip_offset < 0:
             raise ValueError(f"flip_offset must be >= 0, got {self.flip_offset}")
+        if self.flip_marker is not None and not self.flip_marker:
+            raise ValueError("flip_marker must not be empty")
+        if self.flip_marker_count < 1:
+            raise ValueError(f"flip_marker_count must be >= 1, got {self.flip_marker_count}")
         if not 1 <= self.flip_mask <= 0xFF:
             raise ValueError(f"flip_mask must be a byte mask in [1, 255], got {self.flip_mask}")
+        if self.silence_after_bytes is not None and self.silence_after_bytes < 0:
+            raise ValueError(f"silence_after_bytes must be >= 0, got {self.silence_after_bytes}")
+        if self.silence_direction not in DIRECTIONS:
+            raise ValueError(f"silence_direction must be up or down, got {self.silence_direction!r}")
         if self.reset_direction not in (*DIRECTIONS, "both"):
             raise ValueError(f"reset_direction must be up, down or both, got {self.reset_direction!r}")
         if self.flip_direction not in DIRECTIONS:
@@ -135,6 +147,7 @@ class RelayStats:
     refused: int = 0  # over max_connections
     closed: int = 0
     resets: int = 0
+    silences: int = 0
     flips: int = 0
     stalls: int = 0
     stall_ms_total: float = 0.0
@@ -154,6 +167,10 @@ class _Conn:
     read_offset: dict = field(default_factory=lambda: {"up": 0, "down": 0})
     reset: bool = False
     close_reason: str = ""
+    silent: set = field(default_factory=set)  # directions that went silent (silence_after_bytes)
+    marker_tail: bytes = b""  # the last len(flip_marker) - 1 bytes read, for a marker split across chunks
+    markers_seen: int = 0
+    flip_at: int | None = None  # stream offset of the marker-relative flip, once the marker was seen
 
 
 def _rst(writer: asyncio.StreamWriter) -> None:
@@ -277,7 +294,7 @@ class Relay:
             return data
         start = conn.read_offset[direction]
         buf = None
-        k = self.cfg.flip_offset
+        k = self._marker_flip_offset(conn, start, data) if self.cfg.flip_marker else self.cfg.flip_offset
         if k is not None and start <= k < start + len(data):
             buf = bytearray(data)
             buf[k - start] ^= self.cfg.flip_mask
@@ -291,6 +308,22 @@ class Relay:
             self._log({"event": "flip", "conn": conn.cid, "direction": direction, "offset": start + i})
         return bytes(buf) if buf is not None else data
 
+    def _marker_flip_offset(self, conn: _Conn, start: int, data: bytes) -> int | None:
+        """The stream offset flip_offset bytes past the end of the flip_marker_count-th occurrence of
+        flip_marker, or None while it has not been read yet. Lets a test hit a byte inside an
+        application frame (e.g. a KVWire frame body) whatever protocol bytes precede it."""
+        cfg = self.cfg
+        if conn.flip_at is None:
+            window, base = conn.marker_tail + data, start - len(conn.marker_tail)
+            i = window.find(cfg.flip_marker)
+            while i >= 0 and conn.flip_at is None:
+                conn.markers_seen += 1
+                if conn.markers_seen == cfg.flip_marker_count:
+                    conn.flip_at = base + i + len(cfg.flip_marker) + (cfg.flip_offset or 0)
+                i = window.find(cfg.flip_marker, i + 1)
+            conn.marker_tail = window[max(0, len(window) - len(cfg.flip_marker) + 1):]
+        return conn.flip_at
+
     def _reset_budget(self, conn: _Conn, direction: str) -> int | None:
         """Bytes this direction may still forward before the reset, or None for no limit."""
         cfg = self.cfg
@@ -302,6 +335,22 @@ class Relay:
             return cfg.reset_after_bytes - conn.forwarded[direction]
         return None
 
+    def _silence_budget(self, conn: _Conn, direction: str) -> int | None:
+        """Bytes this direction may still forward before it goes silent, or None for no limit."""
+        cfg = self.cfg
+        if cfg.silence_after_bytes is None or not conn.faulty or direction != cfg.silence_direction:
+            return None
+        return cfg.silence_after_bytes - conn.forwarded[direction]
+
+    async def _go_silent(self, conn: _Conn, direction: str) -> None:
+        """Forward nothing more in this direction, as on a link that dropped everything, until the
+        connection ends some other way (a reset or close from either side, the idle timeout)."""
+        conn.silent.add(direction)
+        self.stats.silences += 1
+        self._log({"event": "silence", "conn": conn.cid, "direction": direction, "after": conn.forwarded[direction]})
+        while not conn.reset and not conn.client_w.is_closing() and not conn.target_w.is_closing():
+            await asyncio.sleep(0.05)
+
     async def _pipe(self, conn: _Conn, direction: str, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
         """Read chunks, stamp each with its due time, and let a writer send them in order when due."""
@@ -311,6 +360,8 @@ class Relay:
         async def read_side() -> None:
             try:
                 while True:
+                    if direction in conn.silent:  # leave the bytes unread: the sender's buffers fill and it blocks
+                        await asyncio.Event().wait()  # until the connection ends and this task is cancelled
                     data = await reader.read(READ_SIZE)
                     if not data:
                         break
@@ -354,11 +405,13 @@ class Relay:
                     return
                 budget = self._reset_budget(conn, direction)
                 if budget is not None and len(data) >= budget:
-                    if budget > 0:
-                        writer.write(data[:budget])
-                        self._count(conn, direction, budget)
-                        await writer.drain()
+                    await self._forward_head(conn, direction, writer, data, budget)
                     self._do_reset(conn)
+                    return
+                budget = self._silence_budget(conn, direction)
+                if budget is not None and len(data) >= budget:
+                    await self._forward_head(conn, direction, writer, data, budget)
+                    await self._go_silent(conn, direction)
                     return
                 writer.write(data)
                 self._count(conn, direction, len(data))  # before drain: the other direction sees it at once
@@ -369,6 +422,14 @@ class Relay:
                 w.close()
         finally:
             reader_task.cancel()
+
+    async def _forward_head(self, conn: _Conn, direction: str, writer: asyncio.StreamWriter, data: bytes,
+                            budget: int) -> None:
+        """Forward the first `budget` bytes of data: what a direction may still send before a fault."""
+        if budget > 0:
+            writer.write(data[:budget])
+            self._count(conn, direction, budget)
+            await writer.drain()
 
     def _count(self, conn: _Conn, direction: str, n: int) -> None:
         conn.forwarded[direction] += n
@@ -405,9 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-max-ms", type=float, default=0.0, help="longest stall")
     p.add_argument("--reset-after-bytes", type=int, default=None, help="RST a connection after this many bytes")
     p.add_argument("--reset-direction", choices=(*DIRECTIONS, "both"), default="both")
+    p.add_argument("--silence-after-bytes", type=int, default=None,
+                   help="forward and read nothing more in --silence-direction after this many bytes")
+    p.add_argument("--silence-direction", choices=DIRECTIONS, default="down")
     p.add_argument("--flip-prob", type=float, default=0.0, help="chance per chunk of flipping one bit")
     p.add_argument("--flip-offset", type=int, default=None, help="flip a bit at this stream offset")
     p.add_argument("--flip-mask", type=lambda s: int(s, 0), default=0x01)
+    p.add_argument("--flip-marker", type=lambda s: s.encode(), default=None,
+                   help="count --flip-offset from the end of this string's occurrence in the stream")
+    p.add_argument("--flip-marker-count", type=int, default=1, help="which occurrence of --flip-marker (1: the first)")
     p.add_argument("--flip-direction", choices=DIRECTIONS, default="down")
     p.add_argument("--faulty-connections", type=int, default=None, help="faults only on the first N connections")
     p.add_argument("--seed", type=int, default=None)
@@ -423,8 +490,10 @@ def config_from_args(argv: list[str] | None = None) -> RelayConfig:
     return RelayConfig(
         listen_host=a.listen[0], listen_port=a.listen[1], target_host=a.target[0], target_port=a.target[1],
         delay_ms=a.delay_ms, stall_prob=a.stall_prob, stall_max_ms=a.stall_max_ms,
-        reset_after_bytes=a.reset_after_bytes, reset_direction=a.reset_direction, flip_prob=a.flip_prob,
+        reset_after_bytes=a.reset_after_bytes, reset_direction=a.reset_direction,
+        silence_after_bytes=a.silence_after_bytes, silence_direction=a.silence_direction, flip_prob=a.flip_prob,
         flip_offset=a.flip_offset, flip_mask=a.flip_mask, flip_direction=a.flip_direction,
+        flip_marker=a.flip_marker, flip_marker_count=a.flip_marker_count,
         faulty_connections=a.faulty_connections, seed=a.seed, max_connections=a.max_connections,
         idle_timeout_s=a.idle_timeout_s, connect_timeout_s=a.connect_timeout_s, allow_remote=a.allow_remote)
 

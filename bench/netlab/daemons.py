@@ -15,7 +15,11 @@ the test process itself never talks to 10.77.0.x.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +111,10 @@ def start_cloud(lab: NetLab, model: str, edge_target: str, timeout: float = STAR
 
 def start_relay(lab: NetLab, target: str, timeout: float = 20.0, **opts) -> RelayProc:
     """bench.relay in the cloud namespace, listening on its loopback, forwarding to target across
-    the veth; opts are RelayConfig fields as --flags (delay_ms=50, reset_after_bytes=..., seed=...)."""
-    argv = [sys.executable, "-m", "bench.relay", "--listen", "127.0.0.1:0", "--target", target, *_flags(opts)]
+    the veth; opts are RelayConfig fields as --flags (delay_ms=50, reset_after_bytes=..., seed=...);
+    listen_port fixes the loopback port (default: a free one)."""
+    port = opts.pop("listen_port", 0)  # a fixed port lets a new relay replace a stopped one under a running cloud
+    argv = [sys.executable, "-m", "bench.relay", "--listen", f"127.0.0.1:{port}", "--target", target, *_flags(opts)]
     proc = lab.cloud.spawn(argv, name="relay")
     return RelayProc(proc, proc.wait_json("listening", timeout)["port"])
 
@@ -129,3 +135,56 @@ def http(lab: NetLab, method: str, url: str, body: dict | None = None, timeout: 
 def answer(lab: NetLab, cloud: Daemon, request: dict, timeout: float = 120.0) -> dict:
     """POST /answer to the cloud-agent from inside the cloud namespace."""
     return http(lab, "POST", cloud.http_url + "/answer", request, timeout)
+
+
+def kill(proc: Proc, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+    """Send sig to a spawned process's group (SIGKILL by default: a crash, no drain) and reap it;
+    returns its exit code (-9 after SIGKILL)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        return proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def parse_metrics(text: str) -> dict[tuple, float]:
+    """{(sample name, sorted (label, value) pairs): value} of a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metrics(lab: NetLab, daemon: Daemon, timeout: float = 30.0) -> dict[tuple, float]:
+    """A daemon's /metrics, fetched from inside the cloud namespace (which reaches the cloud-agent on
+    its loopback and the edge-agent across the veth), parsed by parse_metrics."""
+    res = http(lab, "GET", daemon.http_url + "/metrics", timeout=timeout)
+    if res["status"] != 200:
+        raise RuntimeError(f"{daemon.proc.name} /metrics: {res}")
+    return parse_metrics(res["body"])
+
+
+def metric_sum(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    """Sum of the samples called name whose labels include labels (all of them when none are given)."""
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in samples.items() if n == name and want <= set(lbl))
+
+
+def wait_ready(lab: NetLab, daemon: Daemon, timeout: float = 20.0) -> float:
+    """Poll GET /readyz from the cloud namespace until it answers 200; the seconds it took.
+    TimeoutError with the last answer when it does not come in time."""
+    started = time.monotonic()
+    while True:
+        res = http(lab, "GET", daemon.http_url + "/readyz", timeout=5)
+        if res["status"] == 200:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{daemon.proc.name} not ready after {timeout}s: {res}")
+        time.sleep(0.2)
