@@ -94,11 +94,22 @@ def clean(hosts) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def fast_link(lab):
-    """Every test starts and ends on the normal rate (the kill tests slow the link down)."""
-    lab.shape(RATE)
+def no_leaked_state(request):
+    """Around every test on the daemons: start on the normal rate (the kill tests slow the link
+    down), and afterwards find no request left in flight on either daemon (a stream the cloud gave
+    up on may take the edge a moment to notice)."""
+    if "hosts" not in request.fixturenames:
+        yield  # the relay's own tests run on loopback, without a lab
+        return
+    hosts = request.getfixturevalue("hosts")
+    hosts.lab.shape(RATE)
     yield
-    lab.shape(RATE)
+    hosts.lab.shape(RATE)
+    deadline = time.monotonic() + 5
+    for daemon in (hosts.edge, hosts.cloud):
+        while (inflight := metrics(hosts.lab, daemon)[("kvwire_inflight_requests", ())]) != 0:
+            assert time.monotonic() < deadline, f"{daemon.proc.name}: {inflight:.0f} requests still in flight"
+            time.sleep(0.1)
 
 
 def relay_events(relay: RelayProc, event: str) -> list[dict]:
@@ -194,13 +205,13 @@ def test_a_bit_flipped_in_a_chunk_frame_is_rejected_by_its_checksum(hosts, clean
 def test_random_bit_flips_give_the_clean_answer_or_a_clean_error(hosts, clean):
     relay = hosts.use_relay(flip_prob=0.02, seed=11)
     before = metrics(hosts.lab, hosts.cloud)
-    results = [hosts.ask() for _ in range(12)]
+    results = [hosts.ask(deadline_ms=10_000) for _ in range(12)]  # a flip that leaves gRPC waiting ends at 10 s
     after = metrics(hosts.lab, hosts.cloud)
     for res in results:
         if res["status"] == 200:
             assert_same_answer(res, clean["kv"])  # never a different answer
         else:
-            assert_clean_error(res, REMOTE_ERRORS)
+            assert_clean_error(res, {504: {"deadline"}, **REMOTE_ERRORS})
     rejected = sum(1 for r in results if r["status"] == 502 and r["body"]["error"] == "frame_error")
     # each rejected stream is counted once, under the reason its message names
     assert metric_sum(after, "kvwire_frames_rejected_total") - metric_sum(before, "kvwire_frames_rejected_total") == rejected
@@ -330,7 +341,7 @@ def test_edge_killed_mid_stream_is_503_and_the_cloud_recovers_when_it_returns(ho
     res, after_kill = _kill_edge_mid_stream(hosts)
     assert_clean_error(res, {503: {"edge_unavailable"}})
     assert "mode=text" in res["body"]["detail"]  # the message says what still works
-    assert after_kill < 5 and res["seconds"] < 30
+    assert after_kill < 8 and res["seconds"] < 30  # at most the bytes already on their way drain first
     cloud = metrics(hosts.lab, hosts.cloud)
     assert metric_sum(cloud, "kvwire_requests_total", mode="kv", outcome="edge_unavailable") \
         - metric_sum(before, "kvwire_requests_total", mode="kv", outcome="edge_unavailable") == 1
@@ -347,7 +358,7 @@ def test_edge_killed_mid_stream_with_fallback_text_answers_in_text_mode(hosts, c
     body = res["body"]
     assert body["fallback"] == "text" and body["fallback_reason"] and body["mode"] == "text", body
     assert body["answer"] == clean["text"]["answer"] and body["bytes_on_wire"] == 0
-    assert after_kill < 5
+    assert after_kill < 8
     _restart_edge_and_recover(hosts, clean)
 
 
@@ -391,8 +402,3 @@ def test_cloud_killed_mid_stream_leaves_nothing_in_flight_and_a_new_cloud_answer
     "never left the edge host"))
 def test_cloud_killed_mid_stream_is_recorded_as_cancelled_by_the_edge(cloud_killed):
     assert cloud_killed["edge_outcomes"] == {"ok": 0, "cancelled": 1}
-
-
-def test_no_request_is_left_in_flight_after_the_faults(hosts):
-    for daemon in (hosts.edge, hosts.cloud):
-        assert metrics(hosts.lab, daemon)[("kvwire_inflight_requests", ())] == 0, daemon.proc.name
