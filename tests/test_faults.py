@@ -398,7 +398,7 @@ def test_cloud_killed_mid_stream_leaves_nothing_in_flight_and_a_new_cloud_answer
 @pytest.mark.xfail(strict=True, reason=(
     "the edge counts a stream ok once gRPC has accepted every frame into its send buffers, which happens "
     "within milliseconds whatever the link does (no flow-control backpressure reaches the Prefill generator): "
-    "a cloud that dies mid-transfer is never seen as a cancel, and kvwire_bytes_sent_total counts bytes that "
-    "never left the edge host"))
+    "a cloud that dies mid-transfer is never seen as a cancel, and kvwire_bytes_sent_total counts bytes the "
+    "cloud never received"))
 def test_cloud_killed_mid_stream_is_recorded_as_cancelled_by_the_edge(cloud_killed):
     assert cloud_killed["edge_outcomes"] == {"ok": 0, "cancelled": 1}
