@@ -166,8 +166,8 @@ def build_context(tokenizer, tokens: int) -> tuple[str, str, dict]:
 # ---- one run ---------------------------------------------------------------------------------
 
 def _request(cfg: LinkConfig, mode: str, context: str, question: str) -> dict:
-    # the edge stream's deadline is the request's own timeout, so the cloud never cuts a slow stream
-    # short (an anytime answer would make a slow link look fast)
+    # the request's deadline is its own timeout, so the cloud does not cut a slow stream short (an
+    # anytime answer would make a slow link look fast); a row whose stream was cut anyway says so
     return {"question": question, "context": context, "max_new_tokens": cfg.max_new_tokens,
             "deadline_ms": int(cfg.timeout_s * 1000), **MODES[mode]}
 
@@ -190,7 +190,8 @@ def measure(res: dict) -> dict:
     return {"total_s": total, "ttft_s": ttft, "ttft_minus_edge_prefill_s": ttft - t["edge_prefill"] / 1000,
             "bytes": body["bytes_on_wire"], "context_tokens": body["context_tokens"],
             "prompt_tokens": body["prompt_tokens"], "kept_positions": body["kept_positions"],
-            "answer": body["answer"], "timings_ms": t}
+            "answer": body["answer"], "timings_ms": t,
+            "complete": body.get("complete", True)}  # false: a deadline cut the stream (newer cloud-agents say so)
 
 
 def _ask(lab, cloud, cfg: LinkConfig, request: dict) -> dict:
@@ -217,6 +218,7 @@ def summarize(bandwidth: str, tokens: int, mode: str, samples: list[dict], cfg: 
             "ttft_minus_edge_prefill_s": round(statistics.median(s["ttft_minus_edge_prefill_s"] for s in ok), 4),
             "context_tokens": first["context_tokens"], "prompt_tokens": first["prompt_tokens"],
             "kept_positions": first["kept_positions"], "answer": first["answer"],
+            "complete": all(s["complete"] for s in ok),
             "timings_ms": {k: round(statistics.median(s["timings_ms"][k] for s in ok), 1) for k in stages},
             "errors": [s["error"] for s in samples if "error" in s]}
 
@@ -293,7 +295,8 @@ def format_rows(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['bandwidth']} | {r['tokens']} | {r['mode']} | error: {r['error'][:80]} | | | | | |")
             continue
-        lines.append(f"| {r['bandwidth']} | {r['tokens']} | {r['mode']} | {r['bytes'] / 1e6:.3f} | {r['ttft_s']:.2f} | "
+        mode = r["mode"] if r.get("complete", True) else f"{r['mode']} (stream cut)"
+        lines.append(f"| {r['bandwidth']} | {r['tokens']} | {mode} | {r['bytes'] / 1e6:.3f} | {r['ttft_s']:.2f} | "
                      f"{r['total_s']:.2f} | {_f(r['ttft_vs_text'], '.2f')} | {_f(r['total_vs_text'], '.2f')} | "
                      f"{_f(r['ttft_minus_edge_prefill_vs_text'], '.2f')} |")
     return "\n".join(lines)
