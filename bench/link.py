@@ -26,7 +26,6 @@ from __future__ import annotations
 import re
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
