@@ -8,11 +8,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from agent_common.errors import OverloadedError, ServiceError, ShuttingDownError
+from agent_common.errors import (
+    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeUnavailableError, OverloadedError, ServiceError, ShuttingDownError,
+)
 from agent_common.logs import log_event
 from agent_common.metrics import Metrics
 from cloud_agent.api import AnswerRequest, AnswerResponse, TimingsMs
-from cloud_agent.errors import classify
+from cloud_agent.errors import classify, message_of
 from cloud_agent.settings import CloudSettings
 from edge_agent.client import EdgeClient
 from edge_agent.messages import PrefillRequest
@@ -22,11 +24,61 @@ from kvcodec.pipeline import Answer, Cloud, Timings
 from kvcodec.profiles import profile_names
 from kvcodec.prompt import build_prompt, model_window
 from kvcodec.selectors import get_selector
-from kvcodec.stream import DecodedKV
+from kvcodec.stream import DecodedKV, StreamDecoder
 from kvcodec.wire import FRAME_TYPES
 
 log = logging.getLogger("cloud_agent")
 EDGE_COMPUTE_STAGES = ("prefill", "select", "encode")
+# the edge stream's failures a request with fallback "text" survives; a wrong request (ConfigError,
+# PromptTooLongError) or a model that cannot use the stream (GeometryMismatchError) is still the caller's to fix
+FALLBACK_ERRORS = (EdgeUnavailableError, EdgeBusyError, EdgeFailedError, FrameError, DeadlineExceededError)
+
+
+class ReserveEstimator:
+    """How long this cloud needs, once the edge stream is cut, to inject the KV and generate the answer.
+
+    reserve = FACTOR x (step_s x (max_new_tokens + 1) + position_s[mode] x positions) + MARGIN_S, where
+    step_s is an EWMA of the seconds per generation step (one forward pass of one token) and
+    position_s[mode] an EWMA of the seconds per prompt position of the work between the stream and
+    the first step (kv: building the cache; scout and text: the cloud's own prefill plus pruning).
+    Every answer, in any mode, updates them. Before the first measurement the priors assume a slow
+    host (a 7B model on a CPU), so a fresh cloud keeps too much time rather than too little.
+    `fixed_ms` (--deadline-reserve-ms) replaces the estimate for cutting kv/scout streams.
+    """
+
+    ALPHA = 0.3  # EWMA weight of the newest measurement: follows a load change within a few requests
+    PRIOR_STEP_S = 0.1
+    PRIOR_POSITION_S = {"kv": 2e-4, "scout": 2e-3, "text": 2e-3}
+    FACTOR = 1.5  # answers vary in length and the host in load: keep half as much again
+    MARGIN_S = 0.05  # the HTTP reply and the scheduling around the forward passes
+
+    def __init__(self, fixed_ms: int | None = None):
+        self.fixed_s = None if fixed_ms is None else fixed_ms / 1000
+        self.step_s: float | None = None
+        self.position_s: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.ALPHA) * old + self.ALPHA * new
+
+    def observe(self, mode: str, positions: int, setup_s: float, steps: int, generate_s: float) -> None:
+        """Record one answer: `setup_s` for `positions` prompt positions, `generate_s` for `steps` forward steps."""
+        with self._lock:
+            if steps > 0:
+                self.step_s = self._ewma(self.step_s, generate_s / steps)
+            if positions > 0:
+                self.position_s[mode] = self._ewma(self.position_s.get(mode), setup_s / positions)
+
+    def estimate(self, mode: str, positions: int, max_new_tokens: int) -> float:
+        """Seconds to keep free before the deadline for a `mode` answer over `positions` prompt positions."""
+        with self._lock:
+            step = self.step_s if self.step_s is not None else self.PRIOR_STEP_S
+            per_position = self.position_s.get(mode, self.PRIOR_POSITION_S[mode])
+        return self.FACTOR * (step * (max_new_tokens + 1) + per_position * positions) + self.MARGIN_S
+
+    def cut_reserve(self, mode: str, positions: int, max_new_tokens: int) -> float:
+        """The reserve a kv/scout stream is cut with: the configured one, else the estimate."""
+        return self.fixed_s if self.fixed_s is not None else self.estimate(mode, positions, max_new_tokens)
 
 
 class AnswerService:
@@ -40,6 +92,7 @@ class AnswerService:
     def __init__(self, loaded: LoadedModel, settings: CloudSettings, edge: EdgeClient, metrics: Metrics):
         self.loaded, self.settings, self.edge, self.metrics = loaded, settings, edge, metrics
         self.cloud = Cloud(loaded)
+        self.reserve = ReserveEstimator(settings.deadline_reserve_ms)
         self.inflight = 0
         self.draining = False
         self._model_lock = threading.Lock()
@@ -49,6 +102,7 @@ class AnswerService:
         self._pool.shutdown(wait=True)
 
     async def answer(self, req: AnswerRequest, request_id: str) -> AnswerResponse:
+        arrived = time.monotonic()  # deadline_ms counts from here
         outcome = "error"
         try:
             if self.draining:
@@ -60,7 +114,7 @@ class AnswerService:
             try:
                 ctx = contextvars.copy_context()  # the request id travels into the worker thread's logs
                 loop = asyncio.get_running_loop()
-                response = await loop.run_in_executor(self._pool, ctx.run, self._answer, req, request_id)
+                response = await loop.run_in_executor(self._pool, ctx.run, self._answer, req, request_id, arrived)
             finally:
                 self.inflight -= 1
                 self.metrics.inflight.dec()
@@ -100,38 +154,88 @@ class AnswerService:
                                      f"{self.settings.max_context_tokens} (--max-context-tokens)")
         return len(build_prompt(tokenizer, req.context, req.question, max_len=model_window(self.loaded.model)))
 
-    def _answer(self, req: AnswerRequest, request_id: str) -> AnswerResponse:
-        started = time.perf_counter()
+    def _answer(self, req: AnswerRequest, request_id: str, arrived: float) -> AnswerResponse:
+        deadline_at = arrived + (req.deadline_ms or self.settings.default_deadline_ms) / 1000
         timings = Timings()
-        self.validate(req)
+        prompt_len = self.validate(req)
         edge_ms: dict[str, float] = {}
+        fallback_reason = None
         if req.mode == "text":
-            with self._model_lock:
-                ans = self.cloud.answer_text(req.context, req.question, req.max_new_tokens, timings)
+            ans = self._answer_text(req, timings)
         else:
-            decoded, edge_ms = self._receive(req, request_id, timings)
-            answer_fn = self.cloud.answer_kv if req.mode == "kv" else self.cloud.answer_scout
-            with self._model_lock:
-                ans = answer_fn(decoded, req.max_new_tokens, timings)
-            self.metrics.wire_ratio.labels(req.mode).observe(ans.wire_ratio)
-        timings.add("total", time.perf_counter() - started)
-        self.metrics.observe_stages(req.mode, timings.values)
-        response = self._response(req, request_id, ans, timings, edge_ms)
-        log_event(log, "answer", mode=req.mode, bytes_on_wire=ans.bytes_on_wire, wire_ratio=round(ans.wire_ratio, 5),
+            try:
+                decoded, edge_ms = self._receive(req, request_id, timings, prompt_len, deadline_at)
+            except FALLBACK_ERRORS as exc:
+                fallback_reason = self._fall_back_or_raise(req, exc, prompt_len, deadline_at)  # re-raises without a fallback
+                timings = Timings()  # the failed stream's stages are not this answer's
+                ans = self._answer_text(req, timings)
+            else:
+                answer_fn = self.cloud.answer_kv if req.mode == "kv" else self.cloud.answer_scout
+                with self._model_lock:
+                    ans = answer_fn(decoded, req.max_new_tokens, timings)
+                self.metrics.wire_ratio.labels(req.mode).observe(ans.wire_ratio)
+                self.metrics.retention_achieved.labels(req.mode).observe(ans.retention_achieved)
+                if not ans.complete:
+                    self.metrics.partial_answers.labels(req.mode).inc()
+        timings.add("total", time.monotonic() - arrived)
+        self._observe_speed(ans, timings)
+        self.metrics.observe_stages(ans.mode, timings.values)
+        response = self._response(ans, request_id, timings, edge_ms, fallback_reason)
+        log_event(log, "answer", mode=ans.mode, bytes_on_wire=ans.bytes_on_wire, wire_ratio=round(ans.wire_ratio, 5),
                   kept_positions=ans.kept_positions, context_tokens=ans.context_tokens, answer_tokens=len(ans.tokens),
+                  complete=ans.complete, retention_achieved=response.retention_achieved, fallback=response.fallback,
                   timings_ms=response.timings_ms.model_dump())
         return response
 
-    def _receive(self, req: AnswerRequest, request_id: str, timings: Timings) -> tuple[DecodedKV, dict[str, float]]:
-        """Stream the edge's frames into a decoder; refuse an incompatible header before any KV is decoded."""
-        deadline_s = (req.deadline_ms or self.settings.default_deadline_ms) / 1000
+    def _answer_text(self, req: AnswerRequest, timings: Timings) -> Answer:
+        with self._model_lock:
+            return self.cloud.answer_text(req.context, req.question, req.max_new_tokens, timings)
+
+    def _fall_back_or_raise(self, req: AnswerRequest, exc: Exception, prompt_len: int, deadline_at: float) -> str:
+        """Why a failed kv/scout request is answered in text mode; re-raises `exc` when it may not be:
+        the request did not ask for a fallback, or the text answer would not fit before the deadline."""
+        outcome = classify(exc)[1]
+        if req.fallback != "text":
+            raise exc
+        need = self.reserve.estimate("text", prompt_len, req.max_new_tokens)
+        left = deadline_at - time.monotonic()
+        if need > left:
+            log_event(log, "fallback_refused", logging.WARNING, mode=req.mode, reason=outcome,
+                      needed_ms=round(need * 1000), left_ms=round(left * 1000))
+            raise exc
+        self.metrics.fallbacks.labels(req.mode, outcome).inc()
+        log_event(log, "fallback", logging.WARNING, mode=req.mode, reason=outcome, detail=str(exc))
+        return f"{outcome}: {message_of(exc)}"
+
+    def _observe_speed(self, ans: Answer, timings: Timings) -> None:
+        """Feed this answer's own speed to the reserve estimate (docs/anytime.md)."""
+        values = timings.values
+        positions = ans.kept_positions if ans.mode == "kv" else ans.prompt_len
+        self.reserve.observe(ans.mode, positions, values.get("inject", 0.0) + values.get("prefill", 0.0),
+                             ans.generation.steps, ans.generation.total_s)
+
+    def _receive(self, req: AnswerRequest, request_id: str, timings: Timings, prompt_len: int,
+                 deadline_at: float) -> tuple[DecodedKV, dict[str, float]]:
+        """Stream the edge's frames into a decoder until the trailer or the cut (deadline - reserve);
+        refuse an incompatible header before any KV is decoded. A cut stream yields the positions that
+        arrived when the template and question positions did (DeadlineExceededError otherwise)."""
+        positions = prompt_len - 1 if req.mode == "kv" else prompt_len
+        reserve_s = self.reserve.cut_reserve(req.mode, positions, req.max_new_tokens)
+        budget_s = deadline_at - reserve_s - time.monotonic()
+        if budget_s <= 0:
+            raise DeadlineExceededError(
+                f"deadline_ms={req.deadline_ms or self.settings.default_deadline_ms} leaves no time for the edge stream: "
+                f"this cloud keeps {reserve_s * 1000:.0f} ms before the deadline to inject and generate "
+                f"{req.max_new_tokens} tokens (docs/anytime.md); raise deadline_ms or lower max_new_tokens")
         request = PrefillRequest(request_id=request_id, mode=req.mode, context=req.context, question=req.question,
                                  selector=req.selector, retention=req.retention, profile=req.profile or "")
         decoder = self.cloud.decoder()
         edge_ms: dict[str, float] = {}
         decode_s = 0.0
         started = time.perf_counter()
-        stream = self.edge.prefill(request, timeout_s=deadline_s)
+        cut = False
+        # the call's own deadline is the cut: gRPC stops the blocked read then and cancels the edge's stream
+        stream = self.edge.prefill(request, timeout_s=budget_s)
         try:
             for msg in stream:
                 if msg.frame is None:
@@ -151,10 +255,12 @@ class AnswerService:
                 finally:
                     self.metrics.bytes.labels(req.mode, kind).inc(len(msg.frame))  # every byte read off the wire
                     decode_s += time.perf_counter() - t
+        except DeadlineExceededError:
+            cut = True
         finally:
             stream.close()  # cancels the edge's stream if we stopped early
         try:
-            decoded = decoder.result()
+            decoded = self._partial(decoder, req, reserve_s) if cut else decoder.result()
         except FrameError as exc:
             self.metrics.frames_rejected.labels(exc.reason).inc()
             raise
@@ -163,12 +269,29 @@ class AnswerService:
         timings.add("transfer", max(0.0, time.perf_counter() - started - decode_s - edge_compute))
         return decoded, edge_ms
 
-    def _response(self, req: AnswerRequest, request_id: str, ans: Answer, timings: Timings, edge_ms: dict) -> AnswerResponse:
+    def _partial(self, decoder: StreamDecoder, req: AnswerRequest, reserve_s: float) -> DecodedKV:
+        """What a cut stream left usable: the verified positions, if the header and every template and
+        question position arrived; DeadlineExceededError otherwise."""
+        deadline_ms = req.deadline_ms or self.settings.default_deadline_ms
+        cut = f"the edge stream was cut {reserve_s * 1000:.0f} ms before the deadline of {deadline_ms} ms (time kept to answer)"
+        if decoder.header is None:
+            raise DeadlineExceededError(f"{cut}, before the edge sent its header: nothing to answer from")
+        decoded = decoder.partial()  # a stream that failed verification raised before this: never answered from
+        if decoded.missing_fixed:
+            raise DeadlineExceededError(f"{cut}, before {decoded.missing_fixed} template/question positions arrived: "
+                                        "nothing to answer from")
+        log_event(log, "stream_cut", mode=req.mode, reserve_ms=round(reserve_s * 1000), frames=decoded.frames,
+                  kept_positions=len(decoded.positions), announced_positions=len(decoded.header.kept), complete=decoded.complete)
+        return decoded
+
+    def _response(self, ans: Answer, request_id: str, timings: Timings, edge_ms: dict,
+                  fallback_reason: str | None) -> AnswerResponse:
         ms = timings.ms()
         return AnswerResponse(
-            answer=ans.text, mode=req.mode, bytes_on_wire=ans.bytes_on_wire, wire_ratio=round(ans.wire_ratio, 6),
+            answer=ans.text, mode=ans.mode, bytes_on_wire=ans.bytes_on_wire, wire_ratio=round(ans.wire_ratio, 6),
             kept_positions=ans.kept_positions, context_tokens=ans.context_tokens, prompt_tokens=ans.prompt_len,
-            request_id=request_id,
+            request_id=request_id, complete=ans.complete, retention_achieved=round(ans.retention_achieved, 6),
+            fallback="text" if fallback_reason else None, fallback_reason=fallback_reason,
             timings_ms=TimingsMs(
                 edge_prefill=edge_ms.get("prefill", 0.0), select=edge_ms.get("select", 0.0), encode=edge_ms.get("encode", 0.0),
                 **{k: ms.get(k, 0.0) for k in ("transfer", "decode", "inject", "prefill", "first_token", "generate", "total")},

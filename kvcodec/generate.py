@@ -13,6 +13,7 @@ class Generation:
     first_logits: torch.Tensor  # logits of the first generated token ([vocab], fp32)
     first_token_s: float
     total_s: float
+    steps: int = 0  # forward passes run (the stop token's included): what total_s paid for
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -34,8 +35,9 @@ def greedy(model, cache, first_token: int, position: int, max_new_tokens: int, s
     """
     started = time.perf_counter()
     device = next(model.parameters()).device
-    token, tokens, first_logits, first_s = first_token, [], None, 0.0
+    token, tokens, first_logits, first_s, steps = first_token, [], None, 0.0, 0
     for step in range(max_new_tokens):
+        steps += 1
         out = model(
             input_ids=torch.tensor([[token]], device=device),
             position_ids=torch.tensor([[position + step]], device=device),
@@ -49,4 +51,4 @@ def greedy(model, cache, first_token: int, position: int, max_new_tokens: int, s
         if token in stop:
             break
         tokens.append(token)
-    return Generation(tokens, first_logits, first_s, time.perf_counter() - started)
+    return Generation(tokens, first_logits, first_s, time.perf_counter() - started, steps)

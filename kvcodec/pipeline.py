@@ -19,7 +19,7 @@ from kvcodec.models import LoadedModel
 from kvcodec.prefill import prefill
 from kvcodec.profiles import get_profile
 from kvcodec.prompt import Prompt, build_prompt, model_window
-from kvcodec.selectors import check_retention_and_name, full_selection, get_selector
+from kvcodec.selectors import check_retention_and_name, get_selector
 from kvcodec.stream import DEFAULT_CHUNK_BYTES, DecodedKV, StreamDecoder, StreamEncoder, StreamHeader
 
 MODES = ("kv", "scout", "text")
@@ -121,7 +121,8 @@ class Edge:
         prompt = self.prompt(req)
         selector = get_selector(req.selector)
         t = time.perf_counter()
-        rows = None if req.retention >= 1.0 else selector.query_rows(prompt)
+        # scored even at retention 1.0: the score decides the order chunks are sent in (anytime streaming)
+        rows = selector.query_rows(prompt)
         hit = memo.get(prompt, rows) if memo is not None else None
         if hit is None:
             pre = prefill(self.loaded.model, prompt, rows)
@@ -134,7 +135,7 @@ class Edge:
         t = time.perf_counter()
         # a memo entry may carry attention captured for other rows: a selector that asked for none gets none
         attention = pre.attention if rows is not None else None
-        sel = full_selection(prompt) if req.retention >= 1.0 else selector.select(prompt, attention, req.retention)
+        sel = selector.select(prompt, attention, req.retention)
         timings.add("select", time.perf_counter() - t)
         header = StreamHeader(
             mode=req.mode, prompt_ids=list(prompt.ids), context_span=(prompt.context_start, prompt.context_end),
@@ -166,7 +167,14 @@ class Answer:
     bytes_on_wire: int
     wire_ratio: float
     generation: Generation
-    complete: bool = True
+    complete: bool = True  # False: an anytime answer from the positions that arrived before a cut
+    context_kept: int = 0  # context positions the answer attended to
+
+    @property
+    def retention_achieved(self) -> float:
+        """Context positions used / context tokens (1.0 in text mode; below the request's retention
+        when a deadline cut the stream)."""
+        return self.context_kept / self.context_tokens if self.context_tokens else 1.0
 
 
 class Cloud:
@@ -211,12 +219,17 @@ class Cloud:
             timings.add("first_token", gen.first_token_s)
             timings.add("generate", gen.total_s)
         wire = decoded.wire_bytes if decoded is not None else 0
-        kept = len(decoded.positions) if decoded is not None else header.prompt_len - 1
+        start, end = header.context_span
+        if decoded is None:
+            kept, context_kept = header.prompt_len - 1, end - start
+        else:
+            kept = len(decoded.positions)
+            context_kept = int(((decoded.positions >= start) & (decoded.positions < end)).sum())
         return Answer(
             text=self.loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(), tokens=gen.tokens, mode=mode,
-            prompt_len=header.prompt_len, context_tokens=header.context_span[1] - header.context_span[0], kept_positions=kept,
+            prompt_len=header.prompt_len, context_tokens=end - start, kept_positions=kept,
             bytes_on_wire=wire, wire_ratio=wire / fp16_kv_bytes(self.geometry, header.prompt_len),
-            generation=gen, complete=decoded.complete if decoded is not None else True,
+            generation=gen, complete=decoded.complete if decoded is not None else True, context_kept=context_kept,
         )
 
     def answer_kv(self, decoded: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:

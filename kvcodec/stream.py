@@ -197,6 +197,14 @@ class DecodedKV:
     wire_bytes: int
     frames: int
 
+    @property
+    def missing_fixed(self) -> int:
+        """Template and question positions of the header that have not arrived: an anytime answer from
+        a partial stream needs them all (selection never drops them, so the edge sends them first)."""
+        start, end = self.header.context_span
+        fixed = sum(1 for p in self.header.kept if not start <= p < end)
+        return fixed - int(((self.positions < start) | (self.positions >= end)).sum())
+
 
 class StreamDecoder:
     """Verify and decode one stream frame by frame.

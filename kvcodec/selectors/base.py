@@ -75,10 +75,12 @@ class Selector:
 
 
 def full_selection(prompt: Prompt) -> Selection:
-    """Keep every streamed position (retention 1.0, no scoring needed)."""
+    """Keep every streamed position without scoring: template and question first, then the context in
+    prompt order (the edge daemon scores even at retention 1.0, so its chunks arrive by importance)."""
     kept = torch.arange(prompt.stream_len)
     n = prompt.context_len
-    return Selection(kept=kept, order=kept, scores=torch.zeros(n), context_kept=n, context_len=n)
+    order = torch.cat([prompt.fixed_positions(), torch.arange(prompt.context_start, prompt.context_end)])
+    return Selection(kept=kept, order=order, scores=torch.zeros(n), context_kept=n, context_len=n)
 
 
 def check_retention_and_name(selector: str, retention: float) -> None:

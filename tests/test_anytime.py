@@ -1,0 +1,359 @@
+"""Importance-ordered anytime streaming (docs/anytime.md): chunk order, answers from a cut stream,
+deadline_ms as the whole request's deadline, fallback "text", and the metrics that count them.
+
+The in-process tests run the real AnswerService against a real gRPC edge that paces its frames
+(SlowEdge), so cut times are deterministic; the daemon tests run both agents as subprocesses with
+bench.relay stalling the link.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+import torch
+
+from agent_common.errors import DeadlineExceededError
+from agent_common.metrics import Metrics
+from cloud_agent.api import AnswerRequest
+from cloud_agent.service import AnswerService, ReserveEstimator
+from cloud_agent.settings import CloudSettings
+from edge_agent.client import EdgeClient
+from edge_agent.messages import PrefillReply, PrefillRequest
+from kvcodec.errors import FrameError
+from kvcodec.pipeline import Cloud, Edge, EdgeRequest
+from kvcodec.prefill import prefill
+from kvcodec.profiles import get_profile
+from kvcodec.selectors import get_selector, selector_names
+from kvcodec.stream import StreamDecoder, StreamEncoder, StreamHeader
+from kvcodec.wire import CHUNK, parse_frame
+from proto import kvwire_pb2_grpc
+from test_daemons import CONTEXT as DAEMON_CONTEXT, QUESTION as DAEMON_QUESTION, REPO, _start, metric_samples, ok, total
+
+CONTEXT = ("The Normans gave their name to Normandy, a region in France. They were descended from Norse raiders "
+           "from Denmark, Iceland and Norway. Their leader was Rollo. The Eiffel Tower is in Paris. It was built in 1889.")
+QUESTION = "Who was the leader of the Norse raiders?"
+SLACK_S = 0.5  # how late past its deadline an answer may land on a loaded 2-core test host
+
+
+def chunk_positions(frames: list[bytes]) -> list[list[int]]:
+    """The positions each chunk frame carries, in the order the frames were sent."""
+    dec, seen, out = StreamDecoder(), set(), []
+    for frame in frames[:-1]:  # without the trailer: partial() shows what each chunk added
+        dec.feed(frame)
+        if parse_frame(frame).kind == CHUNK:
+            now = set(dec.partial().positions.tolist())
+            out.append(sorted(now - seen))
+            seen = now
+    return out
+
+
+# --- order and correctness of partial streams (no daemons) ---------------------------------------
+
+@pytest.mark.parametrize("name", selector_names())
+@pytest.mark.parametrize("retention", [0.5, 1.0])
+def test_chunks_send_template_and_question_first_then_context_by_descending_score(tiny_loaded, name, retention):
+    edge = Edge(tiny_loaded)
+    req = EdgeRequest(CONTEXT, QUESTION, "kv", name, retention, "int8", chunk_bytes=600)
+    chunks = chunk_positions(list(edge.stream(req)))
+    assert len(chunks) > 4
+    prompt = edge.prompt(req)
+    selector = get_selector(name)
+    scores = selector.score(prompt, prefill(tiny_loaded.model, prompt, selector.query_rows(prompt)).attention).float()
+    start, end = prompt.context_start, prompt.context_end
+    # template/question positions outrank every context position; context positions rank by score
+    priority = [[math.inf if not start <= p < end else float(scores[p - start]) for p in chunk] for chunk in chunks]
+    for i, (earlier, later) in enumerate(zip(priority, priority[1:])):
+        assert min(earlier) >= max(later), f"chunk {i + 1} carries a position that outranks one of chunk {i}"
+    sent = [p for chunk in chunks for p in chunk]
+    assert len(sent) == len(set(sent))
+    assert set(prompt.fixed_positions().tolist()) <= set(sent)
+    assert sum(1 for p in sent if start <= p < end) == math.ceil(retention * prompt.context_len)
+
+
+def test_answer_from_a_partial_stream_equals_a_complete_stream_of_the_positions_that_arrived(tiny_loaded):
+    edge, cloud = Edge(tiny_loaded), Cloud(tiny_loaded)
+    req = EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 1.0, "int8", chunk_bytes=600)
+    frames = list(edge.stream(req))
+    dec = cloud.decoder()
+    dec.feed(frames[0])
+    rest = iter(frames[1:])
+    while dec.partial().missing_fixed:  # every template/question position, then three chunks of context
+        dec.feed(next(rest))
+    for _ in range(3):
+        dec.feed(next(rest))
+    partial = dec.partial()
+    h = partial.header
+    assert not partial.complete and partial.missing_fixed == 0 and len(partial.positions) < len(h.kept)
+    from_partial = cloud.answer_kv(partial, 6)
+    # the same positions sent as a complete stream of their own: the edge's KV, the same profile
+    arrived = partial.positions.tolist()
+    pre = prefill(tiny_loaded.model, edge.prompt(req))
+    own = StreamHeader(mode="kv", prompt_ids=h.prompt_ids, context_span=h.context_span, kept=arrived, geometry=h.geometry,
+                       model=h.model, tokenizer=h.tokenizer, dtype=h.dtype, profile=get_profile("int8"))
+    enc = StreamEncoder(own)
+    complete = cloud.receive([enc.header_frame(), *enc.chunk_frames(pre.keys, pre.values, torch.tensor(arrived)), enc.trailer_frame()])
+    from_complete = cloud.answer_kv(complete, 6)
+    assert complete.complete and torch.equal(complete.positions, partial.positions)
+    assert torch.equal(from_partial.generation.first_logits, from_complete.generation.first_logits)
+    assert from_partial.tokens == from_complete.tokens
+    assert from_partial.retention_achieved == from_complete.retention_achieved < 1.0
+    assert not from_partial.complete and from_complete.complete
+    full = cloud.answer_kv(cloud.receive(frames), 6)  # and what was dropped mattered: the test can fail
+    assert not torch.equal(full.generation.first_logits, from_partial.generation.first_logits)
+
+
+def test_reserve_estimate_starts_conservative_then_follows_measured_speed():
+    est = ReserveEstimator()
+    prior = est.estimate("kv", 300, 32)
+    assert prior > 3.0  # 0.1 s per step before anything was measured
+    est.observe("kv", 300, setup_s=0.003, steps=33, generate_s=0.066)  # 2 ms per step, 10 us per position
+    measured = est.estimate("kv", 300, 32)
+    assert measured == pytest.approx(1.5 * (0.002 * 33 + 1e-5 * 300) + 0.05)
+    assert est.estimate("kv", 300, 64) > measured and est.estimate("text", 300, 32) > measured  # text: prior per position
+    assert est.cut_reserve("kv", 300, 32) == measured
+    assert ReserveEstimator(fixed_ms=250).cut_reserve("kv", 300, 32) == 0.25
+
+
+# --- the service against a real gRPC edge that paces its frames -----------------------------------
+
+class SlowEdge(kvwire_pb2_grpc.EdgeServiceServicer):
+    """A gRPC edge sending the real stream of a request, `gap_s` between frames, with `first_gap_s`
+    before the header; frame `corrupt` (an index) gets one payload bit flipped. Records whether the
+    caller's cancel reached it."""
+
+    def __init__(self, loaded, gap_s: float = 0.0, first_gap_s: float = 0.0, corrupt: int | None = None):
+        self.edge = Edge(loaded)
+        self.gap_s, self.first_gap_s, self.corrupt = gap_s, first_gap_s, corrupt
+        self.cancelled = threading.Event()
+        self.sent = 0
+
+    def Prefill(self, request, context):
+        req = PrefillRequest.from_pb(request)
+        # 2000 bytes: 28 chunks of 6 positions, the first 17 carrying the template and question
+        edge_req = EdgeRequest(req.context, req.question, req.mode, req.selector, req.retention, "int8", chunk_bytes=2000)
+        for i, frame in enumerate(self.edge.stream(edge_req)):
+            time.sleep(self.first_gap_s if i == 0 else self.gap_s)
+            if not context.is_active():
+                self.cancelled.set()
+                return
+            if i == self.corrupt:
+                frame = frame[:-1] + bytes([frame[-1] ^ 1])
+            yield PrefillReply(req.request_id, frame=frame).to_pb()
+            self.sent += 1
+
+
+@pytest.fixture
+def slow_cloud(tiny_loaded, tiny_model_dir):
+    """make(edge, reserve_ms) -> (AnswerService, Metrics) talking to `edge` over real gRPC on loopback."""
+    made = []
+
+    def make(servicer: SlowEdge, reserve_ms: int | None = 200):
+        server = grpc.server(ThreadPoolExecutor(4))
+        kvwire_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        client = EdgeClient(f"127.0.0.1:{port}")
+        metrics = Metrics("cloud")
+        service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir, deadline_reserve_ms=reserve_ms), client, metrics)
+        made.append((server, client, service))
+        return service, metrics
+
+    yield make
+    for server, client, service in made:
+        service.close()
+        client.close()
+        server.stop(0)
+
+
+def answer(service: AnswerService, **body):
+    """(response, seconds) of one /answer call on the service, as the HTTP route makes it."""
+    req = AnswerRequest(question=QUESTION, context=CONTEXT, max_new_tokens=6, **body)
+    t = time.monotonic()
+    response = asyncio.run(service.answer(req, "test"))
+    return response, time.monotonic() - t
+
+
+def sample(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_cut_stream_gives_a_partial_answer_in_time_and_cancels_the_edge(slow_cloud, tiny_loaded):
+    edge = SlowEdge(tiny_loaded, gap_s=0.04)  # template and question by ~0.7 s, everything by ~1.2 s
+    service, metrics = slow_cloud(edge, reserve_ms=200)
+    reply, took = answer(service, mode="kv", retention=0.75, deadline_ms=1200)  # cut at 1.0 s
+    assert not reply.complete and reply.fallback is None
+    assert 0 < reply.retention_achieved < 0.75
+    assert reply.kept_positions > reply.prompt_tokens - 1 - reply.context_tokens  # template/question plus some context
+    assert took <= 1.2 + SLACK_S
+    assert edge.cancelled.wait(5), "the edge never saw the cut"
+    assert sample(metrics, "kvwire_partial_answers_total", mode="kv") == 1
+    assert sample(metrics, "kvwire_retention_achieved_count", mode="kv") == 1
+    assert sample(metrics, "kvwire_requests_total", mode="kv", outcome="ok") == 1
+
+
+def test_generous_deadline_gets_the_complete_answer(slow_cloud, tiny_loaded):
+    service, metrics = slow_cloud(SlowEdge(tiny_loaded, gap_s=0.005), reserve_ms=200)
+    reply, _ = answer(service, mode="kv", retention=0.75, deadline_ms=30_000)
+    assert reply.complete and reply.fallback is None and reply.fallback_reason is None
+    assert reply.retention_achieved == pytest.approx(math.ceil(0.75 * reply.context_tokens) / reply.context_tokens, abs=1e-6)
+    edge, cloud = Edge(tiny_loaded), Cloud(tiny_loaded)
+    direct = cloud.answer_kv(cloud.receive(edge.stream(EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 0.75, "int8"))), 6)
+    assert reply.answer == direct.text
+    assert sample(metrics, "kvwire_partial_answers_total", mode="kv") == 0
+
+
+def test_cut_before_the_header_is_504_or_a_text_answer_when_time_is_left(slow_cloud, tiny_loaded):
+    service, metrics = slow_cloud(SlowEdge(tiny_loaded, first_gap_s=1.0), reserve_ms=300)
+    with pytest.raises(DeadlineExceededError, match="before the edge sent its header"):
+        answer(service, mode="kv", deadline_ms=600)
+    with pytest.raises(DeadlineExceededError):  # fallback asked, but the unmeasured text estimate (seconds) does not fit
+        answer(service, mode="kv", deadline_ms=600, fallback="text")
+    text, _ = answer(service, mode="text")  # now this cloud's text speed is measured
+    reply, took = answer(service, mode="kv", deadline_ms=600, fallback="text")
+    assert reply.fallback == "text" and reply.mode == "text" and reply.fallback_reason.startswith("deadline:")
+    assert reply.answer == text.answer and reply.complete and reply.retention_achieved == 1.0
+    assert took <= 0.6 + SLACK_S
+    assert sample(metrics, "kvwire_fallbacks_total", mode="kv", reason="deadline") == 1
+
+
+def test_deadline_shorter_than_the_reserve_is_504_at_once(slow_cloud, tiny_loaded):
+    edge = SlowEdge(tiny_loaded)
+    service, _ = slow_cloud(edge, reserve_ms=500)
+    with pytest.raises(DeadlineExceededError, match="keeps 500 ms before the deadline"):
+        answer(service, mode="kv", deadline_ms=300)
+    assert edge.sent == 0
+
+
+@pytest.mark.parametrize("fallback", ["none", "text"])
+def test_a_corrupt_chunk_is_never_answered_from(slow_cloud, tiny_loaded, fallback):
+    edge = SlowEdge(tiny_loaded, corrupt=20)  # a chunk after the template/question positions
+    service, metrics = slow_cloud(edge)
+    if fallback == "none":
+        with pytest.raises(FrameError):
+            answer(service, mode="kv", deadline_ms=30_000)
+    else:
+        text, _ = answer(service, mode="text")
+        reply, _ = answer(service, mode="kv", deadline_ms=30_000, fallback="text")
+        assert reply.fallback == "text" and reply.fallback_reason.startswith("frame_error:")
+        assert reply.answer == text.answer and reply.bytes_on_wire == 0
+        assert sample(metrics, "kvwire_fallbacks_total", mode="kv", reason="frame_error") == 1
+    assert sum(v for (n, _), v in _samples(metrics).items() if n == "kvwire_frames_rejected_total") == 1
+
+
+def _samples(metrics: Metrics) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in metrics.registry.collect() for s in f.samples}
+
+
+# --- real daemons, with bench.relay making the link slow or cutting it -----------------------------
+
+class Relay:
+    """bench.relay as a child process; its first stdout line says where it listens."""
+
+    def __init__(self, target: str, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.relay", "--target", target, *args], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        self.address = f"127.0.0.1:{json.loads(line)['port']}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def anytime_daemons(tiny_model_dir):
+    """An edge behind a stalling relay and a resetting relay, and three clouds: one behind each relay
+    and one whose edge is down."""
+    started, relays = [], []
+    try:
+        edge = _start("edge", "edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0", "--profile", "int8", "--chunk-bytes", "4096"])
+        started.append(edge)
+        edge.wait_listening()
+        # every read of the edge's bytes held up to 100 ms: a stream of ~40 chunks takes seconds, its header arrives at once
+        slow = Relay(edge.grpc_address, "--stall-prob", "1", "--stall-max-ms", "100", "--seed", "7")
+        # every connection reset after 20 kB from the edge: the header and the first chunks, then a dead link
+        killed = Relay(edge.grpc_address, "--reset-after-bytes", "20000", "--reset-direction", "down")
+        relays += [slow, killed]
+        clouds = {
+            "slow": ["--model", tiny_model_dir, "--edge", slow.address, "--deadline-reserve-ms", "500"],
+            "killed": ["--model", tiny_model_dir, "--edge", killed.address],
+            "orphan": ["--model", tiny_model_dir, "--edge", _closed_port()],
+        }
+        handles = {name: _start(f"cloud_{name}", "cloud_agent", args) for name, args in clouds.items()}
+        started += list(handles.values())
+        for d in handles.values():
+            d.wait_listening()
+        yield type("Daemons", (), {"edge": edge, **handles})
+    finally:
+        for d in started:
+            d.terminate()
+        for d in started:
+            d.stop()
+        for r in relays:
+            r.stop()
+
+
+def post(daemon, **body):
+    payload = {"question": DAEMON_QUESTION, "context": DAEMON_CONTEXT * 4, "max_new_tokens": 8, **body}
+    t = time.monotonic()
+    reply = httpx.post(daemon.http_url + "/answer", json=payload, timeout=60)
+    return reply, time.monotonic() - t
+
+
+def test_daemons_tight_deadline_partial_then_generous_deadline_complete(anytime_daemons):
+    cloud = anytime_daemons.slow
+    reply, took = post(cloud, mode="kv", retention=0.8, deadline_ms=2000)  # cut at 1.5 s, the stream needs ~2-4 s
+    body = ok(reply)
+    assert body["complete"] is False and body["fallback"] is None
+    assert 0 < body["retention_achieved"] < 0.8
+    assert took <= 2.0 + SLACK_S
+    cut = [e for e in cloud.events("stream_cut") if e["request_id"] == body["request_id"]]
+    assert cut and cut[0]["reserve_ms"] == 500 and cut[0]["kept_positions"] == body["kept_positions"]
+    full = ok(post(cloud, mode="kv", retention=0.8, deadline_ms=60_000)[0])
+    assert full["complete"] is True and full["retention_achieved"] >= 0.8
+    samples = metric_samples(cloud.http_url)
+    assert samples[("kvwire_partial_answers_total", (("mode", "kv"),))] == 1
+    assert samples[("kvwire_retention_achieved_count", (("mode", "kv"),))] == 2
+    assert samples[("kvwire_requests_total", (("mode", "kv"), ("outcome", "ok")))] == 2
+
+
+def test_daemons_edge_down_is_503_or_the_text_answer_with_fallback(anytime_daemons):
+    cloud = anytime_daemons.orphan
+    for mode in ("kv", "scout"):
+        reply, _ = post(cloud, mode=mode)
+        assert reply.status_code == 503 and reply.json()["error"] == "edge_unavailable", reply.text
+    text = ok(post(cloud, mode="text")[0])
+    body = ok(post(cloud, mode="kv", fallback="text")[0])
+    assert body["fallback"] == "text" and body["mode"] == "text" and body["answer"] == text["answer"]
+    assert body["fallback_reason"].startswith("edge_unavailable:") and "unreachable" in body["fallback_reason"]
+    assert body["complete"] is True and body["retention_achieved"] == 1.0
+    samples = metric_samples(cloud.http_url)
+    assert samples[("kvwire_fallbacks_total", (("mode", "kv"), ("reason", "edge_unavailable")))] == 1
+    assert samples[("kvwire_requests_total", (("mode", "kv"), ("outcome", "edge_unavailable")))] == 1
+    assert samples[("kvwire_requests_total", (("mode", "kv"), ("outcome", "ok")))] == 1
+
+
+def test_daemons_edge_killed_mid_stream_is_503_in_time_or_the_text_answer(anytime_daemons):
+    cloud = anytime_daemons.killed
+    reply, took = post(cloud, mode="kv", deadline_ms=20_000)
+    assert reply.status_code == 503, reply.text
+    assert took < 20
+    body = ok(post(cloud, mode="kv", fallback="text")[0])
+    assert body["fallback"] == "text" and body["fallback_reason"].startswith("edge_unavailable:")
+    assert total(metric_samples(cloud.http_url), "kvwire_fallbacks_total") == 1
