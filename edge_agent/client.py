@@ -14,6 +14,9 @@ from edge_agent.messages import PrefillReply, PrefillRequest
 from kvcodec.errors import ConfigError, PromptTooLongError
 from proto import kvwire_pb2_grpc
 
+KEEPALIVE_TIME_MS = 5000  # ping the edge after this long without reading anything from it
+KEEPALIVE_TIMEOUT_MS = 3000  # and drop the connection if the ping's answer takes longer
+
 
 class EdgeClient:
     """One channel to one edge-agent, opened lazily and reconnected by gRPC as needed.
@@ -37,6 +40,13 @@ class EdgeClient:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            # a connection that went silent (a dead link, a host gone without a FIN) is dropped after
+            # KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS and reconnected, instead of holding every later
+            # request until TCP gives up after minutes; the edge permits these pings (edge_agent/main.py)
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         if credentials is None:
             self.channel = grpc.insecure_channel(address, options=options)

@@ -17,6 +17,7 @@ from agent_common.metrics import Metrics
 from agent_common.security import read_token, server_credentials
 from agent_common.serve import HttpServer
 from agent_common.settings import grpc_address
+from edge_agent.client import KEEPALIVE_TIME_MS
 from edge_agent.interceptor import RequestInterceptor, TokenInterceptor
 from edge_agent.settings import EdgeSettings
 from proto import kvwire_pb2, kvwire_pb2_grpc
@@ -66,6 +67,10 @@ def build_grpc_server(servicer: EdgeServicer, metrics: Metrics, settings: EdgeSe
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second edge on a taken port must fail, not share it
+        # cloud-agents ping every KEEPALIVE_TIME_MS, also between requests; gRPC's server default
+        # (one ping per 5 minutes without calls) would answer them with GOAWAY "too_many_pings"
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ]
     interceptors = ([TokenInterceptor(token, metrics)] if token else []) + [RequestInterceptor(metrics)]
     # maximum_concurrent_rpcs: RPCs beyond the worker pool are refused (RESOURCE_EXHAUSTED), never queued

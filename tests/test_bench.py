@@ -9,6 +9,7 @@ import pytest
 
 from bench import cli as bench_cli
 from kvcodec.cli import main
+from kvcodec.profiles import profile_names
 
 ROW_KEYS = {"profile", "retention", "entropy", "bytes", "fp16_bytes", "ratio"}
 RETENTIONS = [1.0, 0.75, 0.5, 0.25]
@@ -45,7 +46,7 @@ def test_wire_size_schema_and_coverage(smollm2_rows):
         assert r["entropy"] == "none" and r["kv_source"] == "synthetic"
         assert r["ratio"] == pytest.approx(r["bytes"] / r["fp16_bytes"], abs=1e-6)
     got = {(r["profile"], r["retention"]) for r in smollm2_rows}
-    assert got == {(p, ret) for p in ("fp16", "bf16", "int8", "int4", "mixed-int4") for ret in RETENTIONS}
+    assert got == {(p, ret) for p in profile_names() for ret in RETENTIONS}
 
 
 def test_wire_size_byte_invariants(smollm2_rows):
@@ -58,6 +59,7 @@ def test_wire_size_byte_invariants(smollm2_rows):
     # fp16 at retention 1.0 streams 159 of 160 positions plus framing: within 1% of the FP16 KV
     assert 0.99 < by(smollm2_rows, "fp16", 1.0)["ratio"] < 1.01
     assert by(smollm2_rows, "bf16", 1.0)["bytes"] == by(smollm2_rows, "fp16", 1.0)["bytes"]
+    assert 1.98 < by(smollm2_rows, "fp32", 1.0)["ratio"] < 2.02  # fp32 passthrough: twice the FP16 bytes
     for profile in ("fp16", "int8", "int4", "mixed-int4"):
         ratios = [by(smollm2_rows, profile, ret)["ratio"] for ret in RETENTIONS]
         assert ratios == sorted(ratios, reverse=True) and len(set(ratios)) == len(ratios), (profile, ratios)
@@ -95,14 +97,15 @@ def test_wire_size_zstd_rows_use_real_kv(capsys):
 
 def test_codec_bench_schema(capsys):
     rows, _ = run_json(capsys, "codec", "--layers", "2", "--tokens", "96", "--repeats", "1")
-    assert [r["profile"] for r in rows] == ["fp16", "bf16", "int8", "int4", "mixed-int4"]
+    assert [r["profile"] for r in rows] == profile_names()
     fp16_mb = 96 * 2 * 2 * 4 * 128 * 2 / 1e6  # positions x layers x (K, V) x heads x head_dim x 2 bytes
     for r in rows:
         assert r["fp16_mb"] == pytest.approx(fp16_mb, rel=1e-4)
         assert r["ratio"] == pytest.approx(r["bytes"] / (fp16_mb * 1e6), abs=1e-6)
         for key in ("clone_ms_per_mb", "encode_ms_per_mb", "decode_ms_per_mb", "encode_vs_clone", "decode_vs_clone"):
             assert r[key] > 0
-    assert rows[2]["bytes"] < rows[0]["bytes"]  # int8 < fp16
+    size = {r["profile"]: r["bytes"] for r in rows}
+    assert size["int8"] < size["fp16"] < size["fp32"]
 
 
 def test_bad_arguments_are_clear_errors(capsys):
