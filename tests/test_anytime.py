@@ -354,6 +354,7 @@ def test_daemons_edge_killed_mid_stream_is_503_in_time_or_the_text_answer(anytim
     reply, took = post(cloud, mode="kv", deadline_ms=20_000)
     assert reply.status_code == 503, reply.text
     assert took < 20
+    assert total(metric_samples(cloud.http_url), "kvwire_bytes_received_total") > 0  # the stream had begun
     body = ok(post(cloud, mode="kv", fallback="text")[0])
     assert body["fallback"] == "text" and body["fallback_reason"].startswith("edge_unavailable:")
     assert total(metric_samples(cloud.http_url), "kvwire_fallbacks_total") == 1
