@@ -201,6 +201,16 @@ def test_cut_stream_gives_a_partial_answer_in_time_and_cancels_the_edge(slow_clo
     assert sample(metrics, "kvwire_requests_total", mode="kv", outcome="ok") == 1
 
 
+def test_cut_scout_stream_answers_from_its_header_alone(slow_cloud, tiny_loaded):
+    edge = SlowEdge(tiny_loaded, gap_s=1.5)  # the header at once, the trailer long after the cut
+    service, metrics = slow_cloud(edge, reserve_ms=200)
+    reply, took = answer(service, mode="scout", retention=0.5, deadline_ms=800)
+    assert not reply.complete and reply.bytes_on_wire > 0
+    assert reply.retention_achieved == pytest.approx(math.ceil(0.5 * reply.context_tokens) / reply.context_tokens, abs=1e-6)
+    assert took <= 0.8 + SLACK_S
+    assert sample(metrics, "kvwire_partial_answers_total", mode="scout") == 1
+
+
 def test_generous_deadline_gets_the_complete_answer(slow_cloud, tiny_loaded):
     service, metrics = slow_cloud(SlowEdge(tiny_loaded, gap_s=0.005), reserve_ms=200)
     reply, _ = answer(service, mode="kv", retention=0.75, deadline_ms=30_000)
