@@ -40,7 +40,8 @@ class ReserveEstimator:
     reserve = FACTOR x (step_s x (max_new_tokens + 1) + position_s[mode] x positions) + MARGIN_S, where
     step_s is an EWMA of the seconds per generation step (one forward pass of one token) and
     position_s[mode] an EWMA of the seconds per prompt position of the work between the stream and
-    the first step (kv: building the cache; scout and text: the cloud's own prefill plus pruning).
+    the first step (kv: building the cache; scout and text: the cloud's own prefill plus pruning; until
+    one of these two is measured, the other's rate stands in).
     Every answer, in any mode, updates them. Before the first measurement the priors assume a slow
     host (a 7B model on a CPU), so a fresh cloud keeps too much time rather than too little.
     `fixed_ms` (--deadline-reserve-ms) replaces the estimate for cutting kv/scout streams.
@@ -51,6 +52,8 @@ class ReserveEstimator:
     PRIOR_POSITION_S = {"kv": 2e-4, "scout": 2e-3, "text": 2e-3}
     FACTOR = 1.5  # answers vary in length and the host in load: keep half as much again
     MARGIN_S = 0.05  # the HTTP reply and the scheduling around the forward passes
+    # scout and text both prefill the whole prompt here: one's measurement stands in for the other's
+    STAND_IN = {"scout": "text", "text": "scout"}
 
     def __init__(self, fixed_ms: int | None = None):
         self.fixed_s = None if fixed_ms is None else fixed_ms / 1000
@@ -73,7 +76,8 @@ class ReserveEstimator:
         """Seconds to keep free before the deadline for a `mode` answer over `positions` prompt positions."""
         with self._lock:
             step = self.step_s if self.step_s is not None else self.PRIOR_STEP_S
-            per_position = self.position_s.get(mode, self.PRIOR_POSITION_S[mode])
+            stand_in = self.position_s.get(self.STAND_IN.get(mode, mode), self.PRIOR_POSITION_S[mode])
+            per_position = self.position_s.get(mode, stand_in)
         return self.FACTOR * (step * (max_new_tokens + 1) + per_position * positions) + self.MARGIN_S
 
     def cut_reserve(self, mode: str, positions: int, max_new_tokens: int) -> float:

@@ -122,6 +122,8 @@ def test_reserve_estimate_starts_conservative_then_follows_measured_speed():
     assert est.estimate("kv", 300, 64) > measured and est.estimate("text", 300, 32) > measured  # text: prior per position
     assert est.cut_reserve("kv", 300, 32) == measured
     assert ReserveEstimator(fixed_ms=250).cut_reserve("kv", 300, 32) == 0.25
+    est.observe("scout", 300, setup_s=0.3, steps=33, generate_s=0.066)  # 1 ms per position of this cloud's prefill
+    assert est.estimate("text", 300, 32) == est.estimate("scout", 300, 32) == pytest.approx(1.5 * (0.066 + 0.3) + 0.05)
 
 
 # --- the service against a real gRPC edge that paces its frames -----------------------------------
