@@ -168,6 +168,7 @@ class _Conn:
     reset: bool = False
     close_reason: str = ""
     silent: set = field(default_factory=set)  # directions that went silent (silence_after_bytes)
+    ended: set = field(default_factory=set)  # directions whose pipe has finished
     marker_tail: bytes = b""  # the last len(flip_marker) - 1 bytes read, for a marker split across chunks
     markers_seen: int = 0
     flip_at: int | None = None  # stream offset of the marker-relative flip, once the marker was seen
@@ -344,11 +345,12 @@ class Relay:
 
     async def _go_silent(self, conn: _Conn, direction: str) -> None:
         """Forward nothing more in this direction, as on a link that dropped everything, until the
-        connection ends some other way (a reset or close from either side, the idle timeout)."""
+        connection ends some other way: a reset, the other direction's end (its source closed), the idle timeout."""
+        other = DIRECTIONS[1 - DIRECTIONS.index(direction)]
         conn.silent.add(direction)
         self.stats.silences += 1
         self._log({"event": "silence", "conn": conn.cid, "direction": direction, "after": conn.forwarded[direction]})
-        while not conn.reset and not conn.client_w.is_closing() and not conn.target_w.is_closing():
+        while not (conn.reset or other in conn.ended or conn.client_w.is_closing() or conn.target_w.is_closing()):
             await asyncio.sleep(0.05)
 
     async def _pipe(self, conn: _Conn, direction: str, reader: asyncio.StreamReader,
@@ -421,6 +423,7 @@ class Relay:
             for w in (conn.client_w, conn.target_w):
                 w.close()
         finally:
+            conn.ended.add(direction)
             reader_task.cancel()
 
     async def _forward_head(self, conn: _Conn, direction: str, writer: asyncio.StreamWriter, data: bytes,

@@ -25,7 +25,6 @@ from bench.netlab.daemons import (
     start_relay, wait_ready,
 )
 from bench.relay import Relay, RelayConfig
-from cloud_agent.api import AnswerRequest
 from kvcodec.wire import MAGIC
 
 RATE = "100mbit"  # the link between tests
@@ -273,20 +272,25 @@ def test_a_link_gone_silent_mid_stream_ends_cleanly_at_the_deadline(hosts):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "edge_agent/client.py opens the cloud's gRPC channel without keepalive (no grpc.keepalive_time_ms / "
-    "keepalive_timeout_ms): a connection whose down direction went silent stays in use, so every later kv "
-    "request runs into its deadline (504) and /readyz stays 503 until TCP itself gives up"))
-def test_after_a_link_went_silent_the_cloud_reconnects_within_10_s(hosts):
+    "the cloud's gRPC channel keeps a connection whose edge-to-cloud direction went silent: every later kv "
+    "request runs into its deadline and /readyz stays 503 (seen for 50 s). The keepalive options of "
+    "edge_agent/client.py (5 s + 3 s) do not help: GRPC_TRACE=http_keepalive shows no keepalive ping sent "
+    "once the connection is silent, also with grpc.http2.bdp_probe=0"))
+def test_after_a_link_went_silent_the_cloud_drops_the_connection_and_recovers_within_10_s(hosts, clean):
     relay = hosts.use_relay(silence_after_bytes=100_000, faulty_connections=1)
     hosts.ask(deadline_ms=2000)
-    relay.proc.wait_json("silence", 5)
-    started = time.monotonic()
-    while http(hosts.lab, "GET", hosts.cloud.http_url + "/readyz")["status"] != 200:
-        if time.monotonic() - started > 10:
-            hosts.use_relay()  # a new relay closes the stuck connection: the next tests start clean
-            pytest.fail("the cloud kept the silent connection for 10 s")
-        time.sleep(0.5)
-    assert hosts.ask(deadline_ms=5000)["status"] == 200
+    silent_at = relay.proc.wait_json("silence", 5)["ts"]
+    try:
+        wait_ready(hosts.lab, hosts.cloud, timeout=10 - (time.time() - silent_at))
+    except TimeoutError:
+        hosts.use_relay()  # a new relay closes the stuck connection: the next tests start clean
+        raise
+    recovered = time.time() - silent_at
+    assert relay_events(relay, "close"), "ready again, yet the silent connection was not dropped"
+    res = hosts.ask(deadline_ms=5000)
+    assert res["status"] == 200, res
+    assert_same_answer(res, clean["kv"])
+    print(f"\nfaults: silent connection dropped and the cloud ready again {recovered:.1f} s after it went silent")
 
 
 # --- daemons killed mid-stream -----------------------------------------------------------------
@@ -351,7 +355,6 @@ def test_edge_killed_mid_stream_is_503_and_the_cloud_recovers_when_it_returns(ho
           f"kv answered {recovered * 1000:.0f} ms after the new edge listened")
 
 
-@pytest.mark.skipif("fallback" not in AnswerRequest.model_fields, reason="cloud-agent has no `fallback` request field yet")
 def test_edge_killed_mid_stream_with_fallback_text_answers_in_text_mode(hosts, clean):
     res, after_kill = _kill_edge_mid_stream(hosts, fallback="text")
     assert res["status"] == 200, res
