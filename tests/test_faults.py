@@ -29,7 +29,8 @@ from kvcodec.wire import MAGIC
 
 RATE = "100mbit"  # the link between tests
 SLOW_RATE = "1mbit"  # kill tests: the ~470 KB stream takes ~4 s, so a kill lands mid-stream
-RELAY_PORT = 40000  # fixed, so that a new relay can take the old one's place under the running cloud
+# fixed, so that a new relay can take the old one's place; below the ephemeral ports (32768+), which clients use
+RELAY_PORT = 30000
 CHUNK_BYTES = 4096  # ~115 chunk frames a stream: the cloud counts bytes as frames arrive, so mid-stream is observable
 # ~780 context tokens: KV at FP16 is ~470 KB on the wire, large enough for resets, stalls and kills mid-stream
 CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
@@ -153,7 +154,8 @@ def test_relay_flips_the_byte_at_an_offset_after_the_nth_marker():
     sent = first + rest
 
     async def run() -> bytes:
-        async with relayed_echo(flip_marker=b"KVWF", flip_marker_count=2, flip_offset=3, flip_direction="up") as (_, reader, writer):
+        faults = {"flip_marker": b"KVWF", "flip_marker_count": 2, "flip_offset": 3, "flip_direction": "up"}
+        async with relayed_echo(**faults) as (_, reader, writer):
             writer.write(first)  # the first marker arrives split across two reads
             await writer.drain()
             await asyncio.sleep(0.05)
