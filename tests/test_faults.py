@@ -21,7 +21,7 @@ import pytest
 
 from bench.netlab import LinkSpec, netlab_fixture
 from bench.netlab.daemons import (
-    Daemon, RelayProc, answer, edge_grpc_target, http, kill, launch_cloud, launch_edge, metric_sum, metrics, ready,
+    Daemon, RelayProc, edge_grpc_target, http, kill, launch_cloud, launch_edge, metric_sum, metrics, ready,
     start_relay, wait_ready,
 )
 from bench.relay import Relay, RelayConfig
@@ -75,8 +75,9 @@ class Hosts:
         wait_ready(self.lab, self.cloud)
         return self.relay
 
-    def ask(self, timeout: float = 60.0, **overrides) -> dict:
-        return answer(self.lab, self.cloud, {**REQUEST, **overrides}, timeout=timeout)
+    def ask(self, timeout: float = 60.0, request_id: str | None = None, **overrides) -> dict:
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return http(self.lab, "POST", self.cloud.http_url + "/answer", {**REQUEST, **overrides}, timeout, headers)
 
 
 @pytest.fixture(scope="module")
@@ -373,9 +374,11 @@ def cloud_killed(hosts, clean) -> dict:
     and then nothing: the cloud waits for the rest); then start a new cloud. What both sides showed."""
     before = metrics(hosts.lab, hosts.edge)
     relay = hosts.use_relay(silence_after_bytes=100_000, faulty_connections=1)
-    thread, out = _in_background(lambda: hosts.ask(deadline_ms=30_000))
+    thread, out = _in_background(lambda: hosts.ask(deadline_ms=30_000, request_id="cloud-killed"))
     relay.proc.wait_json("silence", 20)
     cloud_inflight = metrics(hosts.lab, hosts.cloud)[("kvwire_inflight_requests", ())]
+    edge_done = any(r.get("event") == "prefill" and r.get("request_id") == "cloud-killed"
+                    for r in hosts.edge.proc.json_lines())
     kill(hosts.cloud.proc)
     killed = time.monotonic()
     thread.join(60)
@@ -387,9 +390,10 @@ def cloud_killed(hosts, clean) -> dict:
     wait_ready(hosts.lab, hosts.cloud)  # a new connection: the relay leaves it alone
     outcomes = {o: metric_sum(edge, "kvwire_requests_total", mode="kv", outcome=o)
                 - metric_sum(before, "kvwire_requests_total", mode="kv", outcome=o) for o in ("ok", "cancelled")}
-    print(f"\nfaults: cloud SIGKILLed mid-stream: edge idle {edge_idle_s * 1000:.0f} ms later, edge outcomes {outcomes}")
+    print(f"\nfaults: cloud SIGKILLed mid-stream: edge idle {edge_idle_s * 1000:.0f} ms later, edge outcomes {outcomes}, "
+          f"edge had logged the stream done before the kill: {edge_done}")
     return {"client": out["res"], "cloud_inflight": cloud_inflight, "edge_outcomes": outcomes,
-            "after": hosts.ask()}
+            "edge_logged_the_stream_done_before_the_kill": edge_done, "after": hosts.ask()}
 
 
 def test_cloud_killed_mid_stream_leaves_nothing_in_flight_and_a_new_cloud_answers(cloud_killed, clean):
@@ -406,4 +410,5 @@ def test_cloud_killed_mid_stream_leaves_nothing_in_flight_and_a_new_cloud_answer
     "a cloud that dies mid-transfer is never seen as a cancel, and kvwire_bytes_sent_total counts bytes the "
     "cloud never received"))
 def test_cloud_killed_mid_stream_is_recorded_as_cancelled_by_the_edge(cloud_killed):
+    assert not cloud_killed["edge_logged_the_stream_done_before_the_kill"]
     assert cloud_killed["edge_outcomes"] == {"ok": 0, "cancelled": 1}

@@ -103,7 +103,7 @@ async def run_clients(url: str, clients: int, per_client: int, budget_s: float) 
 def test_bounded_load_has_no_errors_bounded_memory_and_nothing_left_in_flight(daemons):
     asyncio.run(run_clients(daemons.cloud.http_url, 8, 3, 30))  # warm-up: every mode, some concurrency
     rss_before = {name: rss_mib(d) for name, d in (("edge", daemons.edge), ("cloud", daemons.cloud))}
-    cloud_before = metric_samples(daemons.cloud.http_url)
+    cloud_before, edge_before = metric_samples(daemons.cloud.http_url), metric_samples(daemons.edge_url)
 
     started = time.monotonic()
     result = asyncio.run(run_clients(daemons.cloud.http_url, CLIENTS, REQUESTS_PER_CLIENT, TIME_BUDGET_S))
@@ -130,10 +130,13 @@ def test_bounded_load_has_no_errors_bounded_memory_and_nothing_left_in_flight(da
     for name in rss_before:
         assert rss_after[name] - rss_before[name] < RSS_GROWTH_BOUND_MIB, (name, rss_before, rss_after)
     assert cloud[("kvwire_inflight_requests", ())] == 0 and edge[("kvwire_inflight_requests", ())] == 0
-    # the cloud's counters agree with what the clients saw
-    def outcomes(outcome: str) -> float:
-        return sum(v - cloud_before.get(k, 0) for k, v in cloud.items()
+    # both daemons' counters agree with what the clients saw; the edge serves kv and scout only
+    def outcomes(after: dict, before: dict, outcome: str) -> float:
+        return sum(v - before.get(k, 0) for k, v in after.items()
                    if k[0] == "kvwire_requests_total" and ("outcome", outcome) in k[1])
 
-    assert outcomes("ok") == answered and outcomes("overloaded") == result["refused"]
+    assert outcomes(cloud, cloud_before, "ok") == answered
+    assert outcomes(cloud, cloud_before, "overloaded") == result["refused"]
     assert total(cloud, "kvwire_requests_total") - total(cloud_before, "kvwire_requests_total") == answered + result["refused"]
+    remote = len(result["latencies"]["kv"]) + len(result["latencies"]["scout"])
+    assert outcomes(edge, edge_before, "ok") == total(edge, "kvwire_requests_total") - total(edge_before, "kvwire_requests_total") == remote
