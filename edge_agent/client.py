@@ -16,6 +16,8 @@ from proto import kvwire_pb2_grpc
 
 KEEPALIVE_TIME_MS = 5000  # ping the edge after this long without reading anything from it
 KEEPALIVE_TIMEOUT_MS = 3000  # and drop the connection if the ping's answer takes longer
+# gRPC's words for a stream the transport lost (its status then is UNKNOWN or INTERNAL, not UNAVAILABLE)
+TRANSPORT_FAILURES = ("Stream removed", "Failed parsing HTTP/2", "Connection reset", "Socket closed")
 
 
 class EdgeClient:
@@ -47,6 +49,9 @@ class EdgeClient:
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # gRPC waits 60 s for any ping's answer by default, and sends no keepalive ping while one is
+            # outstanding: without this a ping lost on a silent link holds the connection for a minute
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ]
         if credentials is None:
             self.channel = grpc.insecure_channel(address, options=options)
@@ -103,6 +108,12 @@ class EdgeClient:
             return EdgeUnavailableError(
                 f"edge-agent at {self.address} is unreachable ({details}){'; ' + hint if hint else ''}; "
                 "kv and scout modes need it, mode=text does not"
+            )
+        if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(m in details for m in TRANSPORT_FAILURES):
+            # the bytes between the hosts were cut or corrupted below the codec (HTTP/2 framing): the link, not the edge
+            return EdgeUnavailableError(
+                f"the connection to edge-agent at {self.address} broke mid-stream ({details}): the link cut or corrupted "
+                "the gRPC framing; retry, or use mode=text"
             )
         return EdgeFailedError(f"edge-agent at {self.address} failed: {code.name}: {details}")
 

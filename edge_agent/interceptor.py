@@ -65,7 +65,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
             outcome = "cancelled"  # unless the stream runs to its end or raises
             try:
                 yield from inner(request, context)
-                outcome = "ok"
+                # a handler that returns early because the caller went away (e.g. while waiting for the model) is no "ok"
+                outcome = "ok" if context.is_active() else "cancelled"
             except Exception as exc:
                 code, outcome, message = status_of(exc)
                 if code == grpc.StatusCode.INTERNAL:

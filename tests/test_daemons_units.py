@@ -266,3 +266,61 @@ def test_operator_docs_list_every_option():
         prefix = cls.model_config["env_prefix"]
         for name in cls.model_fields:
             assert f"`--{name.replace('_', '-')}` | `{prefix}{name.upper()}`" in text, name
+
+
+class _FakeRpcError(Exception):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize("code, details, expected", [
+    ("UNKNOWN", "Stream removed", "EdgeUnavailableError"),
+    ("INTERNAL", "Failed parsing HTTP/2", "EdgeUnavailableError"),
+    ("INTERNAL", "edge-agent internal error: ValueError: boom", "EdgeFailedError"),
+    ("UNAVAILABLE", "Connection refused", "EdgeUnavailableError"),
+])
+def test_link_failures_below_the_codec_are_503_not_an_edge_error(code, details, expected):
+    import grpc
+
+    from cloud_agent.errors import classify
+    from edge_agent.client import EdgeClient
+
+    client = EdgeClient("127.0.0.1:9")  # never connects: the channel is lazy
+    try:
+        err = client._translate(_FakeRpcError(getattr(grpc.StatusCode, code), details), 1.0)
+    finally:
+        client.close()
+    assert type(err).__name__ == expected
+    assert classify(err)[0] == (503 if expected == "EdgeUnavailableError" else 502)
+    if code in ("UNKNOWN", "INTERNAL") and expected == "EdgeUnavailableError":
+        assert "the link cut or corrupted the gRPC framing" in str(err)
+
+
+@pytest.mark.parametrize("active, outcome", [(True, "ok"), (False, "cancelled")])
+def test_a_stream_that_ends_because_the_caller_left_is_counted_cancelled(active, outcome):
+    from types import SimpleNamespace
+
+    import grpc
+
+    from agent_common.metrics import Metrics
+    from edge_agent.interceptor import RequestInterceptor
+    from proto import kvwire_pb2
+
+    def prefill(request, context):  # like EdgeServicer._stream when the caller gave up waiting for the model
+        if context.is_active():
+            yield kvwire_pb2.PrefillReply()
+
+    metrics = Metrics("edge")
+    handler = RequestInterceptor(metrics).intercept_service(
+        lambda details: grpc.unary_stream_rpc_method_handler(prefill),
+        SimpleNamespace(method="/kvwire.v1.EdgeService/Prefill"))
+    context = SimpleNamespace(is_active=lambda: active)
+    list(handler.unary_stream(kvwire_pb2.PrefillRequest(mode="kv"), context))
+    assert metrics.requests.labels("kv", outcome)._value.get() == 1
+    assert metrics.inflight._value.get() == 0
