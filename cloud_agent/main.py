@@ -70,6 +70,7 @@ async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
     metrics = Metrics("cloud")
     edge = edge_client(settings, security)
     service = AnswerService(loaded, settings, edge, metrics)
+    log_event(log, "warmed_up", **await asyncio.to_thread(service.warm_up))
     http = HttpServer(create_app(service, metrics, settings.max_body_bytes, security.auth_token), settings.host,
                       settings.http_port, settings.grace_seconds, settings.tls_cert_file, settings.tls_key_file)
 

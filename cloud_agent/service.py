@@ -32,6 +32,9 @@ EDGE_COMPUTE_STAGES = ("prefill", "select", "encode")
 # the edge stream's failures a request with fallback "text" survives; a wrong request (ConfigError,
 # PromptTooLongError) or a model that cannot use the stream (GeometryMismatchError) is still the caller's to fix
 FALLBACK_ERRORS = (EdgeUnavailableError, EdgeBusyError, EdgeFailedError, FrameError, DeadlineExceededError)
+WARM_UP_CONTEXT = "KVWire warms up its model with this sentence before it serves."
+WARM_UP_QUESTION = "What does KVWire warm up?"
+WARM_UP_TOKENS = 4
 
 
 class ReserveEstimator:
@@ -104,6 +107,19 @@ class AnswerService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def warm_up(self) -> dict:
+        """One short text answer before serving: the first forward passes pay one-time costs (lazy
+        initialisation, allocator growth), and the reserve estimate starts from this host's measured
+        speed instead of its slow-host priors. A short prompt overstates the cost per position, so the
+        estimate errs on the side of keeping time."""
+        timings = Timings()
+        started = time.monotonic()
+        ans = self._answer_text(AnswerRequest(question=WARM_UP_QUESTION, context=WARM_UP_CONTEXT, mode="text",
+                                              max_new_tokens=WARM_UP_TOKENS), timings)
+        self._observe_speed(ans, timings)
+        return {"seconds": round(time.monotonic() - started, 3), "steps": ans.generation.steps,
+                "reserve_ms_for_32_tokens_256_positions": round(self.reserve.estimate("kv", 256, 32) * 1000)}
 
     async def answer(self, req: AnswerRequest, request_id: str) -> AnswerResponse:
         arrived = time.monotonic()  # deadline_ms counts from here

@@ -139,6 +139,13 @@ def test_request_id_travels_to_the_edge_logs(daemons):
     assert [e for e in daemons.cloud.events("answer") if e.get("request_id") == "trace-42"]
 
 
+def test_cloud_warms_up_before_listening_and_measures_its_speed(daemons):
+    (warm,) = daemons.cloud.events("warmed_up")
+    assert warm["steps"] >= 1 and warm["seconds"] > 0
+    # the reserve now comes from this host's speed: far below the slow-host prior (~5 s for 32 tokens)
+    assert 0 < warm["reserve_ms_for_32_tokens_256_positions"] < 5000
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 def test_other_kv_geometry_gets_409_and_scout_still_works(daemons):
