@@ -248,7 +248,8 @@ class AnswerService:
                 f"this cloud keeps {reserve_s * 1000:.0f} ms before the deadline to inject and generate "
                 f"{req.max_new_tokens} tokens (docs/anytime.md); raise deadline_ms or lower max_new_tokens")
         request = PrefillRequest(request_id=request_id, mode=req.mode, context=req.context, question=req.question,
-                                 selector=req.selector, retention=req.retention, profile=req.profile or "")
+                                 selector=req.selector, retention=req.retention, profile=req.profile or "",
+                                 confirm=True)  # the edge counts the stream ok once this cloud confirms it
         decoder = self.cloud.decoder()
         edge_ms: dict[str, float] = {}
         decode_s = 0.0

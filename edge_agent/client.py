@@ -2,6 +2,7 @@
 and domain errors (agent_common.errors, kvcodec.errors), never grpc.RpcError."""
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import grpc
@@ -12,10 +13,13 @@ from agent_common.errors import (
 )
 from edge_agent.messages import PrefillReply, PrefillRequest
 from kvcodec.errors import ConfigError, PromptTooLongError
+from kvcodec.wire import peek_stream_id
 from proto import kvwire_pb2_grpc
+from proto.kvwire_pb2 import Receipt
 
 KEEPALIVE_TIME_MS = 5000  # ping the edge after this long without reading anything from it
 KEEPALIVE_TIMEOUT_MS = 3000  # and drop the connection if the ping's answer takes longer
+CONFIRM_TIMEOUT_S = 5.0  # the longest a receipt may take (it is one small unary call)
 # gRPC's words for a stream the transport lost (its status then is UNKNOWN or INTERNAL, not UNAVAILABLE)
 TRANSPORT_FAILURES = ("Stream removed", "Failed parsing HTTP/2", "Connection reset", "Socket closed")
 
@@ -77,15 +81,36 @@ class EdgeClient:
         return status
 
     def prefill(self, request: PrefillRequest, timeout_s: float) -> Iterator[PrefillReply]:
-        """The edge's stream for `request`. Closing the iterator early cancels the call on the edge."""
+        """The edge's stream for `request`. Closing the iterator early cancels the call on the edge.
+
+        With request.confirm, the edge's timings message (the last one, after every frame) is
+        confirmed (EdgeService.Confirm) before it is passed on: the edge then knows the frames
+        arrived, and counts the stream "ok" only then.
+        """
         call = self._stub.Prefill(request.to_pb(), timeout=timeout_s, metadata=self._metadata)
+        ends_at = time.monotonic() + timeout_s
+        stream_id, received = None, 0
         try:
             for pb in call:
-                yield PrefillReply.from_pb(pb)
+                reply = PrefillReply.from_pb(pb)
+                if reply.frame is not None:
+                    received += len(reply.frame)
+                    stream_id = stream_id or peek_stream_id(reply.frame)
+                elif request.confirm and stream_id is not None:
+                    self._confirm(stream_id, received, ends_at)
+                yield reply
         except grpc.RpcError as exc:
             raise self._translate(exc, timeout_s) from None
         finally:
             call.cancel()  # no-op once the stream has ended
+
+    def _confirm(self, stream_id: bytes, received: int, ends_at: float) -> None:
+        """Send the receipt; a failure is left to the stream itself (its end or its error says what happened)."""
+        try:
+            self._stub.Confirm(Receipt(stream_id=stream_id, frame_bytes=received),
+                               timeout=max(0.05, min(CONFIRM_TIMEOUT_S, ends_at - time.monotonic())), metadata=self._metadata)
+        except grpc.RpcError:
+            pass  # an edge without Confirm (UNIMPLEMENTED) or one gone: the stream's status reports the latter
 
     def _translate(self, exc: grpc.RpcError, timeout_s: float) -> Exception:
         code, details = exc.code(), exc.details() or ""

@@ -22,18 +22,20 @@ class PrefillRequest:
     profile: str = ""  # empty: the edge's configured profile
     compress: bool = False
     chunk_bytes: int = 0  # 0: the edge's configured chunk size
+    confirm: bool = False  # the caller sends a Receipt (EdgeService.Confirm) once the timings message arrived
 
     def to_pb(self) -> kvwire_pb2.PrefillRequest:
         return kvwire_pb2.PrefillRequest(
             request_id=self.request_id, mode=self.mode, context=self.context, question=self.question,
             selector=self.selector, retention=self.retention, profile=self.profile, compress=self.compress,
-            chunk_bytes=self.chunk_bytes,
+            chunk_bytes=self.chunk_bytes, confirm=self.confirm,
         )
 
     @classmethod
     def from_pb(cls, pb: kvwire_pb2.PrefillRequest) -> "PrefillRequest":
         return cls(request_id=pb.request_id, mode=pb.mode, context=pb.context, question=pb.question, selector=pb.selector,
-                   retention=pb.retention, profile=pb.profile, compress=pb.compress, chunk_bytes=pb.chunk_bytes)
+                   retention=pb.retention, profile=pb.profile, compress=pb.compress, chunk_bytes=pb.chunk_bytes,
+                   confirm=pb.confirm)
 
 
 @dataclass

@@ -5,6 +5,7 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from agent_common.errors import OverloadedError, ShuttingDownError
 from agent_common.logs import log_event
@@ -15,10 +16,20 @@ from kvcodec.errors import ConfigError
 from kvcodec.models import LoadedModel
 from kvcodec.pipeline import Edge, EdgeRequest, Timings
 from kvcodec.profiles import PrecisionProfile, get_profile, profile_names
-from kvcodec.wire import peek_type
-from proto import kvwire_pb2_grpc
+from kvcodec.wire import peek_stream_id, peek_type
+from proto import kvwire_pb2, kvwire_pb2_grpc
 
 log = logging.getLogger("edge_agent")
+RECEIPT_POLL_S = 0.05  # how often a stream waiting for its receipt checks that the caller is still there
+RECEIPT_MAX_WAIT_S = 30.0  # a caller that asked to confirm and never does holds a stream this long at most
+
+
+@dataclass
+class _Receipt:
+    """A stream waiting for the cloud's Confirm."""
+
+    event: threading.Event
+    frame_bytes: int | None = None
 
 
 class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
@@ -37,6 +48,8 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         self.default_profile.resolve(self.edge.geometry["num_layers"], self.edge.geometry["head_dim"])
         self._slots = threading.BoundedSemaphore(settings.max_concurrency)
         self._model_lock = threading.Lock()
+        self._receipts: dict[bytes, _Receipt] = {}  # stream id -> a stream waiting for its receipt
+        self._receipts_lock = threading.Lock()
         self.draining = False
 
     def profile_for(self, name: str) -> PrecisionProfile | str:
@@ -75,15 +88,63 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             if not context.is_active():  # the caller gave up while this request waited for the model
                 return
             first = next(frames)  # the forward pass and selection run here; chunks are encoded lazily after
-        sent = count = 0
-        for frame in itertools.chain([first], frames):
-            yield PrefillReply(req.request_id, frame=frame).to_pb()
-            # counted once gRPC has taken the message: bytes actually written to the stream
-            self.metrics.bytes.labels(req.mode, peek_type(frame)).inc(len(frame))
-            sent, count = sent + len(frame), count + 1
-        timings.add("total", time.perf_counter() - started)
-        self.metrics.observe_stages(req.mode, timings.values)
-        yield PrefillReply(req.request_id, timings_ms=timings.ms()).to_pb()
-        log_event(log, "prefill", mode=req.mode, selector=edge_req.selector, retention=req.retention,
-                  profile=profile if isinstance(profile, str) else profile.name, frames=count, bytes=sent,
-                  timings_ms=timings.ms())
+        stream_id = peek_stream_id(first)
+        receipt = self._expect_receipt(stream_id) if req.confirm else None
+        try:
+            sent = count = 0
+            for frame in itertools.chain([first], frames):
+                yield PrefillReply(req.request_id, frame=frame).to_pb()
+                # counted once gRPC has taken the message (its buffers, not yet the cloud: see Confirm)
+                self.metrics.bytes.labels(req.mode, peek_type(frame)).inc(len(frame))
+                sent, count = sent + len(frame), count + 1
+            timings.add("total", time.perf_counter() - started)
+            self.metrics.observe_stages(req.mode, timings.values)
+            yield PrefillReply(req.request_id, timings_ms=timings.ms()).to_pb()
+            if receipt is not None and not self._await_receipt(receipt, context, sent):
+                return  # the caller went away before it had every frame: the interceptor counts it cancelled
+            log_event(log, "prefill", mode=req.mode, selector=edge_req.selector, retention=req.retention,
+                      profile=profile if isinstance(profile, str) else profile.name, frames=count, bytes=sent,
+                      confirmed_bytes=None if receipt is None else receipt.frame_bytes, timings_ms=timings.ms())
+        finally:
+            if receipt is not None:
+                with self._receipts_lock:
+                    self._receipts.pop(stream_id, None)
+
+    def _expect_receipt(self, stream_id: bytes) -> _Receipt:
+        receipt = _Receipt(threading.Event())
+        with self._receipts_lock:
+            self._receipts[stream_id] = receipt
+        return receipt
+
+    def _await_receipt(self, receipt: _Receipt, context, sent: int) -> bool:
+        """Hold the finished stream until the cloud confirms it (True) or the call ends without (False).
+
+        gRPC takes every frame into its buffers within milliseconds whatever the link does, so only
+        the receipt says the cloud has them. A receipt that never comes while the call stays open
+        (a caller that asked to confirm and does not) releases the stream after RECEIPT_MAX_WAIT_S.
+        """
+        waited = 0.0
+        while not receipt.event.wait(RECEIPT_POLL_S):
+            waited += RECEIPT_POLL_S
+            if not context.is_active():
+                log_event(log, "prefill_unconfirmed", logging.WARNING, bytes=sent,
+                          reason="the call ended before the cloud confirmed the stream")
+                return False
+            if waited >= RECEIPT_MAX_WAIT_S:
+                log_event(log, "prefill_unconfirmed", logging.WARNING, bytes=sent,
+                          reason=f"no receipt within {RECEIPT_MAX_WAIT_S:.0f} s of the last frame")
+                return True
+        if receipt.frame_bytes != sent:
+            log_event(log, "receipt_mismatch", logging.WARNING, bytes=sent, confirmed_bytes=receipt.frame_bytes)
+        return True
+
+    def Confirm(self, request, context):
+        """The cloud has every frame of the stream `request.stream_id` (see Prefill's `confirm`)."""
+        with self._receipts_lock:
+            receipt = self._receipts.get(bytes(request.stream_id))
+        if receipt is None:  # the stream already ended (cancelled, or released after RECEIPT_MAX_WAIT_S)
+            log_event(log, "receipt_unknown", logging.WARNING, stream_id=bytes(request.stream_id).hex())
+        else:
+            receipt.frame_bytes = request.frame_bytes
+            receipt.event.set()
+        return kvwire_pb2.ReceiptReply()

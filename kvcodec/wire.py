@@ -56,14 +56,26 @@ def pack_frame(kind: int, stream_id: bytes, seq: int, body: bytes, compress: boo
     return head + body + struct.pack("<I", crc32c(head + body))
 
 
+def _peek_prefix(data: bytes) -> tuple | None:
+    """The unverified prefix fields of a frame (None if it has no KVWire prefix)."""
+    if len(data) < PREFIX_SIZE or data[: len(MAGIC)] != MAGIC:
+        return None
+    return _PREFIX.unpack_from(data)
+
+
 def peek_type(data: bytes) -> str:
     """header/chunk/trailer from a frame's type byte, without verifying the frame ("unknown" if it has none).
 
     For counting and logging bytes by kind; only parse_frame() says whether a frame is valid.
     """
-    if len(data) < PREFIX_SIZE or data[: len(MAGIC)] != MAGIC:
-        return "unknown"
-    return FRAME_TYPES.get(_PREFIX.unpack_from(data)[2], "unknown")
+    prefix = _peek_prefix(data)
+    return "unknown" if prefix is None else FRAME_TYPES.get(prefix[2], "unknown")
+
+
+def peek_stream_id(data: bytes) -> bytes | None:
+    """The 16-byte stream id of a frame, without verifying it (None if it has no KVWire prefix)."""
+    prefix = _peek_prefix(data)
+    return None if prefix is None else prefix[4]
 
 
 def parse_frame(data: bytes) -> Frame:

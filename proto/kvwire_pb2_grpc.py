@@ -41,6 +41,11 @@ class EdgeServiceStub:
                 request_serializer=proto_dot_kvwire__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=proto_dot_kvwire__pb2.PrefillReply.FromString,
                 _registered_method=True)
+        self.Confirm = channel.unary_unary(
+                '/kvwire.v1.EdgeService/Confirm',
+                request_serializer=proto_dot_kvwire__pb2.Receipt.SerializeToString,
+                response_deserializer=proto_dot_kvwire__pb2.ReceiptReply.FromString,
+                _registered_method=True)
 
 
 class EdgeServiceServicer:
@@ -57,6 +62,16 @@ class EdgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Confirm(self, request, context):
+        """The cloud's receipt for a Prefill stream whose request set `confirm`: sent once the timings
+        message arrived, i.e. once every frame did. The edge holds such a stream open until the receipt
+        comes (or the call ends), so it counts the stream "ok" only when the cloud has the bytes, not
+        when gRPC buffered them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +79,11 @@ def add_EdgeServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=proto_dot_kvwire__pb2.PrefillRequest.FromString,
                     response_serializer=proto_dot_kvwire__pb2.PrefillReply.SerializeToString,
+            ),
+            'Confirm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Confirm,
+                    request_deserializer=proto_dot_kvwire__pb2.Receipt.FromString,
+                    response_serializer=proto_dot_kvwire__pb2.ReceiptReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +115,33 @@ class EdgeService:
             '/kvwire.v1.EdgeService/Prefill',
             proto_dot_kvwire__pb2.PrefillRequest.SerializeToString,
             proto_dot_kvwire__pb2.PrefillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Confirm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvwire.v1.EdgeService/Confirm',
+            proto_dot_kvwire__pb2.Receipt.SerializeToString,
+            proto_dot_kvwire__pb2.ReceiptReply.FromString,
             options,
             channel_credentials,
             insecure,

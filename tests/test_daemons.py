@@ -137,6 +137,9 @@ def test_request_id_travels_to_the_edge_logs(daemons):
         assert time.monotonic() < deadline, "the edge never logged the request id"
         time.sleep(0.05)
     assert [e for e in daemons.cloud.events("answer") if e.get("request_id") == "trace-42"]
+    # the edge logged the stream done only after the cloud's receipt, which counted every byte it sent
+    (done,) = [e for e in daemons.edge.events("prefill") if e.get("request_id") == "trace-42"]
+    assert done["confirmed_bytes"] == done["bytes"] == body["bytes_on_wire"]
 
 
 def test_cloud_warms_up_before_listening_and_measures_its_speed(daemons):

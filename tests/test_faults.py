@@ -236,7 +236,8 @@ def test_delay_and_stalls_answer_or_fail_cleanly_within_the_deadline(hosts, clea
         elif res["body"].get("complete", True):
             assert_same_answer(res, clean["kv"])
         else:  # an anytime answer: the deadline cut the stream, and the response says so
-            assert 0 < res["body"]["retention_achieved"] < 1, res
+            # (every chunk may have arrived and only the trailer not: retention 1.0, still incomplete)
+            assert 0 < res["body"]["retention_achieved"] <= 1, res
     seconds = [r["seconds"] for r in results]
     ok = [r for r in results if r["status"] == 200]
     hosts.relay.proc.terminate()
@@ -399,11 +400,6 @@ def test_cloud_killed_mid_stream_leaves_nothing_in_flight_and_a_new_cloud_answer
     assert_same_answer(cloud_killed["after"], clean["kv"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the edge counts a stream ok once gRPC has accepted every frame into its send buffers, which happens "
-    "within milliseconds whatever the link does (no flow-control backpressure reaches the Prefill generator): "
-    "a cloud that dies mid-transfer is never seen as a cancel, and kvwire_bytes_sent_total counts bytes the "
-    "cloud never received"))
 def test_cloud_killed_mid_stream_is_recorded_as_cancelled_by_the_edge(cloud_killed):
     assert not cloud_killed["edge_logged_the_stream_done_before_the_kill"]
     assert cloud_killed["edge_outcomes"] == {"ok": 0, "cancelled": 1}

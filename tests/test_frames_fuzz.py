@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from kvcodec.errors import FrameError
 from kvcodec.pipeline import Edge, EdgeRequest
 from kvcodec.stream import StreamDecoder
-from kvcodec.wire import CRC_SIZE, MAX_BODY, PREFIX_SIZE, crc32c, pack_frame, parse_frame, peek_type, read_frames
+from kvcodec.wire import CRC_SIZE, MAX_BODY, PREFIX_SIZE, crc32c, pack_frame, parse_frame, peek_stream_id, peek_type, read_frames
 
 CONTEXT = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 QUESTION = "Who was the leader?"
@@ -60,6 +60,9 @@ def test_peek_type_names_each_frame_and_never_raises(streams):
         kinds = [peek_type(f) for f in frames]
         assert kinds[0] == "header" and kinds[-1] == "trailer" and set(kinds[1:-1]) <= {"chunk"}
     assert [peek_type(b) for b in (b"", b"KVWF", b"XXXX" + bytes(40))] == ["unknown"] * 3
+    for frames in streams.values():
+        assert len({peek_stream_id(f) for f in frames}) == 1 and len(peek_stream_id(frames[0])) == 16
+    assert peek_stream_id(b"XXXX" + bytes(40)) is None
 
 
 @FUZZ
