@@ -130,7 +130,6 @@ def run(args) -> int:
     from bench.link import parse_bandwidths
     from bench.netlab import LinkSpec, NetLab, NetlabUnavailable
     from bench.netlab.daemons import answer, edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
-    from bench.netlab.namespaces import check_available
 
     rate = None if args.rate.strip().lower() == "none" else parse_bandwidths(args.rate)[0]
     modes = parse_modes(args.modes)
@@ -145,7 +144,6 @@ def run(args) -> int:
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     failed = 0
     try:
-        check_available()
         with NetLab(LinkSpec(rate=rate), workdir=args.logs) as lab:
             target = edge_grpc_target(lab)
             if relay_opts:
