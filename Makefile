@@ -17,17 +17,23 @@ setup: $(STAMP)
 
 # Both daemons on loopback with the embedded model, one question in kv, scout and text mode, then a clean stop.
 run: setup
-	$(PY) -m cloud_agent.demo
+	$(PY) -m kvwire.cloud_agent.demo
 
 demo: setup
 	$(VENV)/bin/kvwire demo
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
 
-# Regenerate the gRPC stubs from proto/kvwire.proto (generated code is never edited by hand).
+# Regenerate the gRPC stubs from proto/kvwire.proto (generated code is never edited by hand). protoc names
+# imports after the folders under -I, so the file is staged as kvwire/proto/ to get `kvwire.proto` imports.
 proto: setup
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/kvwire.proto
+	rm -rf build/protoc && mkdir -p build/protoc/kvwire/proto && cp proto/kvwire.proto build/protoc/kvwire/proto/
+	$(PY) -m grpc_tools.protoc -Ibuild/protoc --python_out=build/protoc --pyi_out=build/protoc --grpc_python_out=build/protoc kvwire/proto/kvwire.proto
+	cp build/protoc/kvwire/proto/kvwire_pb2.py build/protoc/kvwire/proto/kvwire_pb2.pyi build/protoc/kvwire/proto/kvwire_pb2_grpc.py proto/
+	rm -rf build/protoc
 
 clean:
 	rm -rf $(VENV) .pytest_cache

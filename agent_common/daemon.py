@@ -1,23 +1,32 @@
 """The life of a daemon process, the same for edge-agent and cloud-agent: settings, logs, start-up
 checks, the model, serving, and the exit code."""
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from agent_common.logs import log_event, setup_logging
-from agent_common.security import SecurityConfigError
-from agent_common.settings import AgentSettings, DaemonSettings, apply_thread_limit, load_settings
-from kvcodec.errors import KVWireError
+from kvwire.agent_common.logs import log_event, setup_logging
+from kvwire.agent_common.security import SecurityConfigError
+from kvwire.agent_common.settings import AgentSettings, DaemonSettings, apply_thread_limit, load_settings
+from kvwire.kvcodec.errors import KVWireError
 
 S = TypeVar("S", bound=AgentSettings)
 
 
-def run_daemon(prog: str, settings_cls: type[S], description: str, argv: list[str] | None,
-               check: Callable[[S], Any], serve: Callable[[S, Any], Awaitable[int]], log: logging.Logger) -> int:
+def run_daemon(
+    prog: str,
+    settings_cls: type[S],
+    description: str,
+    argv: list[str] | None,
+    check: Callable[[S], Any],
+    serve: Callable[[S, Any], Awaitable[int]],
+    log: logging.Logger,
+) -> int:
     """Load settings (bad ones: exit 2), run `check` (TLS files and tokens; bad ones: exit 2) before the
     model loads, then `serve(settings, checked)` until it drains; start-up failures exit 1."""
     settings = load_settings(settings_cls, argv, prog, description)
@@ -43,7 +52,7 @@ def load_daemon_model(settings: DaemonSettings):
     """(LoadedModel, seconds): torch and transformers import here, after the settings and files were checked."""
     from transformers.utils import logging as hf_logging
 
-    from kvcodec.models import load_model
+    from kvwire.kvcodec.models import load_model
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
@@ -51,15 +60,28 @@ def load_daemon_model(settings: DaemonSettings):
     return loaded, round(time.perf_counter() - started, 2)
 
 
-def warn_if_exposed(log: logging.Logger, token_file: str | None, setting: str, protected_by_tls: bool, where: str) -> None:
+def warn_if_exposed(
+    log: logging.Logger, token_file: str | None, setting: str, protected_by_tls: bool, where: str
+) -> None:
     """Start-up warnings for a token that would cross the network in clear or a token file others can read."""
-    from agent_common.security import readable_by_others
+    from kvwire.agent_common.security import readable_by_others
 
     if token_file is None:
         return
     if not protected_by_tls:
-        log_event(log, "token_in_clear", logging.WARNING, setting=setting,
-                  reason=f"{where} travels without TLS: anyone on the path can read the token")
+        log_event(
+            log,
+            "token_in_clear",
+            logging.WARNING,
+            setting=setting,
+            reason=f"{where} travels without TLS: anyone on the path can read the token",
+        )
     if readable_by_others(token_file):
-        log_event(log, "token_file_readable", logging.WARNING, setting=setting, path=token_file,
-                  reason="every user on this host can read the token; chmod 0600 (or 0640 to the service's group)")
+        log_event(
+            log,
+            "token_file_readable",
+            logging.WARNING,
+            setting=setting,
+            path=token_file,
+            reason="every user on this host can read the token; chmod 0600 (or 0640 to the service's group)",
+        )

@@ -3,6 +3,7 @@
 Handlers raise these plain exceptions with a message a user can act on; each daemon maps them
 to a status code in exactly one place (edge_agent/interceptor.py, cloud_agent/errors.py).
 """
+
 from __future__ import annotations
 
 

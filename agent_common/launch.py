@@ -1,8 +1,9 @@
 """Start a daemon as a child process and learn its ports from its `listening` log line.
 
-Used by the end-to-end tests and by `python -m cloud_agent.demo` (`make run`); operators use
+Used by the end-to-end tests and by `python -m kvwire.cloud_agent.demo` (`make run`); operators use
 systemd instead (deploy/).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ class Daemon:
         self.listening: dict = {}
         self._terminated = False
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+        )
         self._reader = threading.Thread(target=self._read, name=f"{name}-log", daemon=True)
         self._reader.start()
 
@@ -50,7 +57,11 @@ class Daemon:
         while not self._listening.wait(0.1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self._reader.join(1)
-                what = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else f"not listening after {timeout:.0f} s"
+                what = (
+                    f"exited with {self.proc.returncode}"
+                    if self.proc.poll() is not None
+                    else f"not listening after {timeout:.0f} s"
+                )
                 raise RuntimeError(f"{self.name} {what}; last log lines:\n" + "\n".join(self.lines[-20:]))
         return self.listening
 

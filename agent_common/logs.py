@@ -1,4 +1,5 @@
 """Structured logs: one JSON object per line on stderr, carrying the request id of the work in progress."""
+
 from __future__ import annotations
 
 import json

@@ -1,10 +1,30 @@
 """The Prometheus metrics of DESIGN.md, one registry per daemon (no global state between daemons or tests)."""
+
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Stage latencies span sub-millisecond (select on a short prompt) to minutes (a long CPU prefill).
-STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STAGE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 # Wire ratios: ~0.07 (INT4 at 25% retention) up to 1.0 (FP16, everything); scout streams sit far below 0.01.
 RATIO_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5)
 # Achieved retention: requests ask for 0.1-1.0; a deadline cut lands anywhere below what was asked.
@@ -32,23 +52,54 @@ class Metrics:
         self.side = side
         self.registry = CollectorRegistry()
         r = self.registry
-        self.stage_seconds = Histogram("kvwire_stage_seconds", "Seconds spent per pipeline stage",
-                                       ["side", "stage", "mode"], buckets=STAGE_BUCKETS, registry=r)
-        self.requests = Counter("kvwire_requests", "Requests finished, by mode and outcome", ["mode", "outcome"], registry=r)
+        self.stage_seconds = Histogram(
+            "kvwire_stage_seconds",
+            "Seconds spent per pipeline stage",
+            ["side", "stage", "mode"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "kvwire_requests", "Requests finished, by mode and outcome", ["mode", "outcome"], registry=r
+        )
         self.inflight = Gauge("kvwire_inflight_requests", "Requests being served now", registry=r)
         if side == "edge":
-            self.bytes = Counter("kvwire_bytes_sent", "Codec frame bytes written to the gRPC stream", ["mode", "kind"], registry=r)
+            self.bytes = Counter(
+                "kvwire_bytes_sent", "Codec frame bytes written to the gRPC stream", ["mode", "kind"], registry=r
+            )
         else:
-            self.bytes = Counter("kvwire_bytes_received", "Codec frame bytes read from the gRPC stream", ["mode", "kind"], registry=r)
-            self.frames_rejected = Counter("kvwire_frames_rejected", "Frames or streams the decoder rejected", ["reason"], registry=r)
-            self.wire_ratio = Histogram("kvwire_wire_ratio", "Bytes on the wire / FP16 KV bytes of the full prompt",
-                                        ["mode"], buckets=RATIO_BUCKETS, registry=r)
-            self.partial_answers = Counter("kvwire_partial_answers", "Answers from the positions that arrived before a deadline cut the edge stream",
-                                           ["mode"], registry=r)
-            self.fallbacks = Counter("kvwire_fallbacks", "kv/scout requests answered in text mode because the edge stream failed",
-                                     ["mode", "reason"], registry=r)
-            self.retention_achieved = Histogram("kvwire_retention_achieved", "Context positions an answer used / context tokens",
-                                                ["mode"], buckets=RETENTION_BUCKETS, registry=r)
+            self.bytes = Counter(
+                "kvwire_bytes_received", "Codec frame bytes read from the gRPC stream", ["mode", "kind"], registry=r
+            )
+            self.frames_rejected = Counter(
+                "kvwire_frames_rejected", "Frames or streams the decoder rejected", ["reason"], registry=r
+            )
+            self.wire_ratio = Histogram(
+                "kvwire_wire_ratio",
+                "Bytes on the wire / FP16 KV bytes of the full prompt",
+                ["mode"],
+                buckets=RATIO_BUCKETS,
+                registry=r,
+            )
+            self.partial_answers = Counter(
+                "kvwire_partial_answers",
+                "Answers from the positions that arrived before a deadline cut the edge stream",
+                ["mode"],
+                registry=r,
+            )
+            self.fallbacks = Counter(
+                "kvwire_fallbacks",
+                "kv/scout requests answered in text mode because the edge stream failed",
+                ["mode", "reason"],
+                registry=r,
+            )
+            self.retention_achieved = Histogram(
+                "kvwire_retention_achieved",
+                "Context positions an answer used / context tokens",
+                ["mode"],
+                buckets=RETENTION_BUCKETS,
+                registry=r,
+            )
 
     def observe_stages(self, mode: str, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():

@@ -4,6 +4,7 @@ Every problem is a SecurityConfigError whose message names the setting and the f
 daemon exits at once with one line an operator can act on instead of failing at the first
 handshake. Nothing here keeps a token in a log line or an error message.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -46,11 +47,15 @@ def read_token(path: str, setting: str) -> str:
     if not token:
         raise SecurityConfigError(f"{setting}: {path!r} is empty; put one token in it, e.g. the output of {MAKE_TOKEN}")
     if not set(token) <= TOKEN_CHARS:
-        raise SecurityConfigError(f"{setting}: the token in {path!r} may hold only letters, digits and -._~+/= "
-                                  f"(one line, no spaces), e.g. the output of {MAKE_TOKEN}")
+        raise SecurityConfigError(
+            f"{setting}: the token in {path!r} may hold only letters, digits and -._~+/= "
+            f"(one line, no spaces), e.g. the output of {MAKE_TOKEN}"
+        )
     if len(token) < MIN_TOKEN_CHARS:
-        raise SecurityConfigError(f"{setting}: the token in {path!r} has {len(token)} characters; use at least "
-                                  f"{MIN_TOKEN_CHARS}, e.g. the output of {MAKE_TOKEN}")
+        raise SecurityConfigError(
+            f"{setting}: the token in {path!r} has {len(token)} characters; use at least "
+            f"{MIN_TOKEN_CHARS}, e.g. the output of {MAKE_TOKEN}"
+        )
     return token
 
 
@@ -78,14 +83,19 @@ def check_key_pair(cert_file: str, key_file: str, cert_setting: str, key_setting
     try:
         ctx.load_cert_chain(cert_file, key_file, password=_no_password)
     except SecurityConfigError:
-        raise SecurityConfigError(f"{key_setting}: {key_file!r} is encrypted; gRPC and uvicorn need an unencrypted PEM key "
-                                  f"(keep it 0600 instead), e.g. `openssl pkey -in {key_file} -out plain.key`") from None
+        raise SecurityConfigError(
+            f"{key_setting}: {key_file!r} is encrypted; gRPC and uvicorn need an unencrypted PEM key "
+            f"(keep it 0600 instead), e.g. `openssl pkey -in {key_file} -out plain.key`"
+        ) from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise SecurityConfigError(f"{key_setting}: {key_file!r} is not the private key of the certificate in "
-                                      f"{cert_setting} {cert_file!r}") from None
-        raise SecurityConfigError(f"{cert_setting} {cert_file!r} and {key_setting} {key_file!r} must be a PEM certificate "
-                                  f"(chain) and its PEM private key ({exc.reason or exc})") from None
+            raise SecurityConfigError(
+                f"{key_setting}: {key_file!r} is not the private key of the certificate in {cert_setting} {cert_file!r}"
+            ) from None
+        raise SecurityConfigError(
+            f"{cert_setting} {cert_file!r} and {key_setting} {key_file!r} must be a PEM certificate "
+            f"(chain) and its PEM private key ({exc.reason or exc})"
+        ) from None
     return cert, key
 
 
@@ -103,7 +113,9 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None
     """TLS for a gRPC server port; with a client CA, mutual TLS: clients must present a certificate it signed."""
     cert, key = check_key_pair(cert_file, key_file, "tls_cert_file", "tls_key_file")
     client_ca = read_ca(client_ca_file, "tls_client_ca_file") if client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def channel_credentials(ca_file: str, cert_file: str | None, key_file: str | None) -> grpc.ChannelCredentials:

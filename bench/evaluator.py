@@ -5,6 +5,7 @@ Every compressed answer takes the path a daemon request takes: Edge.stream (prom
 select -> encode -> frames) -> Cloud.receive (verify, decode) -> Cloud.answer_kv (cache, generate).
 The reference ("full") is Cloud.answer_text: the model's own prefill of the whole prompt, no codec.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.data import Example
-from bench.squad_metrics import best_over_golds, exact_match, f1_score
-from kvcodec.pipeline import Cloud, Edge, EdgeRequest, PrefillMemo, Timings, fp16_kv_bytes
-from kvcodec.profiles import PrecisionProfile, get_profile
-from kvcodec.selectors import check_retention, get_selector
+from kvwire.bench.data import Example
+from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score
+from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, PrefillMemo, Timings, fp16_kv_bytes
+from kvwire.kvcodec.profiles import PrecisionProfile, get_profile
+from kvwire.kvcodec.selectors import check_retention, get_selector
 
 FULL, TEXT, NONE = "full", "text", "none"  # baseline selectors; NONE: retention 1.0, nothing dropped
 BASELINE_PROFILE = "-"
@@ -47,8 +48,10 @@ class Setting:
     def key(self) -> str:
         if self.profile is None:
             return f"{self.selector}:{self.retention:g}:{BASELINE_PROFILE}"
-        digest = hashlib.sha256(json.dumps(self.profile.to_dict()["default"], sort_keys=True).encode()
-                                + json.dumps(self.profile.to_dict()["layers"], sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(
+            json.dumps(self.profile.to_dict()["default"], sort_keys=True).encode()
+            + json.dumps(self.profile.to_dict()["layers"], sort_keys=True).encode()
+        ).hexdigest()[:8]
         return f"{self.selector}:{self.retention:g}:{self.profile.name}#{digest}"
 
 
@@ -143,8 +146,9 @@ class Evaluator:
                 ratio = text_bytes / fp16_kv_bytes(self.geometry, full["prompt_len"])
                 self._record_text(ex, s, full, text_bytes, ratio)
                 continue
-            req = EdgeRequest(ex.context, ex.question, "kv", s.selector if s.selector != NONE else "q2c", s.retention,
-                              s.profile)
+            req = EdgeRequest(
+                ex.context, ex.question, "kv", s.selector if s.selector != NONE else "q2c", s.retention, s.profile
+            )
             frames = list(self.edge.stream(req, timings, memo))
             ans = self.cloud.answer_kv(self.cloud.receive(frames, timings), self.max_new_tokens, timings)
             self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0)
@@ -152,24 +156,45 @@ class Evaluator:
 
     def _record(self, ex, s: Setting, text, tokens, full, nbytes, ratio, ans, timings, t0) -> dict:
         rec = self._base(ex, s, text, tokens, full)
-        rec.update(bytes=nbytes, wire_ratio=ratio, prompt_len=ans.prompt_len, context_tokens=ans.context_tokens,
-                   kept=ans.kept_positions, timings_ms=timings.ms(), seconds=round(time.perf_counter() - t0, 4))
+        rec.update(
+            bytes=nbytes,
+            wire_ratio=ratio,
+            prompt_len=ans.prompt_len,
+            context_tokens=ans.context_tokens,
+            kept=ans.kept_positions,
+            timings_ms=timings.ms(),
+            seconds=round(time.perf_counter() - t0, 4),
+        )
         self.store.add(rec)
         return rec
 
     def _record_text(self, ex, s: Setting, full: dict, nbytes: int, ratio: float) -> None:
         rec = self._base(ex, s, full["prediction"], full["tokens"], full)
-        rec.update(bytes=nbytes, wire_ratio=ratio, prompt_len=full["prompt_len"], context_tokens=full["context_tokens"],
-                   kept=full["kept"], timings_ms=full["timings_ms"], seconds=full["seconds"])
+        rec.update(
+            bytes=nbytes,
+            wire_ratio=ratio,
+            prompt_len=full["prompt_len"],
+            context_tokens=full["context_tokens"],
+            kept=full["kept"],
+            timings_ms=full["timings_ms"],
+            seconds=full["seconds"],
+        )
         self.store.add(rec)
 
     @staticmethod
     def _base(ex: Example, s: Setting, text: str, tokens: list[int], full: dict | None) -> dict:
         golds = list(ex.answers)
         return {
-            "example": ex.id, "setting": s.key, "selector": s.selector, "retention": s.retention,
-            "profile": s.profile_name, "length": ex.meta.get("length"), "prediction": text, "tokens": tokens,
-            "f1": best_over_golds(f1_score, text, golds), "em": best_over_golds(exact_match, text, golds),
+            "example": ex.id,
+            "setting": s.key,
+            "selector": s.selector,
+            "retention": s.retention,
+            "profile": s.profile_name,
+            "length": ex.meta.get("length"),
+            "prediction": text,
+            "tokens": tokens,
+            "f1": best_over_golds(f1_score, text, golds),
+            "em": best_over_golds(exact_match, text, golds),
             "agreement_f1": 1.0 if full is None else f1_score(text, full["prediction"]),
             "identical": True if full is None else tokens == full["tokens"],
         }
@@ -195,17 +220,25 @@ def summarize(store: RecordStore, examples: list[Example], settings: list[Settin
             recs = [r for r, _ in pairs]
             f1, full_f1 = _mean(r["f1"] for r in recs), _mean(f["f1"] for _, f in pairs)
             stages = sorted({k for r in recs for k in r["timings_ms"]})
-            rows.append({
-                "selector": s.selector, "retention": s.retention, "profile": s.profile_name, "length": length,
-                "n": len(recs), "f1": round(f1, 4), "em": round(_mean(r["em"] for r in recs), 4),
-                "agreement_f1": round(_mean(r["agreement_f1"] for r in recs), 4),
-                "identical": round(_mean(float(r["identical"]) for r in recs), 4),
-                "pct_of_full_f1": round(100 * f1 / full_f1, 2) if full_f1 > 0 else None,
-                "bytes": round(_mean(r["bytes"] for r in recs)), "wire_ratio": round(_mean(r["wire_ratio"] for r in recs), 5),
-                "prompt_tokens": round(_mean(r["prompt_len"] for r in recs), 1),
-                "kept_positions": round(_mean(r["kept"] for r in recs), 1),
-                "answer_tokens": round(_mean(len(r["tokens"]) for r in recs), 2),
-                "stage_ms": {k: round(_mean(r["timings_ms"].get(k, 0.0) for r in recs), 2) for k in stages},
-                "setting": s.key,
-            })
+            rows.append(
+                {
+                    "selector": s.selector,
+                    "retention": s.retention,
+                    "profile": s.profile_name,
+                    "length": length,
+                    "n": len(recs),
+                    "f1": round(f1, 4),
+                    "em": round(_mean(r["em"] for r in recs), 4),
+                    "agreement_f1": round(_mean(r["agreement_f1"] for r in recs), 4),
+                    "identical": round(_mean(float(r["identical"]) for r in recs), 4),
+                    "pct_of_full_f1": round(100 * f1 / full_f1, 2) if full_f1 > 0 else None,
+                    "bytes": round(_mean(r["bytes"] for r in recs)),
+                    "wire_ratio": round(_mean(r["wire_ratio"] for r in recs), 5),
+                    "prompt_tokens": round(_mean(r["prompt_len"] for r in recs), 1),
+                    "kept_positions": round(_mean(r["kept"] for r in recs), 1),
+                    "answer_tokens": round(_mean(len(r["tokens"]) for r in recs), 2),
+                    "stage_ms": {k: round(_mean(r["timings_ms"].get(k, 0.0) for r in recs), 2) for k in stages},
+                    "setting": s.key,
+                }
+            )
     return rows

@@ -3,19 +3,20 @@
 Each op is timed on the torch reference and (on CUDA) on the Triton kernels, and set against a
 device-to-device copy (torch.clone) of the same K tensor, the floor any byte-moving kernel sits
 on. q2c is also set against eager attention (a materialized softmax). Run:
-`python -m bench.kernels_bench --json`.
+`python -m kvwire.bench.kernels_bench --json`.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from kernels import reference
+from kvwire.kernels import reference
 
 # Qwen2.5-7B-Instruct attention geometry; one layer's K (or V) for a 4096-token prompt.
 KV_HEADS, HEAD_DIM, Q_HEADS, TOKENS = 4, 128, 28, 4096
@@ -25,6 +26,7 @@ GROUP = 32  # a common sub-row group size; per-row scales are timed too (group =
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object], int], tuple[float, float]]:
     """(median, best) milliseconds of `reps` calls of fn after two warm-up calls."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -47,7 +49,7 @@ def _eager_attention_scores(q, k, q_pos, ctx_start, ctx_end):
     """The materialized way: full [Hq, Lq, S] scores, softmax, column sums (what HF eager gives)."""
     group = q.shape[0] // k.shape[0]
     kk = k.float().repeat_interleave(group, dim=0)
-    scores = torch.matmul(q.float(), kk.transpose(1, 2)) / HEAD_DIM ** 0.5
+    scores = torch.matmul(q.float(), kk.transpose(1, 2)) / HEAD_DIM**0.5
     keys = torch.arange(k.shape[1], device=k.device)
     scores.masked_fill_(keys > q_pos[:, None], float("-inf"))
     return scores.softmax(dim=-1)[..., ctx_start:ctx_end].sum(dim=(0, 1))
@@ -72,7 +74,8 @@ def run(json_out: bool) -> dict:
 
     backends = {"torch": reference}
     if cuda:
-        from kernels import triton_kernels
+        from kvwire.kernels import triton_kernels
+
         backends["triton"] = triton_kernels
 
     clone_ms, clone_best = measure(lambda: torch.clone(x), reps)
@@ -80,9 +83,16 @@ def run(json_out: bool) -> dict:
 
     def record(op, backend, times, moved_bytes):
         ms, best = times
-        rows.append({"op": op, "backend": backend, "ms": round(ms, 4), "best_ms": round(best, 4),
-                     "gb_per_s": round(moved_bytes / best / 1e6, 2) if moved_bytes else None,
-                     "x_clone": round(best / clone_best, 2)})
+        rows.append(
+            {
+                "op": op,
+                "backend": backend,
+                "ms": round(ms, 4),
+                "best_ms": round(best, 4),
+                "gb_per_s": round(moved_bytes / best / 1e6, 2) if moved_bytes else None,
+                "x_clone": round(best / clone_best, 2),
+            }
+        )
 
     for name, impl in backends.items():
         for bits in (8, 4):
@@ -101,34 +111,50 @@ def run(json_out: bool) -> dict:
     record(f"q2c_scores {QUESTION_ROWS} rows", "eager attention", ms, 0)
 
     want = _eager_attention_scores(q, x, q_pos, *ctx)
-    agreement = {name: float((impl.q2c_scores(q, x, q_pos, *ctx) - want).abs().max())
-                 for name, impl in backends.items()}
+    agreement = {
+        name: float((impl.q2c_scores(q, x, q_pos, *ctx) - want).abs().max()) for name, impl in backends.items()
+    }
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
-        "geometry": {"kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "q_heads": Q_HEADS, "tokens": TOKENS,
-                     "question_rows": QUESTION_ROWS},
+        "geometry": {
+            "kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "q_heads": Q_HEADS,
+            "tokens": TOKENS,
+            "question_rows": QUESTION_ROWS,
+        },
         "clone_ms": round(clone_ms, 4),
         "clone_best_ms": round(clone_best, 4),
         "clone_gb_per_s": round(2 * x_bytes / clone_best / 1e6, 2),
         "ops": rows,
         "q2c_max_abs_diff_vs_eager": agreement,
-        "note": ("ms is the median, best_ms the fastest of the repetitions; gb_per_s (bytes read + written) and"
-                 " x_clone (time / torch.clone time of the same K tensor) use the fastest, which is steadier"
-                 " on a shared machine"
-                 + ("" if cuda else "; no GPU here: only the torch reference path (the CPU runtime) is timed,"
-                    " Triton figures need a GPU")),
+        "note": (
+            "ms is the median, best_ms the fastest of the repetitions; gb_per_s (bytes read + written) and"
+            " x_clone (time / torch.clone time of the same K tensor) use the fastest, which is steadier"
+            " on a shared machine"
+            + (
+                ""
+                if cuda
+                else "; no GPU here: only the torch reference path (the CPU runtime) is timed,"
+                " Triton figures need a GPU"
+            )
+        ),
     }
     if json_out:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['device']} ({result['dtype']}): clone {clone_ms:.3f} ms (best {clone_best:.3f}), "
-              f"{result['clone_gb_per_s']} GB/s")
+        print(
+            f"{result['device']} ({result['dtype']}): clone {clone_ms:.3f} ms (best {clone_best:.3f}), "
+            f"{result['clone_gb_per_s']} GB/s"
+        )
         for r in rows:
             bw = f"{r['gb_per_s']:8.2f} GB/s" if r["gb_per_s"] is not None else " " * 13
-            print(f"  {r['op']:<28} {r['backend']:<16} {r['ms']:9.3f} ms (best {r['best_ms']:8.3f}) {bw}"
-                  f"  {r['x_clone']:7.2f}x clone")
+            print(
+                f"  {r['op']:<28} {r['backend']:<16} {r['ms']:9.3f} ms (best {r['best_ms']:8.3f}) {bw}"
+                f"  {r['x_clone']:7.2f}x clone"
+            )
         print(f"  q2c max |diff| vs eager: {agreement}")
         print(f"  {result['note']}")
     return result

@@ -21,16 +21,17 @@ a PrefillMemo), so every kv/scout request pays the edge's prefill as every text 
 cloud's. One short warm-up request per mode before the grid pays torch's first-call costs and opens
 the gRPC channel (which then stays open, as between long-running daemons).
 """
+
 from __future__ import annotations
 
 import re
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from kvcodec.errors import ConfigError
+from kvwire.kvcodec.errors import ConfigError
 
 # name -> the /answer request fields of that mode (besides question, context, max_new_tokens, deadline).
 # scout keeps the same q2c 0.5 positions as the q2c kv row: at retention 1.0 it would only add the
@@ -52,8 +53,8 @@ def _csv(text: str) -> list[str]:
 
 
 def parse_bandwidths(text: str) -> list[str]:
-    """"10mbit,100mbit,1gbit" -> the tc rate strings, each checked (ConfigError names a bad one)."""
-    from bench.netlab.namespaces import rate_bits
+    """ "10mbit,100mbit,1gbit" -> the tc rate strings, each checked (ConfigError names a bad one)."""
+    from kvwire.bench.netlab.namespaces import rate_bits
 
     rates = _csv(text)
     if not rates:
@@ -67,7 +68,7 @@ def parse_bandwidths(text: str) -> list[str]:
 
 
 def parse_delay(text: str) -> float:
-    """"20ms" -> 20.0 (milliseconds, each way); also "0", "500us", "0.1s"."""
+    """ "20ms" -> 20.0 (milliseconds, each way); also "0", "500us", "0.1s"."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(us|ms|s)?", text.strip().lower())
     if not m:
         raise ConfigError(f"--delay {text!r}: use a time such as 20ms, 500us or 0.1s (added each way)")
@@ -75,7 +76,7 @@ def parse_delay(text: str) -> float:
 
 
 def parse_tokens(text: str) -> list[int]:
-    """"512,2048" -> [512, 2048], each a positive integer."""
+    """ "512,2048" -> [512, 2048], each a positive integer."""
     try:
         out = [int(x) for x in _csv(text)]
     except ValueError:
@@ -114,7 +115,9 @@ class LinkConfig:
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if not 1 <= self.max_new_tokens <= 256:
-            raise ConfigError(f"--max-new-tokens must be in [1, 256] (the cloud's default cap), got {self.max_new_tokens}")
+            raise ConfigError(
+                f"--max-new-tokens must be in [1, 256] (the cloud's default cap), got {self.max_new_tokens}"
+            )
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0, got {self.timeout_s}")
         if self.delay_ms < 0:
@@ -129,6 +132,7 @@ class LinkConfig:
 
 # ---- contexts --------------------------------------------------------------------------------
 
+
 def _count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -140,15 +144,17 @@ def build_context(tokenizer, tokens: int) -> tuple[str, str, dict]:
     The cut is made on token ids and decoded; re-tokenizing the decoded text can differ by a token at
     the cut, so the cut moves until the count is exact (meta["context_tokens"] is what was reached).
     """
-    from bench.data import SQUAD_SAMPLE, load_examples
+    from kvwire.bench.data import SQUAD_SAMPLE, load_examples
 
     examples = load_examples(SQUAD_SAMPLE)
     passages = list(dict.fromkeys(ex.context.strip() for ex in examples))
     question = next(ex for ex in examples if ex.context.strip() == passages[0])
     ids = tokenizer("\n\n".join(passages), add_special_tokens=False)["input_ids"]
     if len(ids) < tokens:
-        raise ConfigError(f"the {len(passages)} sample passages are only {len(ids)} tokens of this tokenizer; "
-                          f"ask for at most that many --tokens")
+        raise ConfigError(
+            f"the {len(passages)} sample passages are only {len(ids)} tokens of this tokenizer; "
+            f"ask for at most that many --tokens"
+        )
     n, text, got = tokens, "", -1
     for _ in range(8):  # converges in one or two steps
         text = tokenizer.decode(ids[:n], skip_special_tokens=True)
@@ -157,18 +163,28 @@ def build_context(tokenizer, tokens: int) -> tuple[str, str, dict]:
             break
         n = max(1, n + tokens - got)
     first = _count(tokenizer, passages[0])
-    meta = {"context_tokens": got, "question_id": question.id, "first_passage_tokens": first,
-            "answer_in_context": first <= got}
+    meta = {
+        "context_tokens": got,
+        "question_id": question.id,
+        "first_passage_tokens": first,
+        "answer_in_context": first <= got,
+    }
     return text, question.question, meta
 
 
 # ---- one run ---------------------------------------------------------------------------------
 
+
 def _request(cfg: LinkConfig, mode: str, context: str, question: str) -> dict:
     # the request's deadline is its own timeout, so the cloud does not cut a slow stream short (an
     # anytime answer would make a slow link look fast); a row whose stream was cut anyway says so
-    return {"question": question, "context": context, "max_new_tokens": cfg.max_new_tokens,
-            "deadline_ms": int(cfg.timeout_s * 1000), **MODES[mode]}
+    return {
+        "question": question,
+        "context": context,
+        "max_new_tokens": cfg.max_new_tokens,
+        "deadline_ms": int(cfg.timeout_s * 1000),
+        **MODES[mode],
+    }
 
 
 def measure(res: dict) -> dict:
@@ -186,15 +202,22 @@ def measure(res: dict) -> dict:
     t = body["timings_ms"]
     total = float(res["seconds"])
     ttft = total - (t["generate"] - t["first_token"]) / 1000
-    return {"total_s": total, "ttft_s": ttft, "ttft_minus_edge_prefill_s": ttft - t["edge_prefill"] / 1000,
-            "bytes": body["bytes_on_wire"], "context_tokens": body["context_tokens"],
-            "prompt_tokens": body["prompt_tokens"], "kept_positions": body["kept_positions"],
-            "answer": body["answer"], "timings_ms": t,
-            "complete": body.get("complete", True)}  # false: a deadline cut the stream (newer cloud-agents say so)
+    return {
+        "total_s": total,
+        "ttft_s": ttft,
+        "ttft_minus_edge_prefill_s": ttft - t["edge_prefill"] / 1000,
+        "bytes": body["bytes_on_wire"],
+        "context_tokens": body["context_tokens"],
+        "prompt_tokens": body["prompt_tokens"],
+        "kept_positions": body["kept_positions"],
+        "answer": body["answer"],
+        "timings_ms": t,
+        "complete": body.get("complete", True),
+    }  # false: a deadline cut the stream (newer cloud-agents say so)
 
 
 def _ask(lab, cloud, cfg: LinkConfig, request: dict) -> dict:
-    from bench.netlab.daemons import answer
+    from kvwire.bench.netlab.daemons import answer
 
     try:
         return measure(answer(lab, cloud, request, timeout=cfg.timeout_s + 30))
@@ -205,21 +228,33 @@ def _ask(lab, cloud, cfg: LinkConfig, request: dict) -> dict:
 def summarize(bandwidth: str, tokens: int, mode: str, samples: list[dict], cfg: LinkConfig) -> dict:
     """One table row: medians over the repeats that answered (an error row if none did)."""
     ok = [s for s in samples if "error" not in s]
-    row = {"bandwidth": bandwidth, "delay_ms": cfg.delay_ms, "tokens": tokens, "mode": mode, "request": MODES[mode],
-           "repeats": len(samples), "answered": len(ok)}
+    row = {
+        "bandwidth": bandwidth,
+        "delay_ms": cfg.delay_ms,
+        "tokens": tokens,
+        "mode": mode,
+        "request": MODES[mode],
+        "repeats": len(samples),
+        "answered": len(ok),
+    }
     if not ok:
         return {**row, "error": samples[0]["error"] if samples else "not run"}
     first = ok[0]
     stages = first["timings_ms"].keys()
-    return {**row, "bytes": int(statistics.median(s["bytes"] for s in ok)),
-            "ttft_s": round(statistics.median(s["ttft_s"] for s in ok), 4),
-            "total_s": round(statistics.median(s["total_s"] for s in ok), 4),
-            "ttft_minus_edge_prefill_s": round(statistics.median(s["ttft_minus_edge_prefill_s"] for s in ok), 4),
-            "context_tokens": first["context_tokens"], "prompt_tokens": first["prompt_tokens"],
-            "kept_positions": first["kept_positions"], "answer": first["answer"],
-            "complete": all(s["complete"] for s in ok),
-            "timings_ms": {k: round(statistics.median(s["timings_ms"][k] for s in ok), 1) for k in stages},
-            "errors": [s["error"] for s in samples if "error" in s]}
+    return {
+        **row,
+        "bytes": int(statistics.median(s["bytes"] for s in ok)),
+        "ttft_s": round(statistics.median(s["ttft_s"] for s in ok), 4),
+        "total_s": round(statistics.median(s["total_s"] for s in ok), 4),
+        "ttft_minus_edge_prefill_s": round(statistics.median(s["ttft_minus_edge_prefill_s"] for s in ok), 4),
+        "context_tokens": first["context_tokens"],
+        "prompt_tokens": first["prompt_tokens"],
+        "kept_positions": first["kept_positions"],
+        "answer": first["answer"],
+        "complete": all(s["complete"] for s in ok),
+        "timings_ms": {k: round(statistics.median(s["timings_ms"][k] for s in ok), 1) for k in stages},
+        "errors": [s["error"] for s in samples if "error" in s],
+    }
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -241,10 +276,10 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
     bandwidth x tokens x mode. Raises NetlabUnavailable when this machine cannot host the lab."""
     from transformers import AutoTokenizer
 
-    from bench.netlab import LinkSpec, NetLab
-    from bench.netlab.daemons import edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
-    from bench.netlab.namespaces import check_available
-    from kvcodec.models import resolve_model_source
+    from kvwire.bench.netlab import LinkSpec, NetLab
+    from kvwire.bench.netlab.daemons import edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
+    from kvwire.bench.netlab.namespaces import check_available
+    from kvwire.kvcodec.models import resolve_model_source
 
     check_available()  # before loading anything: a clear message when we are not root or lack tc
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(cfg.model))
@@ -263,8 +298,10 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
         for mode in cfg.modes:
             warm = _ask(lab, cloud, cfg, _request(cfg, mode, context, question))
             if "error" in warm:
-                raise RuntimeError(f"warm-up request in mode {mode} failed: {warm['error']}\n"
-                                   f"edge log tail:\n{edge.proc.log()[-1500:]}\ncloud log tail:\n{cloud.proc.log()[-1500:]}")
+                raise RuntimeError(
+                    f"warm-up request in mode {mode} failed: {warm['error']}\n"
+                    f"edge log tail:\n{edge.proc.log()[-1500:]}\ncloud log tail:\n{cloud.proc.log()[-1500:]}"
+                )
         for bandwidth in cfg.bandwidths:
             lab.shape(bandwidth)
             for tokens in cfg.tokens:
@@ -274,13 +311,20 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
                     for mode in cfg.modes:
                         s = _ask(lab, cloud, cfg, _request(cfg, mode, context, question))
                         samples[mode].append(s)
-                        progress(f"{bandwidth} {tokens} tokens {mode} #{rep + 1}: " + (
-                            s["error"] if "error" in s else f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s"))
+                        progress(
+                            f"{bandwidth} {tokens} tokens {mode} #{rep + 1}: "
+                            + (
+                                s["error"]
+                                if "error" in s
+                                else f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s"
+                            )
+                        )
                 rows += [summarize(bandwidth, tokens, m, samples[m], cfg) for m in cfg.modes]
     return add_ratios(rows)
 
 
 # ---- report ----------------------------------------------------------------------------------
+
 
 def _f(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
@@ -288,16 +332,20 @@ def _f(x, spec: str) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """The Markdown table: one row per bandwidth x tokens x mode."""
-    lines = ["| bandwidth | tokens | mode | wire MB | TTFT s | total s | TTFT/text | total/text | (TTFT − edge prefill)/text |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| bandwidth | tokens | mode | wire MB | TTFT s | total s | TTFT/text | total/text | (TTFT − edge prefill)/text |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['bandwidth']} | {r['tokens']} | {r['mode']} | error: {r['error'][:80]} | | | | | |")
             continue
         mode = r["mode"] if r.get("complete", True) else f"{r['mode']} (stream cut)"
-        lines.append(f"| {r['bandwidth']} | {r['tokens']} | {mode} | {r['bytes'] / 1e6:.3f} | {r['ttft_s']:.2f} | "
-                     f"{r['total_s']:.2f} | {_f(r['ttft_vs_text'], '.2f')} | {_f(r['total_vs_text'], '.2f')} | "
-                     f"{_f(r['ttft_minus_edge_prefill_vs_text'], '.2f')} |")
+        lines.append(
+            f"| {r['bandwidth']} | {r['tokens']} | {mode} | {r['bytes'] / 1e6:.3f} | {r['ttft_s']:.2f} | "
+            f"{r['total_s']:.2f} | {_f(r['ttft_vs_text'], '.2f')} | {_f(r['total_vs_text'], '.2f')} | "
+            f"{_f(r['ttft_minus_edge_prefill_vs_text'], '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -307,8 +355,11 @@ def verdicts(rows: list[dict]) -> list[str]:
     for key in dict.fromkeys((r["bandwidth"], r["tokens"]) for r in rows):
         group = [r for r in rows if (r["bandwidth"], r["tokens"]) == key and r["mode"] != BASELINE]
         parts = []
-        for metric, label in (("ttft_vs_text", "first token"), ("total_vs_text", "total"),
-                              ("ttft_minus_edge_prefill_vs_text", "first token with the edge's prefill done ahead")):
+        for metric, label in (
+            ("ttft_vs_text", "first token"),
+            ("total_vs_text", "total"),
+            ("ttft_minus_edge_prefill_vs_text", "first token with the edge's prefill done ahead"),
+        ):
             wins = sorted((r[metric], r["mode"]) for r in group if r.get(metric) is not None and r[metric] < 1.0)
             parts.append(f"beats text on {label}: " + (", ".join(f"{m} ({x:.2f})" for x, m in wins) or "none"))
         out.append(f"{key[0]}, {key[1]} tokens: " + "; ".join(parts))
@@ -318,8 +369,10 @@ def verdicts(rows: list[dict]) -> list[str]:
 def describe(cfg: LinkConfig) -> str:
     """The setup line printed under the table."""
     path = f"through bench.relay adding {cfg.delay_ms:g} ms each way" if cfg.delay_ms > 0 else "on the bare link"
-    return (f"model {cfg.model}; edge-agent and cloud-agent in two namespaces joined by a tbf-shaped veth, the cloud "
-            f"{path}; {cfg.threads} torch thread(s) per daemon; contexts cut from the SQuAD sample passages, question "
-            f"about the first passage; max_new_tokens {cfg.max_new_tokens}; median of {cfg.repeats} repeat(s); "
-            f"TTFT = client wall time - (generate - first_token); the last column takes the edge's prefill off "
-            f"the clock, as if the edge had held the prompt's KV before the question came")
+    return (
+        f"model {cfg.model}; edge-agent and cloud-agent in two namespaces joined by a tbf-shaped veth, the cloud "
+        f"{path}; {cfg.threads} torch thread(s) per daemon; contexts cut from the SQuAD sample passages, question "
+        f"about the first passage; max_new_tokens {cfg.max_new_tokens}; median of {cfg.repeats} repeat(s); "
+        f"TTFT = client wall time - (generate - first_token); the last column takes the edge's prefill off "
+        f"the clock, as if the edge had held the prompt's KV before the question came"
+    )

@@ -7,13 +7,14 @@ time without capping throughput (a reader and a writer task joined by a queue of
 chunks, so the delay is latency, not a per-chunk pause), stalls the stream now and then, resets the
 connection with a TCP RST after N bytes, or flips bits. Randomness comes from one seeded RNG.
 
-    python -m bench.relay --listen 127.0.0.1:0 --target 127.0.0.1:5000 --delay-ms 50
+    python -m kvwire.bench.relay --listen 127.0.0.1:0 --target 127.0.0.1:5000 --delay-ms 50
 
 prints one JSON line per event on stdout, the first being
 `{"event": "listening", "host": ..., "port": ...}`, and stops cleanly on SIGTERM or SIGINT.
 
 Directions: "up" is client -> target, "down" is target -> client.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 DIRECTIONS = ("up", "down")
 READ_SIZE = 64 * 1024  # one chunk; the unit that delay, stall and flip-probability act on
@@ -51,7 +52,9 @@ class RelayConfig:
     silence_direction: str = "down"
     flip_prob: float = 0.0  # chance per chunk of flipping one random bit in it
     flip_offset: int | None = None  # flip exactly one bit at this byte offset of the stream
-    flip_marker: bytes | None = None  # count flip_offset from the end of this byte string's flip_marker_count-th occurrence
+    flip_marker: bytes | None = (
+        None  # count flip_offset from the end of this byte string's flip_marker_count-th occurrence
+    )
     flip_marker_count: int = 1
     flip_mask: int = 0x01  # the bit(s) flipped at flip_offset
     flip_direction: str = "down"
@@ -135,8 +138,10 @@ def check_target(host: str, allow_remote: bool = False) -> None:
             continue
         if ip.version == 4 and ip.is_private and not ip.is_link_local and any(ip in n for n in on_link):
             continue
-        raise ValueError(f"target {host} ({ip}) is neither loopback nor on a directly attached private "
-                         "link of this network namespace; pass allow_remote / --allow-remote for real hosts")
+        raise ValueError(
+            f"target {host} ({ip}) is neither loopback nor on a directly attached private "
+            "link of this network namespace; pass allow_remote / --allow-remote for real hosts"
+        )
 
 
 @dataclass
@@ -204,8 +209,14 @@ class Relay:
         check_target(self.cfg.target_host, self.cfg.allow_remote)
         self._server = await asyncio.start_server(self._accept, self.cfg.listen_host, self.cfg.listen_port)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._log({"event": "listening", "host": self.cfg.listen_host, "port": self.port,
-                   "target": f"{self.cfg.target_host}:{self.cfg.target_port}"})
+        self._log(
+            {
+                "event": "listening",
+                "host": self.cfg.listen_host,
+                "port": self.port,
+                "target": f"{self.cfg.target_host}:{self.cfg.target_port}",
+            }
+        )
         return self.port
 
     async def stop(self) -> None:
@@ -222,7 +233,7 @@ class Relay:
             await self._server.wait_closed()
         self._log({"event": "stopped", **asdict(self.stats)})
 
-    async def __aenter__(self) -> "Relay":
+    async def __aenter__(self) -> Relay:
         await self.start()
         return self
 
@@ -248,8 +259,9 @@ class Relay:
         self._next_id += 1
         try:
             target_r, target_w = await asyncio.wait_for(
-                asyncio.open_connection(cfg.target_host, cfg.target_port), cfg.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as e:
+                asyncio.open_connection(cfg.target_host, cfg.target_port), cfg.connect_timeout_s
+            )
+        except (TimeoutError, OSError) as e:
             self._log({"event": "connect_failed", "conn": cid, "error": repr(e)})
             _rst(client_w)
             return
@@ -262,8 +274,10 @@ class Relay:
         self._conns[cid] = conn
         self.stats.accepted += 1
         self._log({"event": "open", "conn": cid, "peer": str(client_w.get_extra_info("peername")), "faulty": faulty})
-        pipes = [asyncio.create_task(self._pipe(conn, "up", client_r, target_w)),
-                 asyncio.create_task(self._pipe(conn, "down", target_r, client_w))]
+        pipes = [
+            asyncio.create_task(self._pipe(conn, "up", client_r, target_w)),
+            asyncio.create_task(self._pipe(conn, "down", target_r, client_w)),
+        ]
         watchdog = asyncio.create_task(self._watchdog(conn))
         try:
             await asyncio.gather(*pipes, return_exceptions=True)
@@ -276,8 +290,15 @@ class Relay:
                     w.close()
             del self._conns[cid]
             self.stats.closed += 1
-            self._log({"event": "close", "conn": cid, "up": conn.forwarded["up"], "down": conn.forwarded["down"],
-                       "reason": conn.close_reason or "eof"})
+            self._log(
+                {
+                    "event": "close",
+                    "conn": cid,
+                    "up": conn.forwarded["up"],
+                    "down": conn.forwarded["down"],
+                    "reason": conn.close_reason or "eof",
+                }
+            )
 
     async def _watchdog(self, conn: _Conn) -> None:
         tick = min(1.0, self.cfg.idle_timeout_s / 4)
@@ -322,7 +343,7 @@ class Relay:
                 if conn.markers_seen == cfg.flip_marker_count:
                     conn.flip_at = base + i + len(cfg.flip_marker) + (cfg.flip_offset or 0)
                 i = window.find(cfg.flip_marker, i + 1)
-            conn.marker_tail = window[max(0, len(window) - len(cfg.flip_marker) + 1):]
+            conn.marker_tail = window[max(0, len(window) - len(cfg.flip_marker) + 1) :]
         return conn.flip_at
 
     def _reset_budget(self, conn: _Conn, direction: str) -> int | None:
@@ -353,8 +374,9 @@ class Relay:
         while not (conn.reset or other in conn.ended or conn.client_w.is_closing() or conn.target_w.is_closing()):
             await asyncio.sleep(0.05)
 
-    async def _pipe(self, conn: _Conn, direction: str, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, conn: _Conn, direction: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Read chunks, stamp each with its due time, and let a writer send them in order when due."""
         queue: asyncio.Queue = asyncio.Queue(QUEUE_CHUNKS)
         delay = self.cfg.delay_ms / 1000.0
@@ -426,8 +448,9 @@ class Relay:
             conn.ended.add(direction)
             reader_task.cancel()
 
-    async def _forward_head(self, conn: _Conn, direction: str, writer: asyncio.StreamWriter, data: bytes,
-                            budget: int) -> None:
+    async def _forward_head(
+        self, conn: _Conn, direction: str, writer: asyncio.StreamWriter, data: bytes, budget: int
+    ) -> None:
         """Forward the first `budget` bytes of data: what a direction may still send before a fault."""
         if budget > 0:
             writer.write(data[:budget])
@@ -461,7 +484,7 @@ def _hostport(s: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvwire.bench.relay", description=__doc__.split("\n\n")[0])
     p.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT to bind (port 0: any)")
     p.add_argument("--target", type=_hostport, required=True, help="HOST:PORT to forward to")
     p.add_argument("--delay-ms", type=float, default=0.0, help="added latency per chunk, each way")
@@ -469,14 +492,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-max-ms", type=float, default=0.0, help="longest stall")
     p.add_argument("--reset-after-bytes", type=int, default=None, help="RST a connection after this many bytes")
     p.add_argument("--reset-direction", choices=(*DIRECTIONS, "both"), default="both")
-    p.add_argument("--silence-after-bytes", type=int, default=None,
-                   help="forward and read nothing more in --silence-direction after this many bytes")
+    p.add_argument(
+        "--silence-after-bytes",
+        type=int,
+        default=None,
+        help="forward and read nothing more in --silence-direction after this many bytes",
+    )
     p.add_argument("--silence-direction", choices=DIRECTIONS, default="down")
     p.add_argument("--flip-prob", type=float, default=0.0, help="chance per chunk of flipping one bit")
     p.add_argument("--flip-offset", type=int, default=None, help="flip a bit at this stream offset")
     p.add_argument("--flip-mask", type=lambda s: int(s, 0), default=0x01)
-    p.add_argument("--flip-marker", type=lambda s: s.encode(), default=None,
-                   help="count --flip-offset from the end of this string's occurrence in the stream")
+    p.add_argument(
+        "--flip-marker",
+        type=lambda s: s.encode(),
+        default=None,
+        help="count --flip-offset from the end of this string's occurrence in the stream",
+    )
     p.add_argument("--flip-marker-count", type=int, default=1, help="which occurrence of --flip-marker (1: the first)")
     p.add_argument("--flip-direction", choices=DIRECTIONS, default="down")
     p.add_argument("--faulty-connections", type=int, default=None, help="faults only on the first N connections")
@@ -491,14 +522,30 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> RelayConfig:
     a = build_parser().parse_args(argv)
     return RelayConfig(
-        listen_host=a.listen[0], listen_port=a.listen[1], target_host=a.target[0], target_port=a.target[1],
-        delay_ms=a.delay_ms, stall_prob=a.stall_prob, stall_max_ms=a.stall_max_ms,
-        reset_after_bytes=a.reset_after_bytes, reset_direction=a.reset_direction,
-        silence_after_bytes=a.silence_after_bytes, silence_direction=a.silence_direction, flip_prob=a.flip_prob,
-        flip_offset=a.flip_offset, flip_mask=a.flip_mask, flip_direction=a.flip_direction,
-        flip_marker=a.flip_marker, flip_marker_count=a.flip_marker_count,
-        faulty_connections=a.faulty_connections, seed=a.seed, max_connections=a.max_connections,
-        idle_timeout_s=a.idle_timeout_s, connect_timeout_s=a.connect_timeout_s, allow_remote=a.allow_remote)
+        listen_host=a.listen[0],
+        listen_port=a.listen[1],
+        target_host=a.target[0],
+        target_port=a.target[1],
+        delay_ms=a.delay_ms,
+        stall_prob=a.stall_prob,
+        stall_max_ms=a.stall_max_ms,
+        reset_after_bytes=a.reset_after_bytes,
+        reset_direction=a.reset_direction,
+        silence_after_bytes=a.silence_after_bytes,
+        silence_direction=a.silence_direction,
+        flip_prob=a.flip_prob,
+        flip_offset=a.flip_offset,
+        flip_mask=a.flip_mask,
+        flip_direction=a.flip_direction,
+        flip_marker=a.flip_marker,
+        flip_marker_count=a.flip_marker_count,
+        faulty_connections=a.faulty_connections,
+        seed=a.seed,
+        max_connections=a.max_connections,
+        idle_timeout_s=a.idle_timeout_s,
+        connect_timeout_s=a.connect_timeout_s,
+        allow_remote=a.allow_remote,
+    )
 
 
 def _print_json(rec: dict) -> None:

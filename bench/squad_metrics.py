@@ -4,6 +4,7 @@ Follows the official evaluate-v1.1.py: lower-case, drop punctuation, drop the ar
 collapse whitespace; F1 is the harmonic mean of token precision and recall; a prediction is scored
 against every gold answer and the best score counts.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,5 @@
 import sys
 
-from cloud_agent.main import main
+from kvwire.cloud_agent.main import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
 """The /answer request and response bodies."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -11,17 +12,31 @@ class AnswerRequest(BaseModel):
 
     question: str = Field(min_length=1, description="the question about the context")
     context: str = Field(min_length=1, description="the passage the question is about")
-    mode: Literal["kv", "scout", "text"] = Field("kv", description="kv: quantized KV from the edge; scout: the edge's kept positions only; text: no edge")
+    mode: Literal["kv", "scout", "text"] = Field(
+        "kv", description="kv: quantized KV from the edge; scout: the edge's kept positions only; text: no edge"
+    )
     selector: str = Field("q2c", description="q2c, snapkv, h2o or random")
     retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
-    profile: str | None = Field(None, description="precision profile (kv mode); default: the edge's --profile (mixed-int4 unless configured)")
+    profile: str | None = Field(
+        None, description="precision profile (kv mode); default: the edge's --profile (mixed-int4 unless configured)"
+    )
     max_new_tokens: int = Field(32, ge=1, le=4096, description="answer length cap in tokens")
-    deadline_ms: int | None = Field(None, ge=1, le=3_600_000, description=(
-        "deadline of the whole request, from its arrival at the cloud (kv/scout): the edge stream is cut in time to "
-        "answer from the positions that arrived; default: the cloud's --default-deadline-ms (docs/anytime.md)"))
-    fallback: Literal["none", "text"] = Field("none", description=(
-        "text: when the edge stream fails (unreachable, killed, busy, rejected, nothing usable by the deadline), "
-        "answer in text mode instead of an error, if the deadline leaves time"))
+    deadline_ms: int | None = Field(
+        None,
+        ge=1,
+        le=3_600_000,
+        description=(
+            "deadline of the whole request, from its arrival at the cloud (kv/scout): the edge stream is cut in time to "
+            "answer from the positions that arrived; default: the cloud's --default-deadline-ms (docs/anytime.md)"
+        ),
+    )
+    fallback: Literal["none", "text"] = Field(
+        "none",
+        description=(
+            "text: when the edge stream fails (unreachable, killed, busy, rejected, nothing usable by the deadline), "
+            "answer in text mode instead of an error, if the deadline leaves time"
+        ),
+    )
 
 
 class TimingsMs(BaseModel):
@@ -51,7 +66,15 @@ class AnswerResponse(BaseModel):
     prompt_tokens: int
     timings_ms: TimingsMs
     request_id: str
-    complete: bool = Field(True, description="the whole edge stream arrived (false: a deadline cut it; true in text mode)")
-    retention_achieved: float = Field(1.0, description="context positions the answer used / context tokens (1.0 in text mode)")
-    fallback: str | None = Field(None, description="text when the edge stream failed and the answer came from text mode")
-    fallback_reason: str | None = Field(None, description="why it fell back: the error the request would otherwise have got")
+    complete: bool = Field(
+        True, description="the whole edge stream arrived (false: a deadline cut it; true in text mode)"
+    )
+    retention_achieved: float = Field(
+        1.0, description="context positions the answer used / context tokens (1.0 in text mode)"
+    )
+    fallback: str | None = Field(
+        None, description="text when the edge stream failed and the answer came from text mode"
+    )
+    fallback_reason: str | None = Field(
+        None, description="why it fell back: the error the request would otherwise have got"
+    )

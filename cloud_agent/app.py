@@ -1,4 +1,5 @@
 """The cloud's HTTP API: POST /answer, /healthz, /readyz, /metrics."""
+
 from __future__ import annotations
 
 import logging
@@ -9,16 +10,16 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from agent_common.errors import ServiceError, UnauthenticatedError
-from agent_common.logs import log_event, request_id_var
-from agent_common.metrics import CONTENT_TYPE, Metrics
-from agent_common.security import bearer_matches
-from cloud_agent.api import AnswerRequest, AnswerResponse
-from cloud_agent.errors import LengthRequiredError, RequestTooLargeError, classify, error_response
-from cloud_agent.service import AnswerService
-from kvcodec.errors import KVWireError
+from kvwire.agent_common.errors import ServiceError, UnauthenticatedError
+from kvwire.agent_common.logs import log_event, request_id_var
+from kvwire.agent_common.metrics import CONTENT_TYPE, Metrics
+from kvwire.agent_common.security import bearer_matches
+from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse
+from kvwire.cloud_agent.errors import LengthRequiredError, RequestTooLargeError, classify, error_response
+from kvwire.cloud_agent.service import AnswerService
+from kvwire.kvcodec.errors import KVWireError
 
-log = logging.getLogger("cloud_agent")
+log = logging.getLogger("kvwire.cloud_agent")
 
 # Probes and scrapers (kubelet, load balancers, Prometheus) carry no token; these pages say only whether
 # the daemon is up and how it performs. Every other path, /answer and the API docs included, needs the token.
@@ -37,10 +38,12 @@ def refusal(authorization: str | None, token: str | None) -> UnauthenticatedErro
     if token is None or bearer_matches(authorization, token):
         return None
     if authorization is None:
-        return UnauthenticatedError("this cloud-agent requires the header 'Authorization: Bearer <token>' "
-                                    "(the token in its auth_token_file)")
-    return UnauthenticatedError("the bearer token in the Authorization header is not the one this cloud-agent accepts",
-                                token_sent=True)
+        return UnauthenticatedError(
+            "this cloud-agent requires the header 'Authorization: Bearer <token>' (the token in its auth_token_file)"
+        )
+    return UnauthenticatedError(
+        "the bearer token in the Authorization header is not the one this cloud-agent accepts", token_sent=True
+    )
 
 
 def admission(request: Request, auth_token: str | None, max_body_bytes: int) -> ServiceError | None:
@@ -52,18 +55,24 @@ def admission(request: Request, auth_token: str | None, max_body_bytes: int) -> 
         if refused is not None:
             return refused
     if "transfer-encoding" in request.headers:
-        return LengthRequiredError(f"send the request body with a Content-Length header (at most {max_body_bytes} bytes, "
-                                   "--max-body-bytes), not chunked")
+        return LengthRequiredError(
+            f"send the request body with a Content-Length header (at most {max_body_bytes} bytes, "
+            "--max-body-bytes), not chunked"
+        )
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_body_bytes:
-        return RequestTooLargeError(f"the request body is {length} bytes; this cloud-agent accepts at most {max_body_bytes} "
-                                    "(--max-body-bytes)")
+        return RequestTooLargeError(
+            f"the request body is {length} bytes; this cloud-agent accepts at most {max_body_bytes} (--max-body-bytes)"
+        )
     return None
 
 
 def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, auth_token: str | None = None) -> FastAPI:
     """The app; with `auth_token`, every path but OPEN_PATHS answers 401 unless the request carries `Authorization: Bearer <auth_token>`."""
-    app = FastAPI(title="kvwire cloud-agent", summary="Answers questions about a context with KV or scout positions from an edge-agent.")
+    app = FastAPI(
+        title="kvwire cloud-agent",
+        summary="Answers questions about a context with KV or scout positions from an edge-agent.",
+    )
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
@@ -79,8 +88,15 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
                 response = await call_next(request)
             response.headers["X-Request-ID"] = rid
             level = logging.INFO if request.url.path == "/answer" else logging.DEBUG
-            log_event(log, "http_request", level, method=request.method, path=request.url.path, status=response.status_code,
-                      ms=round((time.perf_counter() - started) * 1000, 2))
+            log_event(
+                log,
+                "http_request",
+                level,
+                method=request.method,
+                path=request.url.path,
+                status=response.status_code,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
             return response
         finally:
             request_id_var.reset(rid_token)

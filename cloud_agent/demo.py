@@ -1,10 +1,11 @@
-"""`python -m cloud_agent.demo` (`make run`): both daemons on loopback, one question in kv, scout and text mode.
+"""`python -m kvwire.cloud_agent.demo` (`make run`): both daemons on loopback, one question in kv, scout and text mode.
 
 Starts edge-agent and cloud-agent as child processes on free ports with the same model (the
 embedded SmolLM2-135M-Instruct unless --model), asks a question about a real passage
 (kvcodec/data/demo.json) through POST /answer, prints the answers with bytes on the wire, wire
 ratios and stage timings, and stops both daemons with SIGTERM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,20 @@ from importlib import resources
 
 import httpx
 
-from agent_common.launch import Daemon
+from kvwire.agent_common.launch import Daemon
 
-STAGES = ("edge_prefill", "select", "encode", "transfer", "decode", "inject", "prefill", "first_token", "generate", "total")
+STAGES = (
+    "edge_prefill",
+    "select",
+    "encode",
+    "transfer",
+    "decode",
+    "inject",
+    "prefill",
+    "first_token",
+    "generate",
+    "total",
+)
 
 
 def demo_requests(question: str, context: str, retention: float, max_new_tokens: int) -> list[dict]:
@@ -30,24 +42,27 @@ def demo_requests(question: str, context: str, retention: float, max_new_tokens:
     ]
 
 
-def run_demo(model: str, question_index: int = 0, retention: float = 0.5, max_new_tokens: int = 24,
-             threads: int = 1, log=print) -> list[dict]:
+def run_demo(
+    model: str, question_index: int = 0, retention: float = 0.5, max_new_tokens: int = 24, threads: int = 1, log=print
+) -> list[dict]:
     """Start both daemons, ask the demo question in each mode, stop them; returns the /answer bodies
     (plus the request sent, as "request") and the daemons' exit codes in the last element."""
-    data = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
+    data = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
     question = data["questions"][question_index]
     common = ["--model", model, "--host", "127.0.0.1", "--http-port", "0", "--threads", str(threads)]
     started = time.perf_counter()
     log(f"starting edge-agent and cloud-agent on 127.0.0.1 (model: {model}) ...")
-    edge = Daemon("edge-agent", "edge_agent", [*common, "--grpc-port", "0"])
+    edge = Daemon("edge-agent", "kvwire.edge_agent", [*common, "--grpc-port", "0"])
     cloud = None
     results: list[dict] = []
     try:
         edge.wait_listening()
-        cloud = Daemon("cloud-agent", "cloud_agent", [*common, "--edge", edge.grpc_address])
+        cloud = Daemon("cloud-agent", "kvwire.cloud_agent", [*common, "--edge", edge.grpc_address])
         cloud.wait_listening()
-        log(f"edge-agent: gRPC {edge.grpc_address}, HTTP {edge.http_url}; cloud-agent: {cloud.http_url} "
-            f"(up in {time.perf_counter() - started:.1f} s)")
+        log(
+            f"edge-agent: gRPC {edge.grpc_address}, HTTP {edge.http_url}; cloud-agent: {cloud.http_url} "
+            f"(up in {time.perf_counter() - started:.1f} s)"
+        )
         with httpx.Client(base_url=cloud.http_url, timeout=600) as client:
             for body in demo_requests(question, data["context"], retention, max_new_tokens):
                 reply = client.post("/answer", json=body)
@@ -69,11 +84,19 @@ def print_report(question: str, results: list[dict], log=print) -> None:
         if "exit_codes" in r:
             continue
         req = r["request"]
-        setting = "full prompt, cloud prefill" if r["mode"] == "text" else (
-            f"q2c {req['retention']:.0%}" + (f", {req['profile']}" if r["mode"] == "kv" else ", ids + positions only"))
+        setting = (
+            "full prompt, cloud prefill"
+            if r["mode"] == "text"
+            else (
+                f"q2c {req['retention']:.0%}"
+                + (f", {req['profile']}" if r["mode"] == "kv" else ", ids + positions only")
+            )
+        )
         log(f"  {r['mode']:<5} ({setting}): {r['answer']!r}")
-        log(f"        {r['bytes_on_wire']:>10,} bytes on the wire, ratio {r['wire_ratio']:.4f} of FP16 KV, "
-            f"kept {r['kept_positions']}/{r['prompt_tokens'] - 1} positions ({r['context_tokens']} context tokens)")
+        log(
+            f"        {r['bytes_on_wire']:>10,} bytes on the wire, ratio {r['wire_ratio']:.4f} of FP16 KV, "
+            f"kept {r['kept_positions']}/{r['prompt_tokens'] - 1} positions ({r['context_tokens']} context tokens)"
+        )
     log("\nstage timings (ms)")
     log(f"  {'mode':<6}" + "".join(f"{s:>13}" for s in STAGES))
     for r in results:
@@ -86,15 +109,31 @@ def print_report(question: str, results: list[dict], log=print) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cloud_agent.demo", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded", help="model folder or hub id for both daemons (default: embedded)")
+    parser = argparse.ArgumentParser(
+        prog="python -m kvwire.cloud_agent.demo",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", default="embedded", help="model folder or hub id for both daemons (default: embedded)"
+    )
     parser.add_argument("--question", type=int, default=0, help="index of the demo question (0-2, default 0)")
-    parser.add_argument("--retention", type=float, default=0.5, help="share of context positions kept in kv and scout mode (default 0.5)")
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=0.5,
+        help="share of context positions kept in kv and scout mode (default 0.5)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per daemon (default 1: both daemons share this host; 0: torch's default)")
-    parser.add_argument("--json", action="store_true", help="print the /answer bodies as JSON lines instead of a report")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per daemon (default 1: both daemons share this host; 0: torch's default)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the /answer bodies as JSON lines instead of a report"
+    )
     args = parser.parse_args(argv)
     try:
         results = run_demo(args.model, args.question, args.retention, args.max_new_tokens, args.threads)
@@ -105,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(json.dumps(r))
     else:
-        data = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
+        data = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
         print_report(data["questions"][args.question], results)
     return 0 if all(code == 0 for code in results[-1]["exit_codes"].values()) else 1
 

@@ -1,4 +1,5 @@
 """The one place where the cloud's errors become HTTP status codes (and request outcome labels)."""
+
 from __future__ import annotations
 
 import logging
@@ -6,13 +7,20 @@ import logging
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from agent_common.errors import (
-    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeRefusedTokenError, EdgeUnavailableError, OverloadedError,
-    ServiceError, ShuttingDownError, UnauthenticatedError,
+from kvwire.agent_common.errors import (
+    DeadlineExceededError,
+    EdgeBusyError,
+    EdgeFailedError,
+    EdgeRefusedTokenError,
+    EdgeUnavailableError,
+    OverloadedError,
+    ServiceError,
+    ShuttingDownError,
+    UnauthenticatedError,
 )
-from kvcodec.errors import ConfigError, FrameError, GeometryMismatchError, PromptTooLongError
+from kvwire.kvcodec.errors import ConfigError, FrameError, GeometryMismatchError, PromptTooLongError
 
-log = logging.getLogger("cloud_agent")
+log = logging.getLogger("kvwire.cloud_agent")
 
 
 class RequestTooLargeError(ServiceError):
@@ -81,4 +89,6 @@ def error_response(exc: BaseException, request_id: str | None) -> JSONResponse:
     headers = {"Retry-After": "1"} if status in RETRY_LATER else None
     if isinstance(exc, UnauthenticatedError):  # RFC 6750: the scheme, and invalid_token when a token was sent but wrong
         headers = {"WWW-Authenticate": 'Bearer realm="kvwire"' + (', error="invalid_token"' if exc.token_sent else "")}
-    return JSONResponse({"detail": message_of(exc), "error": outcome, "request_id": request_id}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"detail": message_of(exc), "error": outcome, "request_id": request_id}, status_code=status, headers=headers
+    )

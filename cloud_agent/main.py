@@ -1,4 +1,5 @@
 """`cloud-agent`: load the model once, connect to the edge, serve /answer; drain on SIGTERM."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,14 +9,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
-from agent_common.logs import log_event
-from agent_common.metrics import Metrics
-from agent_common.security import channel_credentials, check_key_pair, read_token
-from agent_common.serve import HttpServer
-from cloud_agent.settings import CloudSettings
+from kvwire.agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from kvwire.agent_common.logs import log_event
+from kvwire.agent_common.metrics import Metrics
+from kvwire.agent_common.security import channel_credentials, check_key_pair, read_token
+from kvwire.agent_common.serve import HttpServer
+from kvwire.cloud_agent.settings import CloudSettings
 
-log = logging.getLogger("cloud_agent")
+log = logging.getLogger("kvwire.cloud_agent")
 
 DESCRIPTION = """\
 KVWire cloud-agent: POST /answer {question, context, mode: kv|scout|text, ...}. In kv mode it
@@ -51,33 +52,61 @@ def check_security(settings: CloudSettings) -> CloudSecurity:
 
 def edge_client(settings: CloudSettings, security: CloudSecurity):
     """The EdgeClient these settings describe: plaintext or TLS (mutual with a client certificate), with or without a token."""
-    from edge_agent.client import EdgeClient
+    from kvwire.edge_agent.client import EdgeClient
 
-    return EdgeClient(settings.edge, settings.max_message_bytes, credentials=security.edge_credentials,
-                      server_name=settings.edge_server_name, token=security.edge_token)
+    return EdgeClient(
+        settings.edge,
+        settings.max_message_bytes,
+        credentials=security.edge_credentials,
+        server_name=settings.edge_server_name,
+        token=security.edge_token,
+    )
 
 
 async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
-    from cloud_agent.app import create_app
-    from cloud_agent.service import AnswerService
+    from kvwire.cloud_agent.app import create_app
+    from kvwire.cloud_agent.service import AnswerService
 
-    warn_if_exposed(log, settings.auth_token_file, "auth_token_file", settings.tls_cert_file is not None,
-                    "the HTTP port is plaintext (no tls_cert_file; fine behind a TLS-terminating proxy): callers' token")
-    warn_if_exposed(log, settings.edge_token_file, "edge_token_file", security.edge_credentials is not None,
-                    "the gRPC link to the edge is plaintext (no edge_ca_file): the token sent to the edge")
+    warn_if_exposed(
+        log,
+        settings.auth_token_file,
+        "auth_token_file",
+        settings.tls_cert_file is not None,
+        "the HTTP port is plaintext (no tls_cert_file; fine behind a TLS-terminating proxy): callers' token",
+    )
+    warn_if_exposed(
+        log,
+        settings.edge_token_file,
+        "edge_token_file",
+        security.edge_credentials is not None,
+        "the gRPC link to the edge is plaintext (no edge_ca_file): the token sent to the edge",
+    )
     loaded, seconds = load_daemon_model(settings)
     log_event(log, "model_loaded", model=loaded.source, seconds=seconds)
     metrics = Metrics("cloud")
     edge = edge_client(settings, security)
     service = AnswerService(loaded, settings, edge, metrics)
     log_event(log, "warmed_up", **await asyncio.to_thread(service.warm_up))
-    http = HttpServer(create_app(service, metrics, settings.max_body_bytes, security.auth_token), settings.host,
-                      settings.http_port, settings.grace_seconds, settings.tls_cert_file, settings.tls_key_file)
+    http = HttpServer(
+        create_app(service, metrics, settings.max_body_bytes, security.auth_token),
+        settings.host,
+        settings.http_port,
+        settings.grace_seconds,
+        settings.tls_cert_file,
+        settings.tls_key_file,
+    )
 
     await http.start()
-    log_event(log, "listening", host=settings.host, http_port=http.port, scheme=http.scheme, edge=settings.edge,
-              edge_tls="off" if not edge.tls else "mutual" if settings.edge_cert_file else "tls",
-              token=security.auth_token is not None)
+    log_event(
+        log,
+        "listening",
+        host=settings.host,
+        http_port=http.port,
+        scheme=http.scheme,
+        edge=settings.edge,
+        edge_tls="off" if not edge.tls else "mutual" if settings.edge_cert_file else "tls",
+        token=security.auth_token is not None,
+    )
     await http.until_stopped()
     log_event(log, "draining", grace_seconds=settings.grace_seconds, inflight=service.inflight)
     service.draining = True

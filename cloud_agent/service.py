@@ -1,4 +1,5 @@
 """AnswerService: one /answer request from validation to the answer, in kv, scout or text mode."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,26 +9,32 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from agent_common.errors import (
-    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeUnavailableError, OverloadedError, ServiceError, ShuttingDownError,
+from kvwire.agent_common.errors import (
+    DeadlineExceededError,
+    EdgeBusyError,
+    EdgeFailedError,
+    EdgeUnavailableError,
+    OverloadedError,
+    ServiceError,
+    ShuttingDownError,
 )
-from agent_common.logs import log_event
-from agent_common.metrics import Metrics
-from cloud_agent.api import AnswerRequest, AnswerResponse, TimingsMs
-from cloud_agent.errors import classify, message_of
-from cloud_agent.settings import CloudSettings
-from edge_agent.client import EdgeClient
-from edge_agent.messages import PrefillRequest
-from kvcodec.errors import ConfigError, FrameError, PromptTooLongError
-from kvcodec.models import LoadedModel
-from kvcodec.pipeline import Answer, Cloud, Timings
-from kvcodec.profiles import profile_names
-from kvcodec.prompt import build_prompt, model_window
-from kvcodec.selectors import get_selector
-from kvcodec.stream import DecodedKV, StreamDecoder
-from kvcodec.wire import FRAME_TYPES
+from kvwire.agent_common.logs import log_event
+from kvwire.agent_common.metrics import Metrics
+from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse, TimingsMs
+from kvwire.cloud_agent.errors import classify, message_of
+from kvwire.cloud_agent.settings import CloudSettings
+from kvwire.edge_agent.client import EdgeClient
+from kvwire.edge_agent.messages import PrefillRequest
+from kvwire.kvcodec.errors import ConfigError, FrameError, PromptTooLongError
+from kvwire.kvcodec.models import LoadedModel
+from kvwire.kvcodec.pipeline import Answer, Cloud, Timings
+from kvwire.kvcodec.profiles import profile_names
+from kvwire.kvcodec.prompt import build_prompt, model_window
+from kvwire.kvcodec.selectors import get_selector
+from kvwire.kvcodec.stream import DecodedKV, StreamDecoder
+from kvwire.kvcodec.wire import FRAME_TYPES
 
-log = logging.getLogger("cloud_agent")
+log = logging.getLogger("kvwire.cloud_agent")
 EDGE_COMPUTE_STAGES = ("prefill", "select", "encode")
 # the edge stream's failures a request with fallback "text" survives; a wrong request (ConfigError,
 # PromptTooLongError) or a model that cannot use the stream (GeometryMismatchError) is still the caller's to fix
@@ -115,11 +122,18 @@ class AnswerService:
         estimate errs on the side of keeping time."""
         timings = Timings()
         started = time.monotonic()
-        ans = self._answer_text(AnswerRequest(question=WARM_UP_QUESTION, context=WARM_UP_CONTEXT, mode="text",
-                                              max_new_tokens=WARM_UP_TOKENS), timings)
+        ans = self._answer_text(
+            AnswerRequest(
+                question=WARM_UP_QUESTION, context=WARM_UP_CONTEXT, mode="text", max_new_tokens=WARM_UP_TOKENS
+            ),
+            timings,
+        )
         self._observe_speed(ans, timings)
-        return {"seconds": round(time.monotonic() - started, 3), "steps": ans.generation.steps,
-                "reserve_ms_for_32_tokens_256_positions": round(self.reserve.estimate("kv", 256, 32) * 1000)}
+        return {
+            "seconds": round(time.monotonic() - started, 3),
+            "steps": ans.generation.steps,
+            "reserve_ms_for_32_tokens_256_positions": round(self.reserve.estimate("kv", 256, 32) * 1000),
+        }
 
     async def answer(self, req: AnswerRequest, request_id: str) -> AnswerResponse:
         arrived = time.monotonic()  # deadline_ms counts from here
@@ -128,7 +142,9 @@ class AnswerService:
             if self.draining:
                 raise ShuttingDownError("cloud-agent is shutting down; retry later")
             if self.inflight >= self.settings.max_concurrency:
-                raise OverloadedError(f"cloud-agent is at its limit of {self.settings.max_concurrency} concurrent requests; retry later")
+                raise OverloadedError(
+                    f"cloud-agent is at its limit of {self.settings.max_concurrency} concurrent requests; retry later"
+                )
             self.inflight += 1  # no await between the check and this line: no race on the event loop
             self.metrics.inflight.inc()
             try:
@@ -163,15 +179,21 @@ class AnswerService:
         """ConfigError (422) / PromptTooLongError (413) before any work; returns the prompt length."""
         get_selector(req.selector)  # names the allowed selectors when unknown
         if req.profile is not None and req.profile not in profile_names():
-            raise ConfigError(f"unknown profile {req.profile!r}; allowed: {', '.join(profile_names())} "
-                              "(or leave it out to use the edge's configured --profile)")
+            raise ConfigError(
+                f"unknown profile {req.profile!r}; allowed: {', '.join(profile_names())} "
+                "(or leave it out to use the edge's configured --profile)"
+            )
         if req.max_new_tokens > self.settings.max_new_tokens:
-            raise ConfigError(f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}")
+            raise ConfigError(
+                f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}"
+            )
         tokenizer = self.loaded.tokenizer
         context_tokens = len(tokenizer(req.context, add_special_tokens=False)["input_ids"])
         if context_tokens > self.settings.max_context_tokens:
-            raise PromptTooLongError(f"the context is {context_tokens} tokens; this cloud-agent accepts at most "
-                                     f"{self.settings.max_context_tokens} (--max-context-tokens)")
+            raise PromptTooLongError(
+                f"the context is {context_tokens} tokens; this cloud-agent accepts at most "
+                f"{self.settings.max_context_tokens} (--max-context-tokens)"
+            )
         return len(build_prompt(tokenizer, req.context, req.question, max_len=model_window(self.loaded.model)))
 
     def _answer(self, req: AnswerRequest, request_id: str, arrived: float) -> AnswerResponse:
@@ -186,7 +208,9 @@ class AnswerService:
             try:
                 decoded, edge_ms = self._receive(req, request_id, timings, prompt_len, deadline_at)
             except FALLBACK_ERRORS as exc:
-                fallback_reason = self._fall_back_or_raise(req, exc, prompt_len, deadline_at)  # re-raises without a fallback
+                fallback_reason = self._fall_back_or_raise(
+                    req, exc, prompt_len, deadline_at
+                )  # re-raises without a fallback
                 timings = Timings()  # the failed stream's stages are not this answer's
                 ans = self._answer_text(req, timings)
             else:
@@ -201,10 +225,20 @@ class AnswerService:
         self._observe_speed(ans, timings)
         self.metrics.observe_stages(ans.mode, timings.values)
         response = self._response(ans, request_id, timings, edge_ms, fallback_reason)
-        log_event(log, "answer", mode=ans.mode, bytes_on_wire=ans.bytes_on_wire, wire_ratio=round(ans.wire_ratio, 5),
-                  kept_positions=ans.kept_positions, context_tokens=ans.context_tokens, answer_tokens=len(ans.tokens),
-                  complete=ans.complete, retention_achieved=response.retention_achieved, fallback=response.fallback,
-                  timings_ms=response.timings_ms.model_dump())
+        log_event(
+            log,
+            "answer",
+            mode=ans.mode,
+            bytes_on_wire=ans.bytes_on_wire,
+            wire_ratio=round(ans.wire_ratio, 5),
+            kept_positions=ans.kept_positions,
+            context_tokens=ans.context_tokens,
+            answer_tokens=len(ans.tokens),
+            complete=ans.complete,
+            retention_achieved=response.retention_achieved,
+            fallback=response.fallback,
+            timings_ms=response.timings_ms.model_dump(),
+        )
         return response
 
     def _answer_text(self, req: AnswerRequest, timings: Timings) -> Answer:
@@ -220,8 +254,15 @@ class AnswerService:
         need = self.reserve.estimate("text", prompt_len, req.max_new_tokens)
         left = deadline_at - time.monotonic()
         if need > left:
-            log_event(log, "fallback_refused", logging.WARNING, mode=req.mode, reason=outcome,
-                      needed_ms=round(need * 1000), left_ms=round(left * 1000))
+            log_event(
+                log,
+                "fallback_refused",
+                logging.WARNING,
+                mode=req.mode,
+                reason=outcome,
+                needed_ms=round(need * 1000),
+                left_ms=round(left * 1000),
+            )
             raise exc
         self.metrics.fallbacks.labels(req.mode, outcome).inc()
         log_event(log, "fallback", logging.WARNING, mode=req.mode, reason=outcome, detail=str(exc))
@@ -231,11 +272,17 @@ class AnswerService:
         """Feed this answer's own speed to the reserve estimate (docs/anytime.md)."""
         values = timings.values
         positions = ans.kept_positions if ans.mode == "kv" else ans.prompt_len
-        self.reserve.observe(ans.mode, positions, values.get("inject", 0.0) + values.get("prefill", 0.0),
-                             ans.generation.steps, ans.generation.total_s)
+        self.reserve.observe(
+            ans.mode,
+            positions,
+            values.get("inject", 0.0) + values.get("prefill", 0.0),
+            ans.generation.steps,
+            ans.generation.total_s,
+        )
 
-    def _receive(self, req: AnswerRequest, request_id: str, timings: Timings, prompt_len: int,
-                 deadline_at: float) -> tuple[DecodedKV, dict[str, float]]:
+    def _receive(
+        self, req: AnswerRequest, request_id: str, timings: Timings, prompt_len: int, deadline_at: float
+    ) -> tuple[DecodedKV, dict[str, float]]:
         """Stream the edge's frames into a decoder until the trailer or the cut (deadline - reserve);
         refuse an incompatible header before any KV is decoded. A cut stream yields the positions that
         arrived when the template and question positions did (DeadlineExceededError otherwise)."""
@@ -246,10 +293,18 @@ class AnswerService:
             raise DeadlineExceededError(
                 f"deadline_ms={req.deadline_ms or self.settings.default_deadline_ms} leaves no time for the edge stream: "
                 f"this cloud keeps {reserve_s * 1000:.0f} ms before the deadline to inject and generate "
-                f"{req.max_new_tokens} tokens (docs/anytime.md); raise deadline_ms or lower max_new_tokens")
-        request = PrefillRequest(request_id=request_id, mode=req.mode, context=req.context, question=req.question,
-                                 selector=req.selector, retention=req.retention, profile=req.profile or "",
-                                 confirm=True)  # the edge counts the stream ok once this cloud confirms it
+                f"{req.max_new_tokens} tokens (docs/anytime.md); raise deadline_ms or lower max_new_tokens"
+            )
+        request = PrefillRequest(
+            request_id=request_id,
+            mode=req.mode,
+            context=req.context,
+            question=req.question,
+            selector=req.selector,
+            retention=req.retention,
+            profile=req.profile or "",
+            confirm=True,
+        )  # the edge counts the stream ok once this cloud confirms it
         decoder = self.cloud.decoder()
         edge_ms: dict[str, float] = {}
         decode_s = 0.0
@@ -268,7 +323,10 @@ class AnswerService:
                     kind = FRAME_TYPES[decoder.feed(msg.frame)]
                     if kind == "header":
                         if decoder.header.mode != req.mode:
-                            raise FrameError("wrong_mode", f"asked for a {req.mode} stream, the edge sent a {decoder.header.mode} stream")
+                            raise FrameError(
+                                "wrong_mode",
+                                f"asked for a {req.mode} stream, the edge sent a {decoder.header.mode} stream",
+                            )
                         self.cloud.check_compatible(decoder.header)  # GeometryMismatchError -> 409; closes the stream
                 except FrameError as exc:
                     self.metrics.frames_rejected.labels(exc.reason).inc()
@@ -299,22 +357,45 @@ class AnswerService:
             raise DeadlineExceededError(f"{cut}, before the edge sent its header: nothing to answer from")
         decoded = decoder.partial()  # a stream that failed verification raised before this: never answered from
         if decoded.missing_fixed:
-            raise DeadlineExceededError(f"{cut}, before {decoded.missing_fixed} template/question positions arrived: "
-                                        "nothing to answer from")
-        log_event(log, "stream_cut", mode=req.mode, reserve_ms=round(reserve_s * 1000), frames=decoded.frames,
-                  kept_positions=len(decoded.positions), announced_positions=len(decoded.header.kept), complete=decoded.complete)
+            raise DeadlineExceededError(
+                f"{cut}, before {decoded.missing_fixed} template/question positions arrived: nothing to answer from"
+            )
+        log_event(
+            log,
+            "stream_cut",
+            mode=req.mode,
+            reserve_ms=round(reserve_s * 1000),
+            frames=decoded.frames,
+            kept_positions=len(decoded.positions),
+            announced_positions=len(decoded.header.kept),
+            complete=decoded.complete,
+        )
         return decoded
 
-    def _response(self, ans: Answer, request_id: str, timings: Timings, edge_ms: dict,
-                  fallback_reason: str | None) -> AnswerResponse:
+    def _response(
+        self, ans: Answer, request_id: str, timings: Timings, edge_ms: dict, fallback_reason: str | None
+    ) -> AnswerResponse:
         ms = timings.ms()
         return AnswerResponse(
-            answer=ans.text, mode=ans.mode, bytes_on_wire=ans.bytes_on_wire, wire_ratio=round(ans.wire_ratio, 6),
-            kept_positions=ans.kept_positions, context_tokens=ans.context_tokens, prompt_tokens=ans.prompt_len,
-            request_id=request_id, complete=ans.complete, retention_achieved=round(ans.retention_achieved, 6),
-            fallback="text" if fallback_reason else None, fallback_reason=fallback_reason,
+            answer=ans.text,
+            mode=ans.mode,
+            bytes_on_wire=ans.bytes_on_wire,
+            wire_ratio=round(ans.wire_ratio, 6),
+            kept_positions=ans.kept_positions,
+            context_tokens=ans.context_tokens,
+            prompt_tokens=ans.prompt_len,
+            request_id=request_id,
+            complete=ans.complete,
+            retention_achieved=round(ans.retention_achieved, 6),
+            fallback="text" if fallback_reason else None,
+            fallback_reason=fallback_reason,
             timings_ms=TimingsMs(
-                edge_prefill=edge_ms.get("prefill", 0.0), select=edge_ms.get("select", 0.0), encode=edge_ms.get("encode", 0.0),
-                **{k: ms.get(k, 0.0) for k in ("transfer", "decode", "inject", "prefill", "first_token", "generate", "total")},
+                edge_prefill=edge_ms.get("prefill", 0.0),
+                select=edge_ms.get("select", 0.0),
+                encode=edge_ms.get("encode", 0.0),
+                **{
+                    k: ms.get(k, 0.0)
+                    for k in ("transfer", "decode", "inject", "prefill", "first_token", "generate", "total")
+                },
             ),
         )

@@ -1,31 +1,60 @@
 """cloud-agent options: the one place each is declared and documented (shared ones: agent_common.settings.DaemonSettings)."""
+
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from agent_common.settings import MIB, DaemonSettings
+from kvwire.agent_common.settings import MIB, DaemonSettings
 
 
 class CloudSettings(DaemonSettings):
     model_config = SettingsConfigDict(env_prefix="KVWIRE_CLOUD_", extra="forbid")
 
-    tls_cert_file: str | None = Field(None, description="PEM certificate (chain) of the HTTP port; with tls_key_file the port serves HTTPS only")
-    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port of /answer, /healthz, /readyz, /metrics (0: a free port, logged)")
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate (chain) of the HTTP port; with tls_key_file the port serves HTTPS only"
+    )
+    http_port: int = Field(
+        8080, ge=0, le=65535, description="HTTP port of /answer, /healthz, /readyz, /metrics (0: a free port, logged)"
+    )
     edge: str = Field("127.0.0.1:50051", description="HOST:PORT of the edge-agent's gRPC port")
-    max_concurrency: int = Field(4, ge=1, le=256, description="/answer requests served at once; more get HTTP 429 at once (forward passes run one at a time)")
-    max_context_tokens: int = Field(4096, ge=1, description="longest context accepted, in tokens of this model's tokenizer (longer: HTTP 413)")
+    max_concurrency: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="/answer requests served at once; more get HTTP 429 at once (forward passes run one at a time)",
+    )
+    max_context_tokens: int = Field(
+        4096, ge=1, description="longest context accepted, in tokens of this model's tokenizer (longer: HTTP 413)"
+    )
     max_new_tokens: int = Field(256, ge=1, le=4096, description="largest max_new_tokens a request may ask for")
-    default_deadline_ms: int = Field(120_000, ge=1, description="deadline of a kv/scout request that sets no deadline_ms")
-    deadline_reserve_ms: int | None = Field(None, ge=0, description="time kept free before a request's deadline to inject and generate: the edge stream is cut this long before it (anytime answer from the positions that arrived); none: estimated from this cloud's measured generation speed")
+    default_deadline_ms: int = Field(
+        120_000, ge=1, description="deadline of a kv/scout request that sets no deadline_ms"
+    )
+    deadline_reserve_ms: int | None = Field(
+        None,
+        ge=0,
+        description="time kept free before a request's deadline to inject and generate: the edge stream is cut this long before it (anytime answer from the positions that arrived); none: estimated from this cloud's measured generation speed",
+    )
     readyz_timeout_s: float = Field(1.0, gt=0, description="how long /readyz waits for the edge's health check")
     max_body_bytes: int = Field(4 * MIB, ge=1024, description="largest /answer request body (larger: HTTP 413)")
-    edge_ca_file: str | None = Field(None, description="PEM CA bundle that signed the edge-agent's certificate; switches TLS to the edge on")
-    edge_cert_file: str | None = Field(None, description="PEM client certificate presented to the edge-agent (mutual TLS); needs edge_key_file and edge_ca_file")
+    edge_ca_file: str | None = Field(
+        None, description="PEM CA bundle that signed the edge-agent's certificate; switches TLS to the edge on"
+    )
+    edge_cert_file: str | None = Field(
+        None,
+        description="PEM client certificate presented to the edge-agent (mutual TLS); needs edge_key_file and edge_ca_file",
+    )
     edge_key_file: str | None = Field(None, description="unencrypted PEM private key of edge_cert_file")
-    edge_server_name: str | None = Field(None, description="name checked in the edge-agent's certificate instead of the host in --edge "
-                                                           "(e.g. when --edge is an IP address the certificate does not list)")
-    edge_token_file: str | None = Field(None, description="file holding the bearer token sent to the edge-agent (its auth_token_file; may be the same file as ours)")
+    edge_server_name: str | None = Field(
+        None,
+        description="name checked in the edge-agent's certificate instead of the host in --edge "
+        "(e.g. when --edge is an IP address the certificate does not list)",
+    )
+    edge_token_file: str | None = Field(
+        None,
+        description="file holding the bearer token sent to the edge-agent (its auth_token_file; may be the same file as ours)",
+    )
 
     @model_validator(mode="after")
     def _edge_tls(self):

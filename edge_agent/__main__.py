@@ -1,5 +1,5 @@
 import sys
 
-from edge_agent.main import main
+from kvwire.edge_agent.main import main
 
 sys.exit(main())

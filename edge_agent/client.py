@@ -1,21 +1,26 @@
 """EdgeClient: the cloud's side of EdgeService. gRPC stops here: callers get PrefillReply objects
 and domain errors (agent_common.errors, kvcodec.errors), never grpc.RpcError."""
+
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent_common.errors import (
-    DeadlineExceededError, EdgeBusyError, EdgeFailedError, EdgeRefusedTokenError, EdgeUnavailableError,
+from kvwire.agent_common.errors import (
+    DeadlineExceededError,
+    EdgeBusyError,
+    EdgeFailedError,
+    EdgeRefusedTokenError,
+    EdgeUnavailableError,
 )
-from edge_agent.messages import PrefillReply, PrefillRequest
-from kvcodec.errors import ConfigError, PromptTooLongError
-from kvcodec.wire import peek_stream_id
-from proto import kvwire_pb2_grpc
-from proto.kvwire_pb2 import Receipt
+from kvwire.edge_agent.messages import PrefillReply, PrefillRequest
+from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
+from kvwire.kvcodec.wire import peek_stream_id
+from kvwire.proto import kvwire_pb2_grpc
+from kvwire.proto.kvwire_pb2 import Receipt
 
 KEEPALIVE_TIME_MS = 5000  # ping the edge after this long without reading anything from it
 KEEPALIVE_TIMEOUT_MS = 3000  # and drop the connection if the ping's answer takes longer
@@ -33,8 +38,14 @@ class EdgeClient:
     keeps them open).
     """
 
-    def __init__(self, address: str, max_message_bytes: int = 8 << 20, credentials: grpc.ChannelCredentials | None = None,
-                 server_name: str | None = None, token: str | None = None):
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int = 8 << 20,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+    ):
         self.address = address
         self.tls = credentials is not None
         self.sends_token = token is not None
@@ -107,8 +118,11 @@ class EdgeClient:
     def _confirm(self, stream_id: bytes, received: int, ends_at: float) -> None:
         """Send the receipt; a failure is left to the stream itself (its end or its error says what happened)."""
         try:
-            self._stub.Confirm(Receipt(stream_id=stream_id, frame_bytes=received),
-                               timeout=max(0.05, min(CONFIRM_TIMEOUT_S, ends_at - time.monotonic())), metadata=self._metadata)
+            self._stub.Confirm(
+                Receipt(stream_id=stream_id, frame_bytes=received),
+                timeout=max(0.05, min(CONFIRM_TIMEOUT_S, ends_at - time.monotonic())),
+                metadata=self._metadata,
+            )
         except grpc.RpcError:
             pass  # an edge without Confirm (UNIMPLEMENTED) or one gone: the stream's status reports the latter
 
@@ -121,20 +135,28 @@ class EdgeClient:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return EdgeBusyError(f"edge-agent at {self.address} is busy: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceededError(f"the deadline of {timeout_s * 1000:.0f} ms passed before edge-agent at {self.address} finished")
+            return DeadlineExceededError(
+                f"the deadline of {timeout_s * 1000:.0f} ms passed before edge-agent at {self.address} finished"
+            )
         if code == grpc.StatusCode.UNAUTHENTICATED:
             if not self.sends_token:
-                return EdgeRefusedTokenError(f"edge-agent at {self.address} requires a bearer token and this cloud-agent sends "
-                                             "none; set edge_token_file to a file holding the edge's auth_token_file token")
-            return EdgeRefusedTokenError(f"edge-agent at {self.address} refused this cloud-agent's token; check edge_token_file "
-                                         "here against auth_token_file on the edge")
+                return EdgeRefusedTokenError(
+                    f"edge-agent at {self.address} requires a bearer token and this cloud-agent sends "
+                    "none; set edge_token_file to a file holding the edge's auth_token_file token"
+                )
+            return EdgeRefusedTokenError(
+                f"edge-agent at {self.address} refused this cloud-agent's token; check edge_token_file "
+                "here against auth_token_file on the edge"
+            )
         if code == grpc.StatusCode.UNAVAILABLE:
             hint = self._connection_hint(details)
             return EdgeUnavailableError(
                 f"edge-agent at {self.address} is unreachable ({details}){'; ' + hint if hint else ''}; "
                 "kv and scout modes need it, mode=text does not"
             )
-        if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(m in details for m in TRANSPORT_FAILURES):
+        if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(
+            m in details for m in TRANSPORT_FAILURES
+        ):
             # the bytes between the hosts were cut or corrupted below the codec (HTTP/2 framing): the link, not the edge
             return EdgeUnavailableError(
                 f"the connection to edge-agent at {self.address} broke mid-stream ({details}): the link cut or corrupted "
@@ -146,15 +168,23 @@ class EdgeClient:
         """What to check when a connection failed in a way that points at TLS (gRPC gives the reason only as text)."""
         text = details.lower()
         if "hostname verification" in text:
-            return ("TLS: the edge's certificate does not name the host in --edge; connect by a name it lists "
-                    "or set --edge-server-name")
+            return (
+                "TLS: the edge's certificate does not name the host in --edge; connect by a name it lists "
+                "or set --edge-server-name"
+            )
         if "handshake" in text or "certificate" in text:
-            return ("TLS handshake failed: check that --edge-ca-file holds the CA that signed the edge's certificate "
-                    "and that the certificate has not expired")
+            return (
+                "TLS handshake failed: check that --edge-ca-file holds the CA that signed the edge's certificate "
+                "and that the certificate has not expired"
+            )
         if "socket closed" in text or "connection reset" in text:
             if not self.tls:
-                return ("the edge closed the connection: if it serves TLS (tls_cert_file), give this cloud-agent "
-                        "--edge-ca-file")
-            return ("the edge closed the TLS connection: if it requires client certificates (tls_client_ca_file), give "
-                    "this cloud-agent --edge-cert-file and --edge-key-file signed by that CA")
+                return (
+                    "the edge closed the connection: if it serves TLS (tls_cert_file), give this cloud-agent "
+                    "--edge-ca-file"
+                )
+            return (
+                "the edge closed the TLS connection: if it requires client certificates (tls_client_ca_file), give "
+                "this cloud-agent --edge-cert-file and --edge-key-file signed by that CA"
+            )
         return ""

@@ -1,10 +1,11 @@
 """The edge's HTTP side: /healthz (process alive), /readyz (model loaded, not draining), /metrics."""
+
 from __future__ import annotations
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
-from agent_common.metrics import CONTENT_TYPE, Metrics
+from kvwire.agent_common.metrics import CONTENT_TYPE, Metrics
 
 
 def create_app(servicer, metrics: Metrics, model_source: str) -> FastAPI:

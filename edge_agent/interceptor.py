@@ -1,5 +1,6 @@
 """The edge's per-request wrapper: request id for the logs, in-flight gauge, outcome counter, and
 the one place where errors become gRPC status codes."""
+
 from __future__ import annotations
 
 import logging
@@ -7,13 +8,13 @@ import uuid
 
 import grpc
 
-from agent_common.errors import OverloadedError, ShuttingDownError, UnauthenticatedError
-from agent_common.logs import log_event, request_id_var
-from agent_common.metrics import Metrics
-from agent_common.security import bearer_matches
-from kvcodec.errors import ConfigError, PromptTooLongError
+from kvwire.agent_common.errors import OverloadedError, ShuttingDownError, UnauthenticatedError
+from kvwire.agent_common.logs import log_event, request_id_var
+from kvwire.agent_common.metrics import Metrics
+from kvwire.agent_common.security import bearer_matches
+from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
 
-log = logging.getLogger("edge_agent")
+log = logging.getLogger("kvwire.edge_agent")
 
 SERVICE_PREFIX = "/kvwire.v1.EdgeService/"
 MODES = ("kv", "scout")
@@ -52,7 +53,11 @@ class RequestInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_stream is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+        if (
+            handler is None
+            or handler.unary_stream is None
+            or not handler_call_details.method.startswith(SERVICE_PREFIX)
+        ):
             return handler
         inner = handler.unary_stream
         metrics = self.metrics

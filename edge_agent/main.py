@@ -1,4 +1,5 @@
 """`edge-agent`: load the model once, serve EdgeService + gRPC health, and HTTP health/metrics; drain on SIGTERM."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,21 +12,21 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
-from agent_common.logs import log_event
-from agent_common.metrics import Metrics
-from agent_common.security import read_token, server_credentials
-from agent_common.serve import HttpServer
-from agent_common.settings import grpc_address
-from edge_agent.client import KEEPALIVE_TIME_MS
-from edge_agent.interceptor import RequestInterceptor, TokenInterceptor
-from edge_agent.settings import EdgeSettings
-from proto import kvwire_pb2, kvwire_pb2_grpc
+from kvwire.agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from kvwire.agent_common.logs import log_event
+from kvwire.agent_common.metrics import Metrics
+from kvwire.agent_common.security import read_token, server_credentials
+from kvwire.agent_common.serve import HttpServer
+from kvwire.agent_common.settings import grpc_address
+from kvwire.edge_agent.client import KEEPALIVE_TIME_MS
+from kvwire.edge_agent.interceptor import RequestInterceptor, TokenInterceptor
+from kvwire.edge_agent.settings import EdgeSettings
+from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
 
 if TYPE_CHECKING:
-    from edge_agent.service import EdgeServicer
+    from kvwire.edge_agent.service import EdgeServicer
 
-log = logging.getLogger("edge_agent")
+log = logging.getLogger("kvwire.edge_agent")
 
 DESCRIPTION = """\
 KVWire edge-agent: prefills a context with the edge model, keeps the positions that matter for
@@ -74,8 +75,12 @@ def build_grpc_server(servicer: EdgeServicer, metrics: Metrics, settings: EdgeSe
     ]
     interceptors = ([TokenInterceptor(token, metrics)] if token else []) + [RequestInterceptor(metrics)]
     # maximum_concurrent_rpcs: RPCs beyond the worker pool are refused (RESOURCE_EXHAUSTED), never queued
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-rpc"), options=options,
-                         interceptors=interceptors, maximum_concurrent_rpcs=workers)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-rpc"),
+        options=options,
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=workers,
+    )
     kvwire_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -83,16 +88,27 @@ def build_grpc_server(servicer: EdgeServicer, metrics: Metrics, settings: EdgeSe
 
 
 async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
-    from edge_agent.http import create_app
-    from edge_agent.service import EdgeServicer
+    from kvwire.edge_agent.http import create_app
+    from kvwire.edge_agent.service import EdgeServicer
 
-    warn_if_exposed(log, settings.auth_token_file, "auth_token_file", security.credentials is not None,
-                    "the gRPC port is plaintext (no tls_cert_file): the cloud's token")
+    warn_if_exposed(
+        log,
+        settings.auth_token_file,
+        "auth_token_file",
+        security.credentials is not None,
+        "the gRPC port is plaintext (no tls_cert_file): the cloud's token",
+    )
     loaded, seconds = load_daemon_model(settings)
     metrics = Metrics("edge")
     servicer = EdgeServicer(loaded, settings, metrics)
-    log_event(log, "model_loaded", model=loaded.source, seconds=seconds, geometry=servicer.edge.geometry,
-              profile=servicer.default_profile.name)
+    log_event(
+        log,
+        "model_loaded",
+        model=loaded.source,
+        seconds=seconds,
+        geometry=servicer.edge.geometry,
+        profile=servicer.default_profile.name,
+    )
 
     server, health_servicer = build_grpc_server(servicer, metrics, settings, security.token)
     address = grpc_address(settings.host, settings.grpc_port)
@@ -100,14 +116,23 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
         grpc_port = server.add_insecure_port(address)
     else:
         grpc_port = server.add_secure_port(address, security.credentials)
-    http = HttpServer(create_app(servicer, metrics, loaded.source), settings.host, settings.http_port, settings.grace_seconds)
+    http = HttpServer(
+        create_app(servicer, metrics, loaded.source), settings.host, settings.http_port, settings.grace_seconds
+    )
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     await http.start()
-    log_event(log, "listening", host=settings.host, grpc_port=grpc_port, http_port=http.port,
-              grpc_tls=security.tls_mode, token=security.token is not None)
+    log_event(
+        log,
+        "listening",
+        host=settings.host,
+        grpc_port=grpc_port,
+        http_port=http.port,
+        grpc_tls=security.tls_mode,
+        token=security.token is not None,
+    )
     await http.until_stopped()
     log_event(log, "draining", grace_seconds=settings.grace_seconds)
     servicer.draining = True

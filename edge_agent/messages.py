@@ -2,11 +2,12 @@
 
 The codec never sees these; it produces and consumes the frame bytes they carry.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proto import kvwire_pb2
+from kvwire.proto import kvwire_pb2
 
 
 @dataclass
@@ -26,16 +27,32 @@ class PrefillRequest:
 
     def to_pb(self) -> kvwire_pb2.PrefillRequest:
         return kvwire_pb2.PrefillRequest(
-            request_id=self.request_id, mode=self.mode, context=self.context, question=self.question,
-            selector=self.selector, retention=self.retention, profile=self.profile, compress=self.compress,
-            chunk_bytes=self.chunk_bytes, confirm=self.confirm,
+            request_id=self.request_id,
+            mode=self.mode,
+            context=self.context,
+            question=self.question,
+            selector=self.selector,
+            retention=self.retention,
+            profile=self.profile,
+            compress=self.compress,
+            chunk_bytes=self.chunk_bytes,
+            confirm=self.confirm,
         )
 
     @classmethod
-    def from_pb(cls, pb: kvwire_pb2.PrefillRequest) -> "PrefillRequest":
-        return cls(request_id=pb.request_id, mode=pb.mode, context=pb.context, question=pb.question, selector=pb.selector,
-                   retention=pb.retention, profile=pb.profile, compress=pb.compress, chunk_bytes=pb.chunk_bytes,
-                   confirm=pb.confirm)
+    def from_pb(cls, pb: kvwire_pb2.PrefillRequest) -> PrefillRequest:
+        return cls(
+            request_id=pb.request_id,
+            mode=pb.mode,
+            context=pb.context,
+            question=pb.question,
+            selector=pb.selector,
+            retention=pb.retention,
+            profile=pb.profile,
+            compress=pb.compress,
+            chunk_bytes=pb.chunk_bytes,
+            confirm=pb.confirm,
+        )
 
 
 @dataclass
@@ -49,10 +66,12 @@ class PrefillReply:
     def to_pb(self) -> kvwire_pb2.PrefillReply:
         if self.frame is not None:
             return kvwire_pb2.PrefillReply(request_id=self.request_id, frame=self.frame)
-        return kvwire_pb2.PrefillReply(request_id=self.request_id, timings=kvwire_pb2.EdgeTimings(stage_ms=self.timings_ms))
+        return kvwire_pb2.PrefillReply(
+            request_id=self.request_id, timings=kvwire_pb2.EdgeTimings(stage_ms=self.timings_ms)
+        )
 
     @classmethod
-    def from_pb(cls, pb: kvwire_pb2.PrefillReply) -> "PrefillReply":
+    def from_pb(cls, pb: kvwire_pb2.PrefillReply) -> PrefillReply:
         if pb.WhichOneof("body") == "frame":
             return cls(request_id=pb.request_id, frame=pb.frame)
         return cls(request_id=pb.request_id, timings_ms=dict(pb.timings.stage_ms))

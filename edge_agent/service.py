@@ -1,4 +1,5 @@
 """EdgeService.Prefill: build the prompt, prefill, select, encode, and stream the frames."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,19 +8,19 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent_common.errors import OverloadedError, ShuttingDownError
-from agent_common.logs import log_event
-from agent_common.metrics import Metrics
-from edge_agent.messages import PrefillReply, PrefillRequest
-from edge_agent.settings import EdgeSettings
-from kvcodec.errors import ConfigError
-from kvcodec.models import LoadedModel
-from kvcodec.pipeline import Edge, EdgeRequest, Timings
-from kvcodec.profiles import PrecisionProfile, get_profile, profile_names
-from kvcodec.wire import peek_stream_id, peek_type
-from proto import kvwire_pb2, kvwire_pb2_grpc
+from kvwire.agent_common.errors import OverloadedError, ShuttingDownError
+from kvwire.agent_common.logs import log_event
+from kvwire.agent_common.metrics import Metrics
+from kvwire.edge_agent.messages import PrefillReply, PrefillRequest
+from kvwire.edge_agent.settings import EdgeSettings
+from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.models import LoadedModel
+from kvwire.kvcodec.pipeline import Edge, EdgeRequest, Timings
+from kvwire.kvcodec.profiles import PrecisionProfile, get_profile, profile_names
+from kvwire.kvcodec.wire import peek_stream_id, peek_type
+from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
 
-log = logging.getLogger("edge_agent")
+log = logging.getLogger("kvwire.edge_agent")
 RECEIPT_POLL_S = 0.05  # how often a stream waiting for its receipt checks that the caller is still there
 RECEIPT_MAX_WAIT_S = 30.0  # a caller that asked to confirm and never does holds a stream this long at most
 
@@ -69,7 +70,9 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         if self.draining:
             raise ShuttingDownError("edge-agent is shutting down; retry against another edge or later")
         if not self._slots.acquire(blocking=False):
-            raise OverloadedError(f"edge-agent is at its limit of {self.settings.max_concurrency} concurrent prefill streams")
+            raise OverloadedError(
+                f"edge-agent is at its limit of {self.settings.max_concurrency} concurrent prefill streams"
+            )
         try:
             yield from self._stream(req, context)
         finally:
@@ -78,9 +81,16 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
     def _stream(self, req: PrefillRequest, context):
         started = time.perf_counter()
         profile = self.profile_for(req.profile)
-        edge_req = EdgeRequest(context=req.context, question=req.question, mode=req.mode, selector=req.selector or "q2c",
-                               retention=req.retention, profile=profile, compress=req.compress,
-                               chunk_bytes=req.chunk_bytes or self.settings.chunk_bytes)
+        edge_req = EdgeRequest(
+            context=req.context,
+            question=req.question,
+            mode=req.mode,
+            selector=req.selector or "q2c",
+            retention=req.retention,
+            profile=profile,
+            compress=req.compress,
+            chunk_bytes=req.chunk_bytes or self.settings.chunk_bytes,
+        )
         self.edge.validate(edge_req)
         timings = Timings()
         frames = self.edge.stream(edge_req, timings)
@@ -102,9 +112,18 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             yield PrefillReply(req.request_id, timings_ms=timings.ms()).to_pb()
             if receipt is not None and not self._await_receipt(receipt, context, sent):
                 return  # the caller went away before it had every frame: the interceptor counts it cancelled
-            log_event(log, "prefill", mode=req.mode, selector=edge_req.selector, retention=req.retention,
-                      profile=profile if isinstance(profile, str) else profile.name, frames=count, bytes=sent,
-                      confirmed_bytes=None if receipt is None else receipt.frame_bytes, timings_ms=timings.ms())
+            log_event(
+                log,
+                "prefill",
+                mode=req.mode,
+                selector=edge_req.selector,
+                retention=req.retention,
+                profile=profile if isinstance(profile, str) else profile.name,
+                frames=count,
+                bytes=sent,
+                confirmed_bytes=None if receipt is None else receipt.frame_bytes,
+                timings_ms=timings.ms(),
+            )
         finally:
             if receipt is not None:
                 with self._receipts_lock:
@@ -127,12 +146,22 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         while not receipt.event.wait(RECEIPT_POLL_S):
             waited += RECEIPT_POLL_S
             if not context.is_active():
-                log_event(log, "prefill_unconfirmed", logging.WARNING, bytes=sent,
-                          reason="the call ended before the cloud confirmed the stream")
+                log_event(
+                    log,
+                    "prefill_unconfirmed",
+                    logging.WARNING,
+                    bytes=sent,
+                    reason="the call ended before the cloud confirmed the stream",
+                )
                 return False
             if waited >= RECEIPT_MAX_WAIT_S:
-                log_event(log, "prefill_unconfirmed", logging.WARNING, bytes=sent,
-                          reason=f"no receipt within {RECEIPT_MAX_WAIT_S:.0f} s of the last frame")
+                log_event(
+                    log,
+                    "prefill_unconfirmed",
+                    logging.WARNING,
+                    bytes=sent,
+                    reason=f"no receipt within {RECEIPT_MAX_WAIT_S:.0f} s of the last frame",
+                )
                 return True
         if receipt.frame_bytes != sent:
             log_event(log, "receipt_mismatch", logging.WARNING, bytes=sent, confirmed_bytes=receipt.frame_bytes)

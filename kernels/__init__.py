@@ -3,6 +3,7 @@
 Only the dispatcher and the layout helpers load here; kernels.triton_kernels (and triton itself)
 is imported the first time the triton backend is chosen.
 """
+
 from .dispatch import q2c_scores, quantize_pack, unpack_dequantize
 from .layout import packed_row_bytes
 

@@ -3,8 +3,9 @@
 triton's wheel carries ptxas and cuobjdump, so every launch configuration the launchers pick can
 be compiled to a cubin here: that catches GPU-only compile errors (the interpreter accepts more)
 and register spills. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
-`python -m kernels.compile_check [--arch 90] [--quick] [--json]`.
+`python -m kvwire.kernels.compile_check [--arch 90] [--quick] [--json]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,41 @@ _ROWS, _HEAD_DIM, _LONG_ROW = 4096, 128, 4096
 
 def _quantize(dtype, bits, group, head_dim, index):
     block_k, block_c = tk.row_blocks(_ROWS, head_dim)
-    sig = {"x_ptr": _PTR[dtype], "idx_ptr": "*i64", "p_ptr": "*u8", "s_ptr": "*fp16",
-           **dict.fromkeys(("K", "D", "G", "RB", "sxh", "sxs", "sxd"), "i32")}
-    consts = dict(HAS_INDEX=index, BITS=bits, GS=0 if group == head_dim else group, ROW_GROUP=group == head_dim,
-                  ONE_CHUNK=head_dim <= block_c, BLOCK_K=block_k, BLOCK_C=block_c)
+    sig = {
+        "x_ptr": _PTR[dtype],
+        "idx_ptr": "*i64",
+        "p_ptr": "*u8",
+        "s_ptr": "*fp16",
+        **dict.fromkeys(("K", "D", "G", "RB", "sxh", "sxs", "sxd"), "i32"),
+    }
+    consts = dict(
+        HAS_INDEX=index,
+        BITS=bits,
+        GS=0 if group == head_dim else group,
+        ROW_GROUP=group == head_dim,
+        ONE_CHUNK=head_dim <= block_c,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+    )
     return tk._quantize_pack_kernel, sig, consts, {}
 
 
 def _unpack(dtype, bits, group, head_dim):
     block_k, block_c = tk.row_blocks(_ROWS, head_dim)
-    sig = {"p_ptr": "*u8", "s_ptr": "*fp16", "o_ptr": _PTR[dtype],
-           **dict.fromkeys(("K", "D", "G", "RB", "soh", "sok", "sod"), "i32")}
-    consts = dict(BITS=bits, GS=0 if group == head_dim else group, ROW_GROUP=group == head_dim,
-                  OUT_BF16=dtype == torch.bfloat16, BLOCK_K=block_k, BLOCK_C=block_c)
+    sig = {
+        "p_ptr": "*u8",
+        "s_ptr": "*fp16",
+        "o_ptr": _PTR[dtype],
+        **dict.fromkeys(("K", "D", "G", "RB", "soh", "sok", "sod"), "i32"),
+    }
+    consts = dict(
+        BITS=bits,
+        GS=0 if group == head_dim else group,
+        ROW_GROUP=group == head_dim,
+        OUT_BF16=dtype == torch.bfloat16,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+    )
     return tk._unpack_dequantize_kernel, sig, consts, {}
 
 
@@ -82,8 +105,9 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], check=True, capture_output=True,
-                              text=True).stdout
+        text = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
     # e.g. "REG:48 STACK:0 SHARED:1024 LOCAL:0 ..." on the line after the function name
     line = next(line for line in text.splitlines() if "REG:" in line)
     fields = dict(item.split(":", 1) for item in line.split() if ":" in item)

@@ -5,11 +5,12 @@ tensors, or CPU tensors when TRITON_INTERPRET=1 was set before it was imported).
 lazily, so the torch path never imports triton. KVWIRE_KERNELS=torch|triton forces one; it is
 read at every call, never at import time.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -61,7 +62,8 @@ def select_backend(device: torch.device) -> KernelBackend:
         if not backend.runs_on(device):
             raise RuntimeError(
                 f"{ENV_VAR}={forced} cannot run on {device} tensors here: the triton backend needs CUDA "
-                f"tensors with a GPU, or TRITON_INTERPRET=1 set before kernels.triton_kernels is imported")
+                f"tensors with a GPU, or TRITON_INTERPRET=1 set before kernels.triton_kernels is imported"
+            )
         return backend
     if device.type == "cuda" and torch.cuda.is_available():
         return get_backend("triton")
@@ -70,12 +72,15 @@ def select_backend(device: torch.device) -> KernelBackend:
 
 def _load_torch() -> KernelBackend:
     from . import reference
-    return KernelBackend("torch", reference.quantize_pack, reference.unpack_dequantize,
-                         reference.q2c_scores, runs_on=lambda device: True)
+
+    return KernelBackend(
+        "torch", reference.quantize_pack, reference.unpack_dequantize, reference.q2c_scores, runs_on=lambda device: True
+    )
 
 
 def _load_triton() -> KernelBackend:
     from . import triton_kernels as tk  # imports triton: only when this backend is first chosen
+
     return KernelBackend("triton", tk.quantize_pack, tk.unpack_dequantize, tk.q2c_scores, runs_on=tk.runs_on)
 
 
@@ -83,8 +88,9 @@ register_backend("torch", _load_torch)
 register_backend("triton", _load_triton)
 
 
-def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
-                  group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_pack(
+    x: torch.Tensor, index: torch.Tensor | None, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather positions `index` (None: all, in order) of x: [H, S, D] and quantize them to `bits`.
 
     Symmetric, one fp16 scale = absmax / (2**(bits-1) - 1) per (head, position, group of
@@ -95,8 +101,9 @@ def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
     return select_backend(x.device).quantize_pack(x, index, bits, group_size)
 
 
-def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                      out: torch.Tensor) -> torch.Tensor:
+def unpack_dequantize(
+    payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, out: torch.Tensor
+) -> torch.Tensor:
     """Write code * scale (fp32, then cast) into the preallocated out: [H, K, D] and return it.
 
     payload and scales must have the shapes quantize_pack gives for out's shape; ValueError
@@ -106,8 +113,9 @@ def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, gr
     return select_backend(out.device).unpack_dequantize(payload, scales, bits, group_size, out)
 
 
-def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int,
-               scale: float | None = None) -> torch.Tensor:
+def q2c_scores(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int, scale: float | None = None
+) -> torch.Tensor:
     """fp32 [ctx_end - ctx_start]: softmax attention mass of query rows q on keys ctx_start..ctx_end.
 
     q: [Hq, Lq, D], k: [Hkv, S, D] (after RoPE; GQA: query head h reads kv head h // (Hq // Hkv)),

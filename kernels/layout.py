@@ -3,6 +3,7 @@
 Each backend (torch reference, Triton) assumes its arguments passed these checks, so a bad call
 raises the same ValueError whichever backend would have run it.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def check_quantize_args(x: torch.Tensor, index: torch.Tensor | None, bits: int, 
             raise ValueError(f"index is on {index.device} but x is on {x.device}")
 
 
-def check_unpack_args(payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                      out: torch.Tensor) -> None:
+def check_unpack_args(
+    payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, out: torch.Tensor
+) -> None:
     """Validate unpack_dequantize arguments against the shape of `out`; raise ValueError on mismatch."""
     if out.dim() != 3:
         raise ValueError(f"out must be [heads, n, head_dim], got shape {_shape(out)}")
@@ -76,11 +78,13 @@ def check_unpack_args(payload: torch.Tensor, scales: torch.Tensor, bits: int, gr
     if payload.dtype != torch.uint8 or tuple(payload.shape) != (heads, n, row):
         raise ValueError(
             f"payload must be uint8 [{heads}, {n}, {row}] for {bits}-bit rows of head_dim {head_dim}, "
-            f"got {payload.dtype} {_shape(payload)}")
+            f"got {payload.dtype} {_shape(payload)}"
+        )
     if scales.dtype != torch.float16 or tuple(scales.shape) != (heads, n, groups):
         raise ValueError(
             f"scales must be float16 [{heads}, {n}, {groups}] for group_size {group_size}, "
-            f"got {scales.dtype} {_shape(scales)}")
+            f"got {scales.dtype} {_shape(scales)}"
+        )
     for name, t in (("payload", payload), ("scales", scales)):
         if t.device != out.device:
             raise ValueError(f"{name} is on {t.device} but out is on {out.device}")
@@ -89,8 +93,9 @@ def check_unpack_args(payload: torch.Tensor, scales: torch.Tensor, bits: int, gr
 def check_q2c_args(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int) -> None:
     """Validate q2c_scores arguments; raise ValueError naming the offending one."""
     if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"q must be [q_heads, rows, head_dim] and k [kv_heads, seq, head_dim], "
-                         f"got {_shape(q)} and {_shape(k)}")
+        raise ValueError(
+            f"q must be [q_heads, rows, head_dim] and k [kv_heads, seq, head_dim], got {_shape(q)} and {_shape(k)}"
+        )
     if q.dtype not in MODEL_DTYPES or k.dtype not in MODEL_DTYPES:
         raise ValueError(f"q and k must be float32, float16 or bfloat16, got {q.dtype} and {k.dtype}")
     if q.shape[2] != k.shape[2]:
@@ -98,8 +103,10 @@ def check_q2c_args(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_st
     if k.shape[0] == 0 or q.shape[0] % k.shape[0]:
         raise ValueError(f"q heads {q.shape[0]} must be a multiple of kv heads {k.shape[0]}")
     if q_pos.dim() != 1 or q_pos.shape[0] != q.shape[1] or q_pos.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"q_pos must be an int64 tensor [{q.shape[1]}] (one position per query row), "
-                         f"got {q_pos.dtype} {_shape(q_pos)}")
+        raise ValueError(
+            f"q_pos must be an int64 tensor [{q.shape[1]}] (one position per query row), "
+            f"got {q_pos.dtype} {_shape(q_pos)}"
+        )
     if not 0 <= ctx_start <= ctx_end <= k.shape[1]:
         raise ValueError(f"context range [{ctx_start}, {ctx_end}) must lie within the {k.shape[1]} keys")
     for name, t in (("k", k), ("q_pos", q_pos)):
@@ -107,8 +114,9 @@ def check_q2c_args(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_st
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-def q2c_prologue(q: torch.Tensor, k: torch.Tensor, ctx_start: int, ctx_end: int,
-                 scale: float | None) -> tuple[int, float, torch.Tensor]:
+def q2c_prologue(
+    q: torch.Tensor, k: torch.Tensor, ctx_start: int, ctx_end: int, scale: float | None
+) -> tuple[int, float, torch.Tensor]:
     """What both q2c_scores backends start with: (query heads per kv head, softmax scale, the
     zeroed fp32 output of ctx_end - ctx_start scores). q: [Hq, Lq, D], k: [Hkv, S, D]."""
     group = q.shape[0] // k.shape[0]

@@ -4,6 +4,7 @@ The Triton kernels in triton_kernels.py must produce the same packed bytes and s
 bit, so every rounding step here is spelled out (fp32 absmax, IEEE division, fp16 scales,
 round half to even). Arguments are assumed to have passed kernels.layout's checks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,9 @@ def _unpack(payload: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     return (u ^ 0x4).view(torch.int8) - 4  # sign-extend the 3-bit code
 
 
-def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
-                  group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_pack(
+    x: torch.Tensor, index: torch.Tensor | None, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather positions `index` of x: [H, S, D] and quantize them symmetrically to `bits` bits.
 
     One scale per (head, position, group of `group_size` channels): fp16(absmax / qmax). Returns
@@ -75,8 +77,9 @@ def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
     return _pack(q, bits).contiguous(), scales.contiguous()
 
 
-def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                      out: torch.Tensor) -> torch.Tensor:
+def unpack_dequantize(
+    payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, out: torch.Tensor
+) -> torch.Tensor:
     """Decode payload/scales (as made by quantize_pack) into out: [H, K, D]; returns out.
 
     x_hat = q * scale is computed in fp32 (exactly: an 8-bit code times an fp16 value) and then
@@ -88,8 +91,9 @@ def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, gr
     return out.copy_(x_hat.view(heads, n, head_dim))
 
 
-def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int,
-               scale: float | None = None) -> torch.Tensor:
+def q2c_scores(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int, scale: float | None = None
+) -> torch.Tensor:
     """Attention mass the query rows put on each context key, summed over rows and query heads.
 
     q: [Hq, Lq, D], k: [Hkv, S, D] (both after RoPE; query head h reads kv head h // (Hq // Hkv)),
@@ -113,16 +117,17 @@ def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start:
     keys = torch.arange(seq, device=q.device)
     block = max(1, min(MAX_ROW_BLOCK, SCORE_BLOCK_ELEMS // (q_heads * seq)))
     for r0 in range(0, rows, block):
-        p_blk = pos[r0:r0 + block]
+        p_blk = pos[r0 : r0 + block]
         hi = min(seq, int(p_blk.max()) + 1)  # keys past every row's position play no part
         if hi <= ctx_start:
             continue
         n = p_blk.shape[0]
         # scores: [Hkv, G * n, hi] -> [Hkv, G, n, hi]
-        scores = torch.matmul(qf[:, :, r0:r0 + n].reshape(kv_heads, group * n, head_dim),
-                              kf[:, :hi].transpose(1, 2)).view(kv_heads, group, n, hi)
+        scores = torch.matmul(
+            qf[:, :, r0 : r0 + n].reshape(kv_heads, group * n, head_dim), kf[:, :hi].transpose(1, 2)
+        ).view(kv_heads, group, n, hi)
         scores.mul_(scale).masked_fill_(keys[:hi] > p_blk[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         c_hi = min(ctx_end, hi)
-        out[:c_hi - ctx_start] += probs[..., ctx_start:c_hi].sum(dim=(0, 1, 2))
+        out[: c_hi - ctx_start] += probs[..., ctx_start:c_hi].sum(dim=(0, 1, 2))
     return out

@@ -6,6 +6,7 @@ module is imported) the same kernels run on CPU tensors; the interpreter runs pr
 another, so the launchers pick much larger blocks there. kernels.compile_check compiles the GPU
 configurations to cubins without a GPU, to catch compile errors and register spills.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,6 +46,7 @@ def runs_on(device: torch.device) -> bool:
 # models does that), the interpreter cannot call them. tl.reduce with triton's own combine
 # functions is the same IR as tl.max / tl.sum on fp32 and int32, and the interpreter runs it in
 # one numpy call.
+
 
 @triton.jit
 def _max(x, axis: tl.constexpr):
@@ -127,13 +129,27 @@ def _store_packed(q, p_rows, row_ok, c0, D, BITS: tl.constexpr, BLOCK_K: tl.cons
 
 # ----------------------------------------------------------------------------- quantize + pack
 
+
 @triton.jit
 def _quantize_pack_kernel(
-    x_ptr, idx_ptr, p_ptr, s_ptr,
-    K, D, G, RB,
-    sxh, sxs, sxd,
-    HAS_INDEX: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, ROW_GROUP: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    idx_ptr,
+    p_ptr,
+    s_ptr,
+    K,
+    D,
+    G,
+    RB,
+    sxh,
+    sxs,
+    sxd,
+    HAS_INDEX: tl.constexpr,
+    BITS: tl.constexpr,
+    GS: tl.constexpr,
+    ROW_GROUP: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # grid: (cdiv(K, BLOCK_K), H). One program quantizes BLOCK_K gathered rows of one head.
     QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
@@ -190,8 +206,9 @@ def row_blocks(rows: int, head_dim: int) -> tuple[int, int]:
     return block_k, block_c
 
 
-def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
-                  group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_pack(
+    x: torch.Tensor, index: torch.Tensor | None, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of reference.quantize_pack (same arguments, same bytes)."""
     heads, seq, head_dim = x.shape
     n = seq if index is None else index.shape[0]
@@ -208,16 +225,30 @@ def quantize_pack(x: torch.Tensor, index: torch.Tensor | None, bits: int,
         return payload, scales
     grid = (triton.cdiv(n, block_k), heads)
     _quantize_pack_kernel[grid](
-        x, index.contiguous() if index is not None else payload, payload, scales,
-        n, head_dim, groups, payload.shape[2],
-        x.stride(0), x.stride(1), x.stride(2),
-        HAS_INDEX=index is not None, BITS=bits, GS=0 if row_group else group_size, ROW_GROUP=row_group,
-        ONE_CHUNK=head_dim <= block_c, BLOCK_K=block_k, BLOCK_C=block_c,
+        x,
+        index.contiguous() if index is not None else payload,
+        payload,
+        scales,
+        n,
+        head_dim,
+        groups,
+        payload.shape[2],
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        HAS_INDEX=index is not None,
+        BITS=bits,
+        GS=0 if row_group else group_size,
+        ROW_GROUP=row_group,
+        ONE_CHUNK=head_dim <= block_c,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
     )
     return payload, scales
 
 
 # ----------------------------------------------------------------------------- unpack + dequantize
+
 
 @triton.jit
 def _unpack_chunk(p_rows, cols, mask, BITS: tl.constexpr):
@@ -240,11 +271,22 @@ def _unpack_chunk(p_rows, cols, mask, BITS: tl.constexpr):
 
 @triton.jit
 def _unpack_dequantize_kernel(
-    p_ptr, s_ptr, o_ptr,
-    K, D, G, RB,
-    soh, sok, sod,
-    BITS: tl.constexpr, GS: tl.constexpr, ROW_GROUP: tl.constexpr, OUT_BF16: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    p_ptr,
+    s_ptr,
+    o_ptr,
+    K,
+    D,
+    G,
+    RB,
+    soh,
+    sok,
+    sod,
+    BITS: tl.constexpr,
+    GS: tl.constexpr,
+    ROW_GROUP: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # grid: (cdiv(K, BLOCK_K), H). payload and scales are contiguous; out may be strided.
     h = tl.program_id(1).to(tl.int64)
@@ -271,8 +313,9 @@ def _unpack_dequantize_kernel(
         tl.store(o_rows[:, None] + cols[None, :] * sod, y, mask=mask)
 
 
-def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                      out: torch.Tensor) -> torch.Tensor:
+def unpack_dequantize(
+    payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, out: torch.Tensor
+) -> torch.Tensor:
     """Triton version of reference.unpack_dequantize; `out` may be a strided view."""
     heads, n, head_dim = out.shape
     if n == 0 or heads == 0:
@@ -282,11 +325,22 @@ def unpack_dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, gr
     row_group = group_size == head_dim
     grid = (triton.cdiv(n, block_k), heads)
     _unpack_dequantize_kernel[grid](
-        payload, scales, out,
-        n, head_dim, head_dim // group_size, payload.shape[2],
-        out.stride(0), out.stride(1), out.stride(2),
-        BITS=bits, GS=0 if row_group else group_size, ROW_GROUP=row_group,
-        OUT_BF16=out.dtype == torch.bfloat16, BLOCK_K=block_k, BLOCK_C=block_c,
+        payload,
+        scales,
+        out,
+        n,
+        head_dim,
+        head_dim // group_size,
+        payload.shape[2],
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BITS=bits,
+        GS=0 if row_group else group_size,
+        ROW_GROUP=row_group,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
     )
     return out
 
@@ -320,27 +374,39 @@ def q2c_config(q_dtype: torch.dtype, k_dtype: torch.dtype, head_dim: int, rows: 
     if INTERPRETED:
         block_m = min(_INTERP_BLOCK_M, max(16, _next_pow2(rows)))
         block_n = min(_INTERP_BLOCK_N, max(16, _next_pow2(seq)))
-        return dict(SPLIT=block_n * _INTERP_SPLIT_BLOCKS, NATIVE_DOT=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                    BLOCK_D=block_d)
+        return dict(
+            SPLIT=block_n * _INTERP_SPLIT_BLOCKS, NATIVE_DOT=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d
+        )
     native = q_dtype == k_dtype and q_dtype in (torch.float16, torch.bfloat16)
     block_m, block_n, warps = _GPU_MMA_BLOCKS if native else _GPU_FMA_BLOCKS
     if block_d > 128:
         block_n //= 2  # head_dim 256: halve the key tile to stay in registers
-    return dict(SPLIT=block_n * _GPU_SPLIT_BLOCKS, NATIVE_DOT=native, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=block_d, num_warps=warps, num_stages=2)
+    return dict(
+        SPLIT=block_n * _GPU_SPLIT_BLOCKS,
+        NATIVE_DOT=native,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=warps,
+        num_stages=2,
+    )
 
 
 @triton.jit
-def _q2c_rows(q_ptr, pos_ptr, Lq, D, R, G, sqh, sql, sqd,
-              NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _q2c_rows(
+    q_ptr, pos_ptr, Lq, D, R, G, sqh, sql, sqd, NATIVE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
     # The program's stacked rows: their index, validity, q tile and (clamped) positions.
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = r < R
     i = r % Lq
     head = tl.program_id(1) * G + r // Lq
     d = tl.arange(0, BLOCK_D)
-    q = tl.load(q_ptr + head.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sql + d[None, :] * sqd,
-                mask=r_ok[:, None] & (d < D)[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + head.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sql + d[None, :] * sqd,
+        mask=r_ok[:, None] & (d < D)[None, :],
+        other=0.0,
+    )
     if not NATIVE_DOT:
         q = q.to(tl.float32)
     pos = tl.load(pos_ptr + i, mask=r_ok, other=-1)
@@ -348,13 +414,15 @@ def _q2c_rows(q_ptr, pos_ptr, Lq, D, R, G, sqh, sql, sqd,
 
 
 @triton.jit
-def _q2c_block_scores(q, k_base, n0, pos, S, D, sks, skd, scale,
-                      NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _q2c_block_scores(
+    q, k_base, n0, pos, S, D, sks, skd, scale, NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):
     # Scaled, causally masked scores of the rows against keys n0..n0+BLOCK_N: [BLOCK_M, BLOCK_N].
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
-    k = tl.load(k_base + n.to(tl.int64)[:, None] * sks + d[None, :] * skd,
-                mask=(n < S)[:, None] & (d < D)[None, :], other=0.0)
+    k = tl.load(
+        k_base + n.to(tl.int64)[:, None] * sks + d[None, :] * skd, mask=(n < S)[:, None] & (d < D)[None, :], other=0.0
+    )
     if NATIVE_DOT:
         s = tl.dot(q, tl.trans(k))  # fp16/bf16 products are exact in the fp32 accumulator
     else:
@@ -365,11 +433,28 @@ def _q2c_block_scores(q, k_base, n0, pos, S, D, sks, skd, scale,
 
 @triton.jit
 def _q2c_stats_kernel(
-    q_ptr, k_ptr, pos_ptr, m_ptr, l_ptr,
-    Lq, S, D, R, G, scale,
-    sqh, sql, sqd, skh, sks, skd,
-    SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    m_ptr,
+    l_ptr,
+    Lq,
+    S,
+    D,
+    R,
+    G,
+    scale,
+    sqh,
+    sql,
+    sqd,
+    skh,
+    sks,
+    skd,
+    SPLIT: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # grid: (cdiv(R, BLOCK_M), Hkv, key splits). Writes each row's online-softmax max and
     # denominator over the keys of this split to m/l: [splits, Hkv, R].
@@ -393,11 +478,31 @@ def _q2c_stats_kernel(
 
 @triton.jit
 def _q2c_colsum_kernel(
-    q_ptr, k_ptr, pos_ptr, m_ptr, l_ptr, out_ptr,
-    Lq, S, D, R, G, ctx_start, ctx_end, scale,
-    sqh, sql, sqd, skh, sks, skd,
-    SPLIT: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    m_ptr,
+    l_ptr,
+    out_ptr,
+    Lq,
+    S,
+    D,
+    R,
+    G,
+    ctx_start,
+    ctx_end,
+    scale,
+    sqh,
+    sql,
+    sqd,
+    skh,
+    sks,
+    skd,
+    SPLIT: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # grid: (cdiv(R, BLOCK_M), Hkv, context splits). m/l: [Hkv, R], merged over key splits.
     r, r_ok, q, pos = _q2c_rows(q_ptr, pos_ptr, Lq, D, R, G, sqh, sql, sqd, NATIVE_DOT, BLOCK_M, BLOCK_D)
@@ -415,8 +520,9 @@ def _q2c_colsum_kernel(
         tl.atomic_add(out_ptr + (n - ctx_start), col, mask=n < hi)
 
 
-def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int,
-               scale: float | None = None) -> torch.Tensor:
+def q2c_scores(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start: int, ctx_end: int, scale: float | None = None
+) -> torch.Tensor:
     """Triton version of reference.q2c_scores: fp32 [ctx_end - ctx_start]. Column sums use atomics,
     so on GPU the fp32 summation order, and hence the last bits, may vary between runs."""
     q_heads, rows, head_dim = q.shape
@@ -435,13 +541,14 @@ def q2c_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, ctx_start:
     m_part = torch.empty(key_splits, kv_heads, total, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     _q2c_stats_kernel[(m_blocks, kv_heads, key_splits)](
-        q, k, pos, m_part, l_part, rows, seq, head_dim, total, group, scale, *strides, **common)
+        q, k, pos, m_part, l_part, rows, seq, head_dim, total, group, scale, *strides, **common
+    )
     # Merge the splits' softmax statistics: m = max_s m_s, l = sum_s l_s * exp(m_s - m).
     m = m_part.amax(dim=0)
     l_sum = (l_part * torch.exp(m_part - m)).sum(dim=0)
 
     ctx_splits = triton.cdiv(ctx_end - ctx_start, split)
     _q2c_colsum_kernel[(m_blocks, kv_heads, ctx_splits)](
-        q, k, pos, m, l_sum, out, rows, seq, head_dim, total, group, ctx_start, ctx_end, scale,
-        *strides, **common)
+        q, k, pos, m, l_sum, out, rows, seq, head_dim, total, group, ctx_start, ctx_end, scale, *strides, **common
+    )
     return out

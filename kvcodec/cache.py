@@ -1,10 +1,11 @@
 """Cache assembly: decoded KV -> a DynamicCache in the model's dtype and device."""
+
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
-from kvcodec.stream import DecodedKV
+from kvwire.kvcodec.stream import DecodedKV
 
 
 def build_cache(decoded: DecodedKV, dtype: torch.dtype | None = None, device=None) -> tuple[DynamicCache, int]:
@@ -12,6 +13,10 @@ def build_cache(decoded: DecodedKV, dtype: torch.dtype | None = None, device=Non
     the next token (the last prompt token, which the receiver feeds itself)."""
     pairs = []
     for k, v in zip(decoded.keys, decoded.values):
-        pairs.append((k.to(dtype=dtype or k.dtype, device=device or k.device),
-                      v.to(dtype=dtype or v.dtype, device=device or v.device)))
+        pairs.append(
+            (
+                k.to(dtype=dtype or k.dtype, device=device or k.device),
+                v.to(dtype=dtype or v.dtype, device=device or v.device),
+            )
+        )
     return DynamicCache(pairs), decoded.header.prompt_len - 1

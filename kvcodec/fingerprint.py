@@ -1,4 +1,5 @@
 """Fingerprints: KV geometry and tokenizer identity, so a receiver refuses KV it cannot use."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,9 @@ def model_fingerprint(model) -> str:
     probe = next(iter(params.values()))
     with torch.no_grad():
         sample = [float(x) for x in probe.detach().flatten()[:64].float().cpu()]
-    return _digest({"config": model.config.to_dict().get("architectures"), "geometry": kv_geometry(model), "sample": sample})
+    return _digest(
+        {"config": model.config.to_dict().get("architectures"), "geometry": kv_geometry(model), "sample": sample}
+    )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -1,4 +1,5 @@
 """Greedy generation from a (possibly pruned) cache with absolute position ids."""
+
 from __future__ import annotations
 
 import time

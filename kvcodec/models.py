@@ -1,4 +1,5 @@
 """Model loading: the embedded default model, local folders and hub ids, dtype and device."""
+
 from __future__ import annotations
 
 import fcntl
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kvcodec.errors import ConfigError
+from kvwire.kvcodec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -3,24 +3,25 @@
 edge:  prompt -> prefill (+ attention capture) -> select -> encode -> frames
 cloud: frames -> verify/decode -> cache -> feed last prompt token -> greedy answer
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import torch
 
-from kvcodec.cache import build_cache
-from kvcodec.errors import ConfigError, GeometryMismatchError
-from kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fingerprint, tokenizer_fingerprint
-from kvcodec.generate import Generation, eos_ids, greedy
-from kvcodec.models import LoadedModel
-from kvcodec.prefill import prefill
-from kvcodec.profiles import get_profile
-from kvcodec.prompt import Prompt, build_prompt, model_window
-from kvcodec.selectors import check_retention_and_name, get_selector
-from kvcodec.stream import DEFAULT_CHUNK_BYTES, DecodedKV, StreamDecoder, StreamEncoder, StreamHeader
+from kvwire.kvcodec.cache import build_cache
+from kvwire.kvcodec.errors import ConfigError, GeometryMismatchError
+from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fingerprint, tokenizer_fingerprint
+from kvwire.kvcodec.generate import Generation, eos_ids, greedy
+from kvwire.kvcodec.models import LoadedModel
+from kvwire.kvcodec.prefill import prefill
+from kvwire.kvcodec.profiles import get_profile
+from kvwire.kvcodec.prompt import Prompt, build_prompt, model_window
+from kvwire.kvcodec.selectors import check_retention_and_name, get_selector
+from kvwire.kvcodec.stream import DEFAULT_CHUNK_BYTES, DecodedKV, StreamDecoder, StreamEncoder, StreamHeader
 
 MODES = ("kv", "scout", "text")
 
@@ -110,7 +111,9 @@ class Edge:
     def prompt(self, req: EdgeRequest) -> Prompt:
         return build_prompt(self.loaded.tokenizer, req.context, req.question, max_len=model_window(self.loaded.model))
 
-    def stream(self, req: EdgeRequest, timings: Timings | None = None, memo: PrefillMemo | None = None) -> Iterator[bytes]:
+    def stream(
+        self, req: EdgeRequest, timings: Timings | None = None, memo: PrefillMemo | None = None
+    ) -> Iterator[bytes]:
         """Yield the frames of one request: header, chunks (most important first), trailer.
 
         memo: reuse a prefill of the same prompt from earlier requests (see PrefillMemo); the frames
@@ -138,11 +141,17 @@ class Edge:
         sel = selector.select(prompt, attention, req.retention)
         timings.add("select", time.perf_counter() - t)
         header = StreamHeader(
-            mode=req.mode, prompt_ids=list(prompt.ids), context_span=(prompt.context_start, prompt.context_end),
-            kept=sel.kept.tolist(), geometry=self.geometry, model=self.model_fp, tokenizer=self.tokenizer_fp,
+            mode=req.mode,
+            prompt_ids=list(prompt.ids),
+            context_span=(prompt.context_start, prompt.context_end),
+            kept=sel.kept.tolist(),
+            geometry=self.geometry,
+            model=self.model_fp,
+            tokenizer=self.tokenizer_fp,
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             profile=get_profile(req.profile) if req.mode == "kv" else None,
-            selector=req.selector, retention=req.retention,
+            selector=req.selector,
+            retention=req.retention,
         )
         enc = StreamEncoder(header, compress=req.compress, chunk_bytes=req.chunk_bytes)
         t = time.perf_counter()
@@ -188,8 +197,12 @@ class Cloud:
 
     def decoder(self) -> StreamDecoder:
         """A decoder for one stream that refuses, before allocating anything, a stream this model cannot use."""
-        return StreamDecoder(dtype=self.loaded.dtype, device=self.loaded.device,
-                             max_prompt=model_window(self.loaded.model) or 1 << 20, on_header=self.check_compatible)
+        return StreamDecoder(
+            dtype=self.loaded.dtype,
+            device=self.loaded.device,
+            max_prompt=model_window(self.loaded.model) or 1 << 20,
+            on_header=self.check_compatible,
+        )
 
     def receive(self, frames: Iterable[bytes], timings: Timings | None = None) -> DecodedKV:
         """Feed every frame to a fresh decoder; the stream must be complete and verified."""
@@ -209,11 +222,24 @@ class Cloud:
         if header.mode == "kv":
             problems += geometry_mismatch(self.geometry, header.geometry)
         if problems:
-            hint = " Use mode=scout with a model of the same family (same tokenizer)." if header.mode == "kv" and len(problems) and header.tokenizer == self.tokenizer_fp else ""
-            raise GeometryMismatchError(f"the {header.mode} stream does not fit this model: " + "; ".join(problems) + "." + hint)
+            hint = (
+                " Use mode=scout with a model of the same family (same tokenizer)."
+                if header.mode == "kv" and len(problems) and header.tokenizer == self.tokenizer_fp
+                else ""
+            )
+            raise GeometryMismatchError(
+                f"the {header.mode} stream does not fit this model: " + "; ".join(problems) + "." + hint
+            )
 
-    def _finish(self, cache, header: StreamHeader, max_new_tokens: int, decoded: DecodedKV | None, mode: str,
-                timings: Timings | None) -> Answer:
+    def _finish(
+        self,
+        cache,
+        header: StreamHeader,
+        max_new_tokens: int,
+        decoded: DecodedKV | None,
+        mode: str,
+        timings: Timings | None,
+    ) -> Answer:
         gen = greedy(self.loaded.model, cache, header.prompt_ids[-1], header.prompt_len - 1, max_new_tokens, self.stop)
         if timings is not None:
             timings.add("first_token", gen.first_token_s)
@@ -226,10 +252,17 @@ class Cloud:
             kept = len(decoded.positions)
             context_kept = int(((decoded.positions >= start) & (decoded.positions < end)).sum())
         return Answer(
-            text=self.loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(), tokens=gen.tokens, mode=mode,
-            prompt_len=header.prompt_len, context_tokens=end - start, kept_positions=kept,
-            bytes_on_wire=wire, wire_ratio=wire / fp16_kv_bytes(self.geometry, header.prompt_len),
-            generation=gen, complete=decoded.complete if decoded is not None else True, context_kept=context_kept,
+            text=self.loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(),
+            tokens=gen.tokens,
+            mode=mode,
+            prompt_len=header.prompt_len,
+            context_tokens=end - start,
+            kept_positions=kept,
+            bytes_on_wire=wire,
+            wire_ratio=wire / fp16_kv_bytes(self.geometry, header.prompt_len),
+            generation=gen,
+            complete=decoded.complete if decoded is not None else True,
+            context_kept=context_kept,
         )
 
     def answer_kv(self, decoded: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
@@ -266,7 +299,12 @@ class Cloud:
         pre = prefill(self.loaded.model, prompt)
         if timings is not None:
             timings.add("prefill", time.perf_counter() - t)
-        header = StreamHeader(mode="kv", prompt_ids=list(prompt.ids), context_span=(prompt.context_start, prompt.context_end),
-                              kept=list(range(prompt.stream_len)), geometry=self.geometry)
+        header = StreamHeader(
+            mode="kv",
+            prompt_ids=list(prompt.ids),
+            context_span=(prompt.context_start, prompt.context_end),
+            kept=list(range(prompt.stream_len)),
+            geometry=self.geometry,
+        )
         ans = self._finish(pre.cache, header, max_new_tokens, None, "text", timings)
         return ans

@@ -1,6 +1,7 @@
 """Prefill with attention capture: run the model over prompt[:-1] and, per layer, the attention
 that chosen query rows pay to the context — from those rows' query states only, so prefill keeps
 its fast attention (sdpa) and no [prompt x prompt] matrix is ever built."""
+
 from __future__ import annotations
 
 import threading
@@ -11,8 +12,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-import kernels
-from kvcodec.prompt import Prompt
+from kvwire import kernels
+from kvwire.kvcodec.prompt import Prompt
 
 _CAPTURE = "kvwire_capture"
 _local = threading.local()  # the capture in progress on this thread (daemons prefill on worker threads)
@@ -31,7 +32,9 @@ def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
         # query: [1, Hq, S, D] after RoPE; key: [1, Hkv, S, D] after RoPE (the whole prefix)
         rows = cap.rows.to(query.device)
         q = query[0].index_select(1, rows)
-        cap.per_layer[module.layer_idx] = kernels.q2c_scores(q, key[0], rows, cap.ctx[0], cap.ctx[1], scale=module.scaling)
+        cap.per_layer[module.layer_idx] = kernels.q2c_scores(
+            q, key[0], rows, cap.ctx[0], cap.ctx[1], scale=module.scaling
+        )
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

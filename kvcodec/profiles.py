@@ -6,14 +6,15 @@ JSON format (every key but "default" optional; layer overrides are by absolute l
    "layers": {"0": {"k": {"kind": "fp16"}, "v": {"kind": "fp16"}}}}
 A tensor spec is {"kind": fp32|fp16|bf16|int8|int4|int3, "axis": token|channel, "group": N}.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcodec.errors import ConfigError
-from kvcodec.quant import Quantizer
+from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.quant import Quantizer
 
 LayerSpec = tuple[Quantizer, Quantizer]  # (K, V)
 
@@ -56,7 +57,7 @@ class PrecisionProfile:
         }
 
     @classmethod
-    def from_dict(cls, data: dict, name: str | None = None) -> "PrecisionProfile":
+    def from_dict(cls, data: dict, name: str | None = None) -> PrecisionProfile:
         if not isinstance(data, dict) or "default" not in data:
             raise ConfigError('a profile is a JSON object with at least a "default" entry')
 
@@ -104,7 +105,9 @@ NAMED_PROFILES: dict[str, PrecisionProfile] = {
         _uniform("bf16", "bf16"),
         _uniform("int8", "int8"),
         _uniform("int4", "int4"),
-        PrecisionProfile("mixed-int4", (Quantizer("int4"), Quantizer("int4")), {0: (Quantizer("fp16"), Quantizer("fp16"))}),
+        PrecisionProfile(
+            "mixed-int4", (Quantizer("int4"), Quantizer("int4")), {0: (Quantizer("fp16"), Quantizer("fp16"))}
+        ),
     )
 }
 

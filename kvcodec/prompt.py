@@ -3,13 +3,14 @@
 The three segments are tokenized separately and their ids concatenated, so the context span is
 known exactly; it is never recovered by searching for delimiters in the token stream.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from kvcodec.errors import ConfigError, PromptTooLongError
+from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
 
 DEFAULT_INSTRUCTION = (
     "Answer the question using only the context. Reply with the shortest exact phrase from the context."
@@ -49,9 +50,7 @@ class Prompt:
 
     def fixed_positions(self) -> torch.Tensor:
         """Streamed positions that are never dropped: template prefix, question and suffix."""
-        return torch.cat(
-            [torch.arange(0, self.context_start), torch.arange(self.context_end, self.stream_len)]
-        )
+        return torch.cat([torch.arange(0, self.context_start), torch.arange(self.context_end, self.stream_len)])
 
 
 def _template_parts(tokenizer, instruction: str) -> tuple[str, str, str]:

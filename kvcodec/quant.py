@@ -4,6 +4,7 @@ A quantizer turns one layer's K or V for the positions of a chunk, x: [kv_heads,
 into (scales, payload) bytes and back. The integer kinds go through the `kernels` dispatcher
 (Triton on CUDA, vectorized torch on CPU), so the bytes are identical whichever path runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from typing import ClassVar
 
 import torch
 
-import kernels
-from kvcodec.errors import ConfigError
+from kvwire import kernels
+from kvwire.kvcodec.errors import ConfigError
 
 AXES = ("token", "channel")
 
@@ -41,7 +42,11 @@ class Quantizer:
     group: int = 0
 
     bits: ClassVar[dict[str, int]] = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "int3": 3}
-    float_dtypes: ClassVar[dict[str, torch.dtype]] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    float_dtypes: ClassVar[dict[str, torch.dtype]] = {
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+    }
 
     def __post_init__(self):
         if self.kind not in self.bits:
@@ -70,7 +75,9 @@ class Quantizer:
             if head_dim % group:
                 raise ConfigError(f"group {group} does not divide head_dim {head_dim}")
             if self.nbits == 4 and head_dim % 2 or self.nbits == 3 and head_dim % 8:
-                raise ConfigError(f"{self.kind} token-axis packing needs head_dim divisible by {8 if self.nbits == 3 else 2}")
+                raise ConfigError(
+                    f"{self.kind} token-axis packing needs head_dim divisible by {8 if self.nbits == 3 else 2}"
+                )
 
     def _channel_pad(self, n: int) -> int:
         multiple = {8: 1, 4: 2, 3: 8}[self.nbits]  # whole bytes per packed row

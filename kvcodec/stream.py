@@ -4,21 +4,33 @@ StreamEncoder turns a prefilled KV cache, a Selection and a PrecisionProfile int
 StreamDecoder verifies frames one by one and, only once the trailer checks out, yields a
 DecodedKV (or, for anytime use, `partial()` yields the positions received so far).
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from kvcodec.errors import ConfigError, FrameError
-from kvcodec.profiles import PrecisionProfile
-from kvcodec.quant import Quantizer
-from kvcodec.wire import (
-    CHUNK, FRAME_TYPES, HEADER, MAX_BODY, TRAILER, Frame, Reader, encode_deltas, pack_frame, pack_json, parse_frame, put_varint, read_json,
+from kvwire.kvcodec.errors import ConfigError, FrameError
+from kvwire.kvcodec.profiles import PrecisionProfile
+from kvwire.kvcodec.wire import (
+    CHUNK,
+    FRAME_TYPES,
+    HEADER,
+    MAX_BODY,
+    TRAILER,
+    Frame,
+    Reader,
+    encode_deltas,
+    pack_frame,
+    pack_json,
+    parse_frame,
+    put_varint,
+    read_json,
 )
 
 MODES = ("kv", "scout")
@@ -62,9 +74,17 @@ def _varints(values) -> bytes:
 
 def encode_header(h: StreamHeader) -> bytes:
     meta = {
-        "mode": h.mode, "geometry": h.geometry, "model": h.model, "tokenizer": h.tokenizer, "dtype": h.dtype,
-        "profile": h.profile.to_dict() if h.profile else None, "selector": h.selector, "retention": h.retention,
-        "context_span": list(h.context_span), "n_prompt": len(h.prompt_ids), "n_kept": len(h.kept),
+        "mode": h.mode,
+        "geometry": h.geometry,
+        "model": h.model,
+        "tokenizer": h.tokenizer,
+        "dtype": h.dtype,
+        "profile": h.profile.to_dict() if h.profile else None,
+        "selector": h.selector,
+        "retention": h.retention,
+        "context_span": list(h.context_span),
+        "n_prompt": len(h.prompt_ids),
+        "n_kept": len(h.kept),
     }
     return pack_json(meta) + encode_deltas(h.kept, signed=False) + _varints(h.prompt_ids)
 
@@ -101,8 +121,12 @@ def _decode_header(frame: Frame) -> StreamHeader:
     n_prompt = _int(meta, "n_prompt", 2, MAX_PROMPT)
     n_kept = _int(meta, "n_kept", 1, n_prompt - 1)
     span = meta.get("context_span")
-    if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
-            and 0 <= span[0] < span[1] <= n_prompt - 1):
+    if not (
+        isinstance(span, list)
+        and len(span) == 2
+        and all(type(x) is int for x in span)
+        and 0 <= span[0] < span[1] <= n_prompt - 1
+    ):
         raise FrameError("bad_header", f"context_span {span!r} is not a non-empty span inside the prompt")
     kept = r.deltas(n_kept, signed=False, field="kept positions")
     if any(b <= a for a, b in zip(kept, kept[1:])) or kept[-1] >= n_prompt - 1:
@@ -122,9 +146,17 @@ def _decode_header(frame: Frame) -> StreamHeader:
         except ConfigError as exc:
             raise FrameError("bad_header", f"profile: {exc}") from None
     return StreamHeader(
-        mode=mode, prompt_ids=ids, context_span=(span[0], span[1]), kept=kept, geometry=geo,
-        model=str(meta.get("model", "")), tokenizer=str(meta.get("tokenizer", "")), dtype=str(meta.get("dtype", "")),
-        profile=profile, selector=str(meta.get("selector", "")), retention=_retention(meta.get("retention")),
+        mode=mode,
+        prompt_ids=ids,
+        context_span=(span[0], span[1]),
+        kept=kept,
+        geometry=geo,
+        model=str(meta.get("model", "")),
+        tokenizer=str(meta.get("tokenizer", "")),
+        dtype=str(meta.get("dtype", "")),
+        profile=profile,
+        selector=str(meta.get("selector", "")),
+        retention=_retention(meta.get("retention")),
         stream_id=frame.stream_id,
     )
 
@@ -163,8 +195,13 @@ class StreamEncoder:
         geo = self.header.geometry
         specs = self.header.profile.resolve(geo["num_layers"], geo["head_dim"])
         heads, dim = geo["kv_heads"], geo["head_dim"]
-        per_pos = sum(k.sizes(heads, 1, dim)[0] + k.sizes(heads, 1, dim)[1] + v.sizes(heads, 1, dim)[0]
-                      + v.sizes(heads, 1, dim)[1] for k, v in specs)
+        per_pos = sum(
+            k.sizes(heads, 1, dim)[0]
+            + k.sizes(heads, 1, dim)[1]
+            + v.sizes(heads, 1, dim)[0]
+            + v.sizes(heads, 1, dim)[1]
+            for k, v in specs
+        )
         n_per_chunk = max(1, self.chunk_bytes // max(1, per_pos + 4 * len(specs)))
         for start in range(0, len(order), n_per_chunk):
             positions = torch.sort(order[start : start + n_per_chunk]).values  # sorted: small deltas
@@ -176,7 +213,9 @@ class StreamEncoder:
             for layer, (kq, vq) in enumerate(specs):
                 for q, t in ((kq, keys[layer]), (vq, values[layer])):
                     scales, payload = q.encode(t.index_select(1, index))
-                    body += _TENSOR_HEAD.pack(_KIND_CODES[q.kind], _AXIS_CODES[q.axis], q.group, len(scales), len(payload))
+                    body += _TENSOR_HEAD.pack(
+                        _KIND_CODES[q.kind], _AXIS_CODES[q.axis], q.group, len(scales), len(payload)
+                    )
                     body += scales + payload
             yield self._emit(CHUNK, bytes(body))
 
@@ -213,8 +252,14 @@ class StreamDecoder:
     cache is ever built from a stream that failed. `result()` needs a verified trailer.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", max_prompt: int = MAX_PROMPT,
-                 max_kv_bytes: int = DEFAULT_MAX_KV_BYTES, on_header: Callable[[StreamHeader], None] | None = None):
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_prompt: int = MAX_PROMPT,
+        max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
+        on_header: Callable[[StreamHeader], None] | None = None,
+    ):
         """on_header runs after the header is verified and before anything is allocated: a receiver
         checks there that the stream fits its model (it may raise its own error type).
         max_kv_bytes caps the decoded KV a header may ask this decoder to hold."""
@@ -244,7 +289,10 @@ class StreamDecoder:
             raise FrameError("after_trailer", "frame received after the trailer")
         frame = parse_frame(data)
         if self.header is None and frame.kind != HEADER:
-            raise FrameError("out_of_order", f"the first frame of a stream must be its header, got a {FRAME_TYPES[frame.kind]} (seq {frame.seq})")
+            raise FrameError(
+                "out_of_order",
+                f"the first frame of a stream must be its header, got a {FRAME_TYPES[frame.kind]} (seq {frame.seq})",
+            )
         if frame.seq != self.seq:
             what = "duplicated" if frame.seq < self.seq else "out_of_order"
             raise FrameError(what, f"frame seq {frame.seq} where seq {self.seq} was expected")
@@ -267,12 +315,24 @@ class StreamDecoder:
 
     def _start(self, header: StreamHeader) -> None:
         if header.prompt_len > self.max_prompt:
-            raise FrameError("oversized", f"stream announces {header.prompt_len} prompt tokens; the limit is {self.max_prompt}")
+            raise FrameError(
+                "oversized", f"stream announces {header.prompt_len} prompt tokens; the limit is {self.max_prompt}"
+            )
         if header.mode == "kv":
             g = header.geometry
-            need = 2 * g["num_layers"] * g["kv_heads"] * len(header.kept) * g["head_dim"] * torch.finfo(self.dtype).bits // 8
+            need = (
+                2
+                * g["num_layers"]
+                * g["kv_heads"]
+                * len(header.kept)
+                * g["head_dim"]
+                * torch.finfo(self.dtype).bits
+                // 8
+            )
             if need > self.max_kv_bytes:
-                raise FrameError("oversized", f"stream needs {need} bytes of decoded KV; this receiver allows {self.max_kv_bytes}")
+                raise FrameError(
+                    "oversized", f"stream needs {need} bytes of decoded KV; this receiver allows {self.max_kv_bytes}"
+                )
         if self.on_header is not None:
             try:
                 self.on_header(header)
@@ -313,10 +373,14 @@ class StreamDecoder:
             for name, q in zip("kv", specs):
                 kind, axis, group, ns, npay = r.unpack(_TENSOR_HEAD.format[1:], f"layer {layer} {name} encoding")
                 if (kind, axis, group) != (_KIND_CODES[q.kind], _AXIS_CODES[q.axis], q.group):
-                    raise FrameError("bad_encoding", f"layer {layer} {name}: encoding differs from the header's profile")
+                    raise FrameError(
+                        "bad_encoding", f"layer {layer} {name}: encoding differs from the header's profile"
+                    )
                 want = q.sizes(g["kv_heads"], n, g["head_dim"])
                 if (ns, npay) != want:
-                    raise FrameError("bad_length", f"layer {layer} {name}: {ns}+{npay} bytes, expected {want[0]}+{want[1]}")
+                    raise FrameError(
+                        "bad_length", f"layer {layer} {name}: {ns}+{npay} bytes, expected {want[0]}+{want[1]}"
+                    )
                 parts.append((layer, name, q, r.take(ns, "scales"), r.take(npay, "payload")))
         r.done()
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
@@ -332,7 +396,9 @@ class StreamDecoder:
         digest = r.take(32, "digest")
         r.done()
         if frames != self.seq or total != self.wire_bytes:
-            raise FrameError("bad_trailer", f"trailer counts {frames} frames/{total} bytes; received {self.seq}/{self.wire_bytes}")
+            raise FrameError(
+                "bad_trailer", f"trailer counts {frames} frames/{total} bytes; received {self.seq}/{self.wire_bytes}"
+            )
         if digest != self.digest.digest():
             raise FrameError("bad_trailer", "stream digest mismatch")
         if self.header.mode == "kv" and not bool(self._received.all()):

@@ -4,17 +4,18 @@ Every frame is  MAGIC | version | type | flags | stream id | seq | body length |
 This module packs and parses single frames and their bodies; kvcodec.stream strings them into
 a stream (header, chunks, trailer) and checks the sequence.
 """
+
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import google_crc32c
 import zstandard
 
-from kvcodec.errors import FrameError
+from kvwire.kvcodec.errors import FrameError
 
 MAGIC = b"KVWF"
 VERSION = 1
@@ -81,7 +82,9 @@ def peek_stream_id(data: bytes) -> bytes | None:
 def parse_frame(data: bytes) -> Frame:
     """Parse and verify one frame; FrameError with a precise reason on anything wrong."""
     if len(data) < PREFIX_SIZE + CRC_SIZE:
-        raise FrameError("truncated", f"frame of {len(data)} bytes is shorter than the {PREFIX_SIZE + CRC_SIZE}-byte minimum")
+        raise FrameError(
+            "truncated", f"frame of {len(data)} bytes is shorter than the {PREFIX_SIZE + CRC_SIZE}-byte minimum"
+        )
     magic, version, kind, flags, stream_id, seq, length = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise FrameError("bad_magic", f"frame starts with {magic!r}, not {MAGIC!r}")
@@ -128,11 +131,14 @@ def read_frames(stream) -> Iterator[bytes]:
             raise FrameError("oversized", f"body length {length} exceeds the {MAX_BODY}-byte cap")
         rest = stream.read(length + CRC_SIZE)
         if len(rest) < length + CRC_SIZE:
-            raise FrameError("truncated", f"byte stream ends inside a frame body ({len(rest)} of {length + CRC_SIZE} bytes)")
+            raise FrameError(
+                "truncated", f"byte stream ends inside a frame body ({len(rest)} of {length + CRC_SIZE} bytes)"
+            )
         yield head + rest
 
 
 # ---- varints -------------------------------------------------------------------------------
+
 
 def put_varint(out: bytearray, value: int) -> None:
     if value < 0:
@@ -186,7 +192,9 @@ class Reader:
 
     def deltas(self, count: int, signed: bool, field: str) -> list[int]:
         if count > len(self.data) - self.pos:  # each varint takes at least one byte
-            raise FrameError("malformed", f"{self.what}: {count} {field} cannot fit in {len(self.data) - self.pos} bytes")
+            raise FrameError(
+                "malformed", f"{self.what}: {count} {field} cannot fit in {len(self.data) - self.pos} bytes"
+            )
         out, prev = [], 0
         for _ in range(count):
             d = self.varint(field)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import kvwire_pb2 as proto_dot_kvwire__pb2
+from kvwire.proto import kvwire_pb2 as kvwire_dot_proto_dot_kvwire__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/kvwire_pb2_grpc.py depends on'
+        + ' but the generated code in kvwire/proto/kvwire_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,13 +38,13 @@ class EdgeServiceStub:
         """
         self.Prefill = channel.unary_stream(
                 '/kvwire.v1.EdgeService/Prefill',
-                request_serializer=proto_dot_kvwire__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=proto_dot_kvwire__pb2.PrefillReply.FromString,
+                request_serializer=kvwire_dot_proto_dot_kvwire__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=kvwire_dot_proto_dot_kvwire__pb2.PrefillReply.FromString,
                 _registered_method=True)
         self.Confirm = channel.unary_unary(
                 '/kvwire.v1.EdgeService/Confirm',
-                request_serializer=proto_dot_kvwire__pb2.Receipt.SerializeToString,
-                response_deserializer=proto_dot_kvwire__pb2.ReceiptReply.FromString,
+                request_serializer=kvwire_dot_proto_dot_kvwire__pb2.Receipt.SerializeToString,
+                response_deserializer=kvwire_dot_proto_dot_kvwire__pb2.ReceiptReply.FromString,
                 _registered_method=True)
 
 
@@ -77,13 +77,13 @@ def add_EdgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=proto_dot_kvwire__pb2.PrefillRequest.FromString,
-                    response_serializer=proto_dot_kvwire__pb2.PrefillReply.SerializeToString,
+                    request_deserializer=kvwire_dot_proto_dot_kvwire__pb2.PrefillRequest.FromString,
+                    response_serializer=kvwire_dot_proto_dot_kvwire__pb2.PrefillReply.SerializeToString,
             ),
             'Confirm': grpc.unary_unary_rpc_method_handler(
                     servicer.Confirm,
-                    request_deserializer=proto_dot_kvwire__pb2.Receipt.FromString,
-                    response_serializer=proto_dot_kvwire__pb2.ReceiptReply.SerializeToString,
+                    request_deserializer=kvwire_dot_proto_dot_kvwire__pb2.Receipt.FromString,
+                    response_serializer=kvwire_dot_proto_dot_kvwire__pb2.ReceiptReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -113,8 +113,8 @@ class EdgeService:
             request,
             target,
             '/kvwire.v1.EdgeService/Prefill',
-            proto_dot_kvwire__pb2.PrefillRequest.SerializeToString,
-            proto_dot_kvwire__pb2.PrefillReply.FromString,
+            kvwire_dot_proto_dot_kvwire__pb2.PrefillRequest.SerializeToString,
+            kvwire_dot_proto_dot_kvwire__pb2.PrefillReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -140,8 +140,8 @@ class EdgeService:
             request,
             target,
             '/kvwire.v1.EdgeService/Confirm',
-            proto_dot_kvwire__pb2.Receipt.SerializeToString,
-            proto_dot_kvwire__pb2.ReceiptReply.FromString,
+            kvwire_dot_proto_dot_kvwire__pb2.Receipt.SerializeToString,
+            kvwire_dot_proto_dot_kvwire__pb2.ReceiptReply.FromString,
             options,
             channel_credentials,
             insecure,

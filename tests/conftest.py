@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models built from a config and a tokenizer trained offline — never downloaded."""
+
 from __future__ import annotations
 
 import os
@@ -29,11 +30,19 @@ def make_tokenizer(chat_template: bool):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([CORPUS], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     if chat_template:
         fast.chat_template = CHATML
     return fast
@@ -45,10 +54,21 @@ def make_model(tokenizer, layers=4, heads=4, kv_heads=2, head_dim=16, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=heads * head_dim, intermediate_size=128,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                      max_position_embeddings=1024, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=heads * head_dim,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -81,7 +101,7 @@ def tiny_other_geometry_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir):
-    from kvcodec.models import load_model
+    from kvwire.kvcodec.models import load_model
 
     return load_model(tiny_model_dir)
 
@@ -89,6 +109,6 @@ def tiny_loaded(tiny_model_dir):
 @pytest.fixture(scope="session")
 def embedded_loaded():
     """The embedded SmolLM2-135M-Instruct (converted once into the kvwire cache)."""
-    from kvcodec.models import load_model
+    from kvwire.kvcodec.models import load_model
 
     return load_model()

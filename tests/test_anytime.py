@@ -5,6 +5,7 @@ The in-process tests run the real AnswerService against a real gRPC edge that pa
 (SlowEdge), so cut times are deterministic; the daemon tests run both agents as subprocesses with
 bench.relay stalling the link.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,26 +22,30 @@ import grpc
 import httpx
 import pytest
 import torch
+from test_daemons import CONTEXT as DAEMON_CONTEXT
+from test_daemons import QUESTION as DAEMON_QUESTION
+from test_daemons import REPO, _start, metric_samples, ok, total
 
-from agent_common.errors import DeadlineExceededError
-from agent_common.metrics import Metrics
-from cloud_agent.api import AnswerRequest
-from cloud_agent.service import AnswerService, ReserveEstimator
-from cloud_agent.settings import CloudSettings
-from edge_agent.client import EdgeClient
-from edge_agent.messages import PrefillReply, PrefillRequest
-from kvcodec.errors import FrameError
-from kvcodec.pipeline import Cloud, Edge, EdgeRequest
-from kvcodec.prefill import prefill
-from kvcodec.profiles import get_profile
-from kvcodec.selectors import get_selector, selector_names
-from kvcodec.stream import StreamDecoder, StreamEncoder, StreamHeader
-from kvcodec.wire import CHUNK, parse_frame
-from proto import kvwire_pb2_grpc
-from test_daemons import CONTEXT as DAEMON_CONTEXT, QUESTION as DAEMON_QUESTION, REPO, _start, metric_samples, ok, total
+from kvwire.agent_common.errors import DeadlineExceededError
+from kvwire.agent_common.metrics import Metrics
+from kvwire.cloud_agent.api import AnswerRequest
+from kvwire.cloud_agent.service import AnswerService, ReserveEstimator
+from kvwire.cloud_agent.settings import CloudSettings
+from kvwire.edge_agent.client import EdgeClient
+from kvwire.edge_agent.messages import PrefillReply, PrefillRequest
+from kvwire.kvcodec.errors import FrameError
+from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest
+from kvwire.kvcodec.prefill import prefill
+from kvwire.kvcodec.profiles import get_profile
+from kvwire.kvcodec.selectors import get_selector, selector_names
+from kvwire.kvcodec.stream import StreamDecoder, StreamEncoder, StreamHeader
+from kvwire.kvcodec.wire import CHUNK, parse_frame
+from kvwire.proto import kvwire_pb2_grpc
 
-CONTEXT = ("The Normans gave their name to Normandy, a region in France. They were descended from Norse raiders "
-           "from Denmark, Iceland and Norway. Their leader was Rollo. The Eiffel Tower is in Paris. It was built in 1889.")
+CONTEXT = (
+    "The Normans gave their name to Normandy, a region in France. They were descended from Norse raiders "
+    "from Denmark, Iceland and Norway. Their leader was Rollo. The Eiffel Tower is in Paris. It was built in 1889."
+)
 QUESTION = "Who was the leader of the Norse raiders?"
 SLACK_S = 0.5  # how late past its deadline an answer may land on a loaded 2-core test host
 
@@ -58,6 +63,7 @@ def chunk_positions(frames: list[bytes]) -> list[list[int]]:
 
 
 # --- order and correctness of partial streams (no daemons) ---------------------------------------
+
 
 @pytest.mark.parametrize("name", selector_names())
 @pytest.mark.parametrize("retention", [0.5, 1.0])
@@ -98,10 +104,21 @@ def test_answer_from_a_partial_stream_equals_a_complete_stream_of_the_positions_
     # the same positions sent as a complete stream of their own: the edge's KV, the same profile
     arrived = partial.positions.tolist()
     pre = prefill(tiny_loaded.model, edge.prompt(req))
-    own = StreamHeader(mode="kv", prompt_ids=h.prompt_ids, context_span=h.context_span, kept=arrived, geometry=h.geometry,
-                       model=h.model, tokenizer=h.tokenizer, dtype=h.dtype, profile=get_profile("int8"))
+    own = StreamHeader(
+        mode="kv",
+        prompt_ids=h.prompt_ids,
+        context_span=h.context_span,
+        kept=arrived,
+        geometry=h.geometry,
+        model=h.model,
+        tokenizer=h.tokenizer,
+        dtype=h.dtype,
+        profile=get_profile("int8"),
+    )
     enc = StreamEncoder(own)
-    complete = cloud.receive([enc.header_frame(), *enc.chunk_frames(pre.keys, pre.values, torch.tensor(arrived)), enc.trailer_frame()])
+    complete = cloud.receive(
+        [enc.header_frame(), *enc.chunk_frames(pre.keys, pre.values, torch.tensor(arrived)), enc.trailer_frame()]
+    )
     from_complete = cloud.answer_kv(complete, 6)
     assert complete.complete and torch.equal(complete.positions, partial.positions)
     assert torch.equal(from_partial.generation.first_logits, from_complete.generation.first_logits)
@@ -119,7 +136,9 @@ def test_reserve_estimate_starts_conservative_then_follows_measured_speed():
     est.observe("kv", 300, setup_s=0.003, steps=33, generate_s=0.066)  # 2 ms per step, 10 us per position
     measured = est.estimate("kv", 300, 32)
     assert measured == pytest.approx(1.5 * (0.002 * 33 + 1e-5 * 300) + 0.05)
-    assert est.estimate("kv", 300, 64) > measured and est.estimate("text", 300, 32) > measured  # text: prior per position
+    assert (
+        est.estimate("kv", 300, 64) > measured and est.estimate("text", 300, 32) > measured
+    )  # text: prior per position
     assert est.cut_reserve("kv", 300, 32) == measured
     assert ReserveEstimator(fixed_ms=250).cut_reserve("kv", 300, 32) == 0.25
     est.observe("scout", 300, setup_s=0.3, steps=33, generate_s=0.066)  # 1 ms per position of this cloud's prefill
@@ -127,6 +146,7 @@ def test_reserve_estimate_starts_conservative_then_follows_measured_speed():
 
 
 # --- the service against a real gRPC edge that paces its frames -----------------------------------
+
 
 class SlowEdge(kvwire_pb2_grpc.EdgeServiceServicer):
     """A gRPC edge sending the real stream of a request, `gap_s` between frames, with `first_gap_s`
@@ -142,7 +162,9 @@ class SlowEdge(kvwire_pb2_grpc.EdgeServiceServicer):
     def Prefill(self, request, context):
         req = PrefillRequest.from_pb(request)
         # 2000 bytes: 28 chunks of 6 positions, the first 17 carrying the template and question
-        edge_req = EdgeRequest(req.context, req.question, req.mode, req.selector, req.retention, "int8", chunk_bytes=2000)
+        edge_req = EdgeRequest(
+            req.context, req.question, req.mode, req.selector, req.retention, "int8", chunk_bytes=2000
+        )
         for i, frame in enumerate(self.edge.stream(edge_req)):
             time.sleep(self.first_gap_s if i == 0 else self.gap_s)
             if not context.is_active():
@@ -166,7 +188,9 @@ def slow_cloud(tiny_loaded, tiny_model_dir):
         server.start()
         client = EdgeClient(f"127.0.0.1:{port}")
         metrics = Metrics("cloud")
-        service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir, deadline_reserve_ms=reserve_ms), client, metrics)
+        service = AnswerService(
+            tiny_loaded, CloudSettings(model=tiny_model_dir, deadline_reserve_ms=reserve_ms), client, metrics
+        )
         made.append((server, client, service))
         return service, metrics
 
@@ -208,7 +232,9 @@ def test_cut_scout_stream_answers_from_its_header_alone(slow_cloud, tiny_loaded)
     service, metrics = slow_cloud(edge, reserve_ms=200)
     reply, took = answer(service, mode="scout", retention=0.5, deadline_ms=800)
     assert not reply.complete and reply.bytes_on_wire > 0
-    assert reply.retention_achieved == pytest.approx(math.ceil(0.5 * reply.context_tokens) / reply.context_tokens, abs=1e-6)
+    assert reply.retention_achieved == pytest.approx(
+        math.ceil(0.5 * reply.context_tokens) / reply.context_tokens, abs=1e-6
+    )
     assert took <= 0.8 + SLACK_S
     assert sample(metrics, "kvwire_partial_answers_total", mode="scout") == 1
 
@@ -217,7 +243,9 @@ def test_generous_deadline_gets_the_complete_answer(slow_cloud, tiny_loaded):
     service, metrics = slow_cloud(SlowEdge(tiny_loaded, gap_s=0.005), reserve_ms=200)
     reply, _ = answer(service, mode="kv", retention=0.75, deadline_ms=30_000)
     assert reply.complete and reply.fallback is None and reply.fallback_reason is None
-    assert reply.retention_achieved == pytest.approx(math.ceil(0.75 * reply.context_tokens) / reply.context_tokens, abs=1e-6)
+    assert reply.retention_achieved == pytest.approx(
+        math.ceil(0.75 * reply.context_tokens) / reply.context_tokens, abs=1e-6
+    )
     edge, cloud = Edge(tiny_loaded), Cloud(tiny_loaded)
     direct = cloud.answer_kv(cloud.receive(edge.stream(EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 0.75, "int8"))), 6)
     assert reply.answer == direct.text
@@ -228,7 +256,9 @@ def test_cut_before_the_header_is_504_or_a_text_answer_when_time_is_left(slow_cl
     service, metrics = slow_cloud(SlowEdge(tiny_loaded, first_gap_s=1.0), reserve_ms=300)
     with pytest.raises(DeadlineExceededError, match="before the edge sent its header"):
         answer(service, mode="kv", deadline_ms=600)
-    with pytest.raises(DeadlineExceededError):  # fallback asked, but the unmeasured text estimate (seconds) does not fit
+    with pytest.raises(
+        DeadlineExceededError
+    ):  # fallback asked, but the unmeasured text estimate (seconds) does not fit
         answer(service, mode="kv", deadline_ms=600, fallback="text")
     text, _ = answer(service, mode="text")  # now this cloud's text speed is measured
     reply, took = answer(service, mode="kv", deadline_ms=600, fallback="text")
@@ -268,12 +298,18 @@ def _samples(metrics: Metrics) -> dict:
 
 # --- real daemons, with bench.relay making the link slow or cutting it -----------------------------
 
+
 class Relay:
     """bench.relay as a child process; its first stdout line says where it listens."""
 
     def __init__(self, target: str, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.relay", "--target", target, *args], cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvwire.bench.relay", "--target", target, *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         self.address = f"127.0.0.1:{json.loads(line)['port']}"
 
@@ -294,7 +330,11 @@ def anytime_daemons(tiny_model_dir):
     and one whose edge is down."""
     started, relays = [], []
     try:
-        edge = _start("edge", "edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0", "--profile", "int8", "--chunk-bytes", "4096"])
+        edge = _start(
+            "edge",
+            "kvwire.edge_agent",
+            ["--model", tiny_model_dir, "--grpc-port", "0", "--profile", "int8", "--chunk-bytes", "4096"],
+        )
         started.append(edge)
         edge.wait_listening()
         # every read of the edge's bytes held up to 100 ms: a stream of ~40 chunks takes seconds, its header arrives at once
@@ -307,7 +347,7 @@ def anytime_daemons(tiny_model_dir):
             "killed": ["--model", tiny_model_dir, "--edge", killed.address],
             "orphan": ["--model", tiny_model_dir, "--edge", _closed_port()],
         }
-        handles = {name: _start(f"cloud_{name}", "cloud_agent", args) for name, args in clouds.items()}
+        handles = {name: _start(f"cloud_{name}", "kvwire.cloud_agent", args) for name, args in clouds.items()}
         started += list(handles.values())
         for d in handles.values():
             d.wait_listening()

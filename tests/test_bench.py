@@ -1,5 +1,6 @@
 """`kvwire bench wire-size` and `kvwire bench codec` through the real CLI: JSON schema and byte
 invariants (never timings, which belong to the benchmarks' printed figures)."""
+
 import contextlib
 import io
 import json
@@ -7,9 +8,9 @@ import math
 
 import pytest
 
-from bench import cli as bench_cli
-from kvcodec.cli import main
-from kvcodec.profiles import profile_names
+from kvwire.bench import cli as bench_cli
+from kvwire.kvcodec.cli import main
+from kvwire.kvcodec.profiles import profile_names
 
 ROW_KEYS = {"profile", "retention", "entropy", "bytes", "fp16_bytes", "ratio"}
 RETENTIONS = [1.0, 0.75, 0.5, 0.25]
@@ -30,12 +31,31 @@ def smollm2_rows():
     Module-scoped, so stdout is captured by hand (capsys is per test)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["bench", "wire-size", "--geometry", "smollm2-135m", "--tokens", "160", "--entropy-tokens", "0", "--json"]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "wire-size",
+                    "--geometry",
+                    "smollm2-135m",
+                    "--tokens",
+                    "160",
+                    "--entropy-tokens",
+                    "0",
+                    "--json",
+                ]
+            )
+            == 0
+        )
     return json.loads(out.getvalue())
 
 
 def by(rows, profile, retention, entropy="none", source="synthetic"):
-    hit = [r for r in rows if (r["profile"], r["retention"], r["entropy"], r["kv_source"]) == (profile, retention, entropy, source)]
+    hit = [
+        r
+        for r in rows
+        if (r["profile"], r["retention"], r["entropy"], r["kv_source"]) == (profile, retention, entropy, source)
+    ]
     assert len(hit) == 1, (profile, retention, entropy, source)
     return hit[0]
 
@@ -75,8 +95,20 @@ def test_wire_size_qwen7b_full_retention_targets(capsys):
     """The issue's retention-1.0 targets hold at any prompt length (framing is a fixed share); the
     retention-0.5 target is for 4096 tokens, where the 69 fixed positions weigh less, so the bench
     itself reports it."""
-    rows, err = run_json(capsys, "wire-size", "--geometry", "qwen2.5-7b", "--tokens", "128", "--entropy-tokens", "0",
-                         "--profile", "int8", "--profile", "mixed-int4")
+    rows, err = run_json(
+        capsys,
+        "wire-size",
+        "--geometry",
+        "qwen2.5-7b",
+        "--tokens",
+        "128",
+        "--entropy-tokens",
+        "0",
+        "--profile",
+        "int8",
+        "--profile",
+        "mixed-int4",
+    )
     assert {r["profile"] for r in rows} == {"int8", "mixed-int4"}
     assert by(rows, "int8", 1.0)["ratio"] <= 0.51
     assert by(rows, "mixed-int4", 1.0)["ratio"] <= 0.29
@@ -84,8 +116,18 @@ def test_wire_size_qwen7b_full_retention_targets(capsys):
 
 
 def test_wire_size_zstd_rows_use_real_kv(capsys):
-    rows, err = run_json(capsys, "wire-size", "--geometry", "smollm2-135m", "--tokens", "96", "--entropy-tokens", "32",
-                         "--profile", "int8")
+    rows, err = run_json(
+        capsys,
+        "wire-size",
+        "--geometry",
+        "smollm2-135m",
+        "--tokens",
+        "96",
+        "--entropy-tokens",
+        "32",
+        "--profile",
+        "int8",
+    )
     real = [r for r in rows if r["kv_source"] == "real"]
     assert {(r["retention"], r["entropy"]) for r in real} == {(ret, e) for ret in RETENTIONS for e in ("none", "zstd")}
     for ret in RETENTIONS:
@@ -116,6 +158,6 @@ def test_bad_arguments_are_clear_errors(capsys):
 
 
 def test_kernels_bench_missing_is_explained(capsys, monkeypatch):
-    monkeypatch.setattr(bench_cli, "KERNELS_MODULE", "bench.no_such_kernels_bench")
+    monkeypatch.setattr(bench_cli, "KERNELS_MODULE", "kvwire.bench.no_such_kernels_bench")
     assert main(["bench", "kernels"]) == 2
     assert "bench/no_such_kernels_bench.py is not in this checkout" in capsys.readouterr().err

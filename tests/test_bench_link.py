@@ -1,16 +1,17 @@
 """`kvwire bench link`: argument parsing, the context builder, and one real run of the benchmark on
 the tiny model across a shaped link (skips where the network lab cannot run, as tests/test_link.py)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from bench import link
-from bench.netlab import NetlabUnavailable
-from bench.netlab.namespaces import check_available
-from kvcodec.cli import main
-from kvcodec.errors import ConfigError
+from kvwire.bench import link
+from kvwire.bench.netlab import NetlabUnavailable
+from kvwire.bench.netlab.namespaces import check_available
+from kvwire.kvcodec.cli import main
+from kvwire.kvcodec.errors import ConfigError
 
 
 def test_parses_bandwidths_delay_tokens_and_modes():
@@ -23,14 +24,17 @@ def test_parses_bandwidths_delay_tokens_and_modes():
     assert link.parse_modes("kv-fp16,text,kv-fp16") == ["text", "kv-fp16"]
 
 
-@pytest.mark.parametrize("parse, text, message", [
-    (link.parse_bandwidths, "10mbps/s", "tc syntax"),
-    (link.parse_bandwidths, "", "at least one"),
-    (link.parse_delay, "20 parsecs", "20ms"),
-    (link.parse_tokens, "512,lots", "comma list"),
-    (link.parse_tokens, "0", "positive"),
-    (link.parse_modes, "kv,text", "known: text, kv-fp16"),
-])
+@pytest.mark.parametrize(
+    "parse, text, message",
+    [
+        (link.parse_bandwidths, "10mbps/s", "tc syntax"),
+        (link.parse_bandwidths, "", "at least one"),
+        (link.parse_delay, "20 parsecs", "20ms"),
+        (link.parse_tokens, "512,lots", "comma list"),
+        (link.parse_tokens, "0", "positive"),
+        (link.parse_modes, "kv,text", "known: text, kv-fp16"),
+    ],
+)
 def test_bad_arguments_say_what_is_accepted(parse, text, message):
     with pytest.raises(ConfigError, match=message):
         parse(text)
@@ -42,7 +46,7 @@ def test_bad_repeats_exit_2_with_a_message(capsys):
 
 
 def test_no_lab_exits_2_with_the_reason(monkeypatch, capsys):
-    from bench.netlab import namespaces
+    from kvwire.bench.netlab import namespaces
 
     def refuse():
         raise NetlabUnavailable("network namespaces need root (CI runs as root; run `sudo make test`)")
@@ -54,7 +58,7 @@ def test_no_lab_exits_2_with_the_reason(monkeypatch, capsys):
 
 
 def test_context_has_exactly_the_asked_tokens_and_asks_about_the_first_passage(tiny_loaded):
-    from bench.data import SQUAD_SAMPLE, load_examples
+    from kvwire.bench.data import SQUAD_SAMPLE, load_examples
 
     tok = tiny_loaded.tokenizer
     first = load_examples(SQUAD_SAMPLE)[0]
@@ -68,13 +72,26 @@ def test_context_has_exactly_the_asked_tokens_and_asks_about_the_first_passage(t
 
 
 def test_text_mode_is_the_unit_of_every_ratio():
-    rows = [{"bandwidth": "1gbit", "tokens": 8, "mode": m, "ttft_s": t, "total_s": 2 * t, "ttft_minus_edge_prefill_s": t - e}
-            for m, t, e in (("text", 2.0, 0.0), ("kv-fp16", 3.0, 1.5))]
+    rows = [
+        {
+            "bandwidth": "1gbit",
+            "tokens": 8,
+            "mode": m,
+            "ttft_s": t,
+            "total_s": 2 * t,
+            "ttft_minus_edge_prefill_s": t - e,
+        }
+        for m, t, e in (("text", 2.0, 0.0), ("kv-fp16", 3.0, 1.5))
+    ]
     link.add_ratios(rows)
     assert [(r["ttft_vs_text"], r["total_vs_text"], r["ttft_minus_edge_prefill_vs_text"]) for r in rows] == [
-        (1.0, 1.0, 1.0), (1.5, 1.5, 0.75)]
-    assert link.verdicts(rows) == ["1gbit, 8 tokens: beats text on first token: none; beats text on total: none; "
-                                   "beats text on first token with the edge's prefill done ahead: kv-fp16 (0.75)"]
+        (1.0, 1.0, 1.0),
+        (1.5, 1.5, 0.75),
+    ]
+    assert link.verdicts(rows) == [
+        "1gbit, 8 tokens: beats text on first token: none; beats text on total: none; "
+        "beats text on first token with the edge's prefill done ahead: kv-fp16 (0.75)"
+    ]
 
 
 def test_run_across_the_shaped_link_on_the_tiny_model(tiny_model_dir, capsys):
@@ -82,11 +99,31 @@ def test_run_across_the_shaped_link_on_the_tiny_model(tiny_model_dir, capsys):
         check_available()
     except NetlabUnavailable as e:
         pytest.skip(f"netlab: {e}")
-    argv = ["bench", "link", "--model", tiny_model_dir, "--bandwidth", "50mbit", "--delay", "5ms", "--tokens", "96",
-            "--modes", "text,kv-mixed-int4", "--max-new-tokens", "4", "--timeout", "60", "--json"]
+    argv = [
+        "bench",
+        "link",
+        "--model",
+        tiny_model_dir,
+        "--bandwidth",
+        "50mbit",
+        "--delay",
+        "5ms",
+        "--tokens",
+        "96",
+        "--modes",
+        "text,kv-mixed-int4",
+        "--max-new-tokens",
+        "4",
+        "--timeout",
+        "60",
+        "--json",
+    ]
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["bandwidth"], r["tokens"], r["mode"]) for r in rows] == [("50mbit", 96, "text"), ("50mbit", 96, "kv-mixed-int4")]
+    assert [(r["bandwidth"], r["tokens"], r["mode"]) for r in rows] == [
+        ("50mbit", 96, "text"),
+        ("50mbit", 96, "kv-mixed-int4"),
+    ]
     text, kv = rows
     assert "error" not in text and "error" not in kv, rows
     assert text["ttft_vs_text"] == text["total_vs_text"] == text["ttft_minus_edge_prefill_vs_text"] == 1.0

@@ -1,21 +1,22 @@
 """The codec carries a cache across the wire so the receiver answers exactly as the sender would."""
+
 import json
 from importlib import resources
 
 import pytest
 import torch
 
-from kvcodec.cache import build_cache
-from kvcodec.generate import eos_ids, greedy
-from kvcodec.pipeline import Cloud, Edge, EdgeRequest
-from kvcodec.prefill import prefill
-from kvcodec.profiles import PrecisionProfile
-from kvcodec.prompt import build_prompt
-from kvcodec.selectors import get_selector
-from kvcodec.stream import StreamDecoder, StreamEncoder, StreamHeader
+from kvwire.kvcodec.cache import build_cache
+from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest
+from kvwire.kvcodec.prefill import prefill
+from kvwire.kvcodec.profiles import PrecisionProfile
+from kvwire.kvcodec.prompt import build_prompt
+from kvwire.kvcodec.stream import StreamDecoder
 
-CONTEXT = ("The Normans gave their name to Normandy, a region in France. They were descended from Norse raiders "
-           "from Denmark, Iceland and Norway. Their leader was Rollo. The Eiffel Tower is in Paris.")
+CONTEXT = (
+    "The Normans gave their name to Normandy, a region in France. They were descended from Norse raiders "
+    "from Denmark, Iceland and Norway. Their leader was Rollo. The Eiffel Tower is in Paris."
+)
 QUESTION = "Who was the leader of the Norse raiders?"
 FP32 = PrecisionProfile.from_dict({"name": "fp32", "default": {"k": {"kind": "fp32"}, "v": {"kind": "fp32"}}})
 
@@ -37,8 +38,10 @@ def test_fp16_full_retention_reproduces_greedy_tokens_tiny(tiny_loaded, profile)
 
 
 def test_fp16_full_retention_reproduces_greedy_tokens_embedded(embedded_loaded):
-    demo = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
-    full, answer, frames = roundtrip_tokens(embedded_loaded, "fp16", max_new=12, context=demo["context"], question=demo["questions"][0])
+    demo = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
+    full, answer, frames = roundtrip_tokens(
+        embedded_loaded, "fp16", max_new=12, context=demo["context"], question=demo["questions"][0]
+    )
     assert answer.tokens == full.tokens
     assert "Rollo" in full.text
     assert answer.bytes_on_wire == sum(len(f) for f in frames)
@@ -71,8 +74,14 @@ def test_pruned_cache_logits_match_masked_full_cache(tiny_loaded):
     # and the wrong position ids (cache length) really do give other logits: the test can fail
     wrong_cache, _ = build_cache(decoded)
     with torch.inference_mode():
-        wrong = model(input_ids=torch.tensor([[prompt.ids[-1]]]), position_ids=torch.tensor([[len(kept)]]), cache=wrong_cache).logits[0, -1]
-        right = model(input_ids=torch.tensor([[prompt.ids[-1]]]), position_ids=torch.tensor([[next_pos]]), cache=build_cache(decoded)[0]).logits[0, -1]
+        wrong = model(
+            input_ids=torch.tensor([[prompt.ids[-1]]]), position_ids=torch.tensor([[len(kept)]]), cache=wrong_cache
+        ).logits[0, -1]
+        right = model(
+            input_ids=torch.tensor([[prompt.ids[-1]]]),
+            position_ids=torch.tensor([[next_pos]]),
+            cache=build_cache(decoded)[0],
+        ).logits[0, -1]
     assert (wrong - right).abs().max() > 1e-3
 
 

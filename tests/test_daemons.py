@@ -4,6 +4,7 @@ One module-scoped set of daemons serves every test; daemons a test stops on purp
 (edge_doomed/cloud_orphan for "edge stopped", cloud_doomed for graceful shutdown), so no test
 depends on another's order.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_common.launch import Daemon
+from kvwire.agent_common.launch import Daemon
 
 REPO = str(Path(__file__).resolve().parents[1])
 CONTEXT = (
@@ -45,19 +46,26 @@ def daemons(tiny_model_dir, tiny_other_geometry_dir):
     """Two edges, then five clouds, started in parallel per phase and always stopped."""
     started: list[Daemon] = []
     try:
-        edge = _start("edge", "edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0", "--profile", "int8"])
-        edge_doomed = _start("edge_doomed", "edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0"])
+        edge = _start("edge", "kvwire.edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0", "--profile", "int8"])
+        edge_doomed = _start("edge_doomed", "kvwire.edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0"])
         started += [edge, edge_doomed]
         for d in (edge, edge_doomed):
             d.wait_listening()
         clouds = {
-            "cloud": ["--model", tiny_model_dir, "--edge", edge.grpc_address, "--max-context-tokens", str(MAX_CONTEXT_TOKENS)],
+            "cloud": [
+                "--model",
+                tiny_model_dir,
+                "--edge",
+                edge.grpc_address,
+                "--max-context-tokens",
+                str(MAX_CONTEXT_TOKENS),
+            ],
             "cloud_other": ["--model", tiny_other_geometry_dir, "--edge", edge.grpc_address],
             "cloud_limited": ["--model", tiny_model_dir, "--edge", edge.grpc_address, "--max-concurrency", "1"],
             "cloud_orphan": ["--model", tiny_model_dir, "--edge", edge_doomed.grpc_address],
             "cloud_doomed": ["--model", tiny_model_dir, "--edge", edge.grpc_address, "--max-concurrency", "1"],
         }
-        handles = {name: _start(name, "cloud_agent", args) for name, args in clouds.items()}
+        handles = {name: _start(name, "kvwire.cloud_agent", args) for name, args in clouds.items()}
         started += list(handles.values())
         for d in handles.values():
             d.wait_listening()
@@ -96,6 +104,7 @@ def total(samples: dict, name: str) -> float:
 
 # --- modes -------------------------------------------------------------------------------------
 
+
 def test_kv_fp16_full_retention_is_exactly_the_text_answer(daemons):
     text = ok(ask(daemons.cloud, mode="text", max_new_tokens=16))
     kv = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=16))
@@ -128,8 +137,12 @@ def test_kv_with_selection_and_the_edge_default_profile(daemons):
 
 
 def test_request_id_travels_to_the_edge_logs(daemons):
-    reply = httpx.post(daemons.cloud.http_url + "/answer", json={"question": QUESTION, "context": CONTEXT, "max_new_tokens": 2},
-                       headers={"X-Request-ID": "trace-42"}, timeout=60)
+    reply = httpx.post(
+        daemons.cloud.http_url + "/answer",
+        json={"question": QUESTION, "context": CONTEXT, "max_new_tokens": 2},
+        headers={"X-Request-ID": "trace-42"},
+        timeout=60,
+    )
     body = ok(reply)
     assert body["request_id"] == reply.headers["x-request-id"] == "trace-42"
     deadline = time.monotonic() + 5
@@ -151,6 +164,7 @@ def test_cloud_warms_up_before_listening_and_measures_its_speed(daemons):
 
 # --- refusals ----------------------------------------------------------------------------------
 
+
 def test_other_kv_geometry_gets_409_and_scout_still_works(daemons):
     reply = ask(daemons.cloud_other, mode="kv", max_new_tokens=4)
     assert reply.status_code == 409, reply.text
@@ -166,23 +180,31 @@ def test_oversized_context_is_413(daemons):
     assert f"at most {MAX_CONTEXT_TOKENS}" in reply.json()["detail"]
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b'{"question": "Who?", "context": "x"', "not valid JSON"),
-    (b'{"question": "Who?"}', "context"),
-    (b'{"question": "Who?", "context": "x", "retention": 1.5}', "retention"),
-    (b'{"question": "Who?", "context": "x", "mode": "telepathy"}', "mode"),
-    (b'{"question": "Who?", "context": "x", "retension": 0.5}', "retension"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b'{"question": "Who?", "context": "x"', "not valid JSON"),
+        (b'{"question": "Who?"}', "context"),
+        (b'{"question": "Who?", "context": "x", "retention": 1.5}', "retention"),
+        (b'{"question": "Who?", "context": "x", "mode": "telepathy"}', "mode"),
+        (b'{"question": "Who?", "context": "x", "retension": 0.5}', "retension"),
+    ],
+)
 def test_malformed_requests_are_422(daemons, content, needle):
-    reply = httpx.post(daemons.cloud.http_url + "/answer", content=content, headers={"content-type": "application/json"}, timeout=30)
+    reply = httpx.post(
+        daemons.cloud.http_url + "/answer", content=content, headers={"content-type": "application/json"}, timeout=30
+    )
     assert reply.status_code == 422, reply.text
     assert needle in reply.json()["detail"] and reply.json()["request_id"]
 
 
-@pytest.mark.parametrize("field, allowed", [
-    ("selector", ["q2c", "snapkv", "h2o", "random"]),
-    ("profile", ["fp16", "bf16", "int8", "int4", "mixed-int4"]),
-])
+@pytest.mark.parametrize(
+    "field, allowed",
+    [
+        ("selector", ["q2c", "snapkv", "h2o", "random"]),
+        ("profile", ["fp16", "bf16", "int8", "int4", "mixed-int4"]),
+    ],
+)
 def test_unknown_selector_or_profile_is_422_naming_the_allowed_values(daemons, field, allowed):
     reply = ask(daemons.cloud, mode="kv", **{field: "bogus"})
     assert reply.status_code == 422, reply.text
@@ -206,16 +228,30 @@ def test_more_concurrent_requests_than_allowed_get_429(daemons):
     assert codes.count(200) >= 1 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     refused = next(r for r in replies if r.status_code == 429)
     assert refused.headers["retry-after"] and "limit of 1" in refused.json()["detail"]
-    assert metric_samples(daemons.cloud_limited.http_url)[("kvwire_requests_total", (("mode", "text"), ("outcome", "overloaded")))] >= 1
+    assert (
+        metric_samples(daemons.cloud_limited.http_url)[
+            ("kvwire_requests_total", (("mode", "text"), ("outcome", "overloaded")))
+        ]
+        >= 1
+    )
 
 
 # --- metrics -----------------------------------------------------------------------------------
 
+
 def test_metrics_parse_and_byte_counters_agree_on_both_sides(daemons):
-    before_edge, before_cloud = metric_samples(f"http://127.0.0.1:{daemons.edge.listening['http_port']}"), metric_samples(daemons.cloud.http_url)
-    replies = [ok(ask(daemons.cloud, mode=mode, retention=r, max_new_tokens=2, **extra))
-               for mode, r, extra in (("kv", 1.0, {"profile": "mixed-int4"}), ("kv", 0.5, {}), ("scout", 0.5, {}))]
-    edge, cloud = metric_samples(f"http://127.0.0.1:{daemons.edge.listening['http_port']}"), metric_samples(daemons.cloud.http_url)
+    before_edge, before_cloud = (
+        metric_samples(f"http://127.0.0.1:{daemons.edge.listening['http_port']}"),
+        metric_samples(daemons.cloud.http_url),
+    )
+    replies = [
+        ok(ask(daemons.cloud, mode=mode, retention=r, max_new_tokens=2, **extra))
+        for mode, r, extra in (("kv", 1.0, {"profile": "mixed-int4"}), ("kv", 0.5, {}), ("scout", 0.5, {}))
+    ]
+    edge, cloud = (
+        metric_samples(f"http://127.0.0.1:{daemons.edge.listening['http_port']}"),
+        metric_samples(daemons.cloud.http_url),
+    )
     sent = total(edge, "kvwire_bytes_sent_total") - total(before_edge, "kvwire_bytes_sent_total")
     received = total(cloud, "kvwire_bytes_received_total") - total(before_cloud, "kvwire_bytes_received_total")
     assert sent == received == sum(r["bytes_on_wire"] for r in replies) > 0
@@ -243,6 +279,7 @@ def test_health_and_readiness(daemons):
 
 
 # --- lifecycle ---------------------------------------------------------------------------------
+
 
 def test_edge_stopped_readyz_fails_remote_modes_503_text_answers(daemons):
     assert httpx.get(daemons.cloud_orphan.http_url + "/readyz", timeout=10).status_code == 200

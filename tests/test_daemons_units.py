@@ -1,5 +1,6 @@
 """Daemon parts in-process: settings precedence, --help, message round trips, status mapping,
 the edge's gRPC refusals through the real client, and frame rejection on the cloud."""
+
 from __future__ import annotations
 
 import json
@@ -9,21 +10,22 @@ import grpc
 import pytest
 from fastapi.testclient import TestClient
 
-from agent_common.errors import EdgeBusyError, OverloadedError, ShuttingDownError
-from agent_common.metrics import Metrics
-from agent_common.settings import build_parser, load_settings
-from cloud_agent.settings import CloudSettings
-from edge_agent.client import EdgeClient
-from edge_agent.interceptor import status_of
-from edge_agent.messages import PrefillReply, PrefillRequest
-from edge_agent.settings import EdgeSettings
-from kvcodec.errors import ConfigError, PromptTooLongError
-from proto import kvwire_pb2_grpc
+from kvwire.agent_common.errors import EdgeBusyError, OverloadedError, ShuttingDownError
+from kvwire.agent_common.metrics import Metrics
+from kvwire.agent_common.settings import build_parser, load_settings
+from kvwire.cloud_agent.settings import CloudSettings
+from kvwire.edge_agent.client import EdgeClient
+from kvwire.edge_agent.interceptor import status_of
+from kvwire.edge_agent.messages import PrefillReply, PrefillRequest
+from kvwire.edge_agent.settings import EdgeSettings
+from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
+from kvwire.proto import kvwire_pb2_grpc
 
 CONTEXT = "The Normans were descended from Norse raiders and pirates under their leader Rollo."
 
 
 # --- settings ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
 def test_settings_precedence_defaults_file_env_flags(tmp_path, monkeypatch, suffix):
@@ -66,6 +68,7 @@ def test_help_explains_every_option(cls, prefix):
 
 # --- messages and status mapping ---------------------------------------------------------------
 
+
 def test_messages_round_trip_through_protobuf():
     req = PrefillRequest("rid-1", "kv", CONTEXT, "Who?", "snapkv", 0.25, "int8", True, 65536)
     assert PrefillRequest.from_pb(req.to_pb()) == req
@@ -75,21 +78,24 @@ def test_messages_round_trip_through_protobuf():
     assert PrefillReply.from_pb(timings.to_pb()) == timings
 
 
-@pytest.mark.parametrize("exc, code", [
-    (PromptTooLongError("long"), grpc.StatusCode.OUT_OF_RANGE),
-    (ConfigError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
-    (OverloadedError("busy"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ShuttingDownError("bye"), grpc.StatusCode.UNAVAILABLE),
-    (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
-])
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (PromptTooLongError("long"), grpc.StatusCode.OUT_OF_RANGE),
+        (ConfigError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (OverloadedError("busy"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ShuttingDownError("bye"), grpc.StatusCode.UNAVAILABLE),
+        (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_edge_status_table(exc, code):
     assert status_of(exc)[0] == code
 
 
 def test_cloud_status_table():
-    from agent_common.errors import DeadlineExceededError, EdgeUnavailableError
-    from cloud_agent.errors import classify
-    from kvcodec.errors import FrameError, GeometryMismatchError
+    from kvwire.agent_common.errors import DeadlineExceededError, EdgeUnavailableError
+    from kvwire.cloud_agent.errors import classify
+    from kvwire.kvcodec.errors import FrameError, GeometryMismatchError
 
     assert classify(PromptTooLongError("x")) == (413, "too_long")
     assert classify(ConfigError("x")) == (422, "invalid")
@@ -103,11 +109,12 @@ def test_cloud_status_table():
 
 # --- an in-process edge ------------------------------------------------------------------------
 
+
 @pytest.fixture
 def edge_server(tiny_loaded):
     """The real EdgeServicer behind the real interceptor on a loopback port, max_concurrency 1."""
-    from edge_agent.main import build_grpc_server
-    from edge_agent.service import EdgeServicer
+    from kvwire.edge_agent.main import build_grpc_server
+    from kvwire.edge_agent.service import EdgeServicer
 
     settings = EdgeSettings(max_concurrency=1, profile="int8")
     metrics = Metrics("edge")
@@ -122,7 +129,9 @@ def edge_server(tiny_loaded):
 
 
 def _drain(client: EdgeClient, **fields) -> list[PrefillReply]:
-    req = PrefillRequest(**{"request_id": "unit", "mode": "kv", "context": CONTEXT, "question": "Who?", "retention": 1.0, **fields})
+    req = PrefillRequest(
+        **{"request_id": "unit", "mode": "kv", "context": CONTEXT, "question": "Who?", "retention": 1.0, **fields}
+    )
     return list(client.prefill(req, timeout_s=30))
 
 
@@ -155,16 +164,17 @@ def test_edge_refusals_reach_the_client_as_domain_errors(edge_server):
 
 # --- frame rejection on an in-process cloud ----------------------------------------------------
 
+
 class _CorruptingEdge(kvwire_pb2_grpc.EdgeServiceServicer):
     """A real edge stream with one byte flipped in its second frame."""
 
     def __init__(self, loaded):
-        from kvcodec.pipeline import Edge
+        from kvwire.kvcodec.pipeline import Edge
 
         self.edge = Edge(loaded)
 
     def Prefill(self, request, context):
-        from kvcodec.pipeline import EdgeRequest
+        from kvwire.kvcodec.pipeline import EdgeRequest
 
         frames = list(self.edge.stream(EdgeRequest(request.context, request.question, request.mode, profile="int8")))
         frames[1] = frames[1][:40] + bytes([frames[1][40] ^ 0xFF]) + frames[1][41:]
@@ -173,8 +183,8 @@ class _CorruptingEdge(kvwire_pb2_grpc.EdgeServiceServicer):
 
 
 def test_corrupted_frame_is_502_and_counted_by_reason(tiny_loaded):
-    from cloud_agent.app import create_app
-    from cloud_agent.service import AnswerService
+    from kvwire.cloud_agent.app import create_app
+    from kvwire.cloud_agent.service import AnswerService
 
     server = grpc.server(ThreadPoolExecutor(2))
     kvwire_pb2_grpc.add_EdgeServiceServicer_to_server(_CorruptingEdge(tiny_loaded), server)
@@ -199,9 +209,10 @@ def test_corrupted_frame_is_502_and_counted_by_reason(tiny_loaded):
 
 # --- request limits on an in-process cloud ----------------------------------------------------
 
+
 def test_body_size_chunked_bodies_and_max_new_tokens_are_refused_before_any_work(tiny_loaded):
-    from cloud_agent.app import create_app
-    from cloud_agent.service import AnswerService
+    from kvwire.cloud_agent.app import create_app
+    from kvwire.cloud_agent.service import AnswerService
 
     metrics = Metrics("cloud")
     edge = EdgeClient("127.0.0.1:1")  # never contacted: every request here is refused or in text mode
@@ -211,7 +222,9 @@ def test_body_size_chunked_bodies_and_max_new_tokens_are_refused_before_any_work
         with TestClient(create_app(service, metrics, 2048)) as http:
             big = http.post("/answer", json={**body, "context": CONTEXT * 40})
             assert big.status_code == 413 and "at most 2048 (--max-body-bytes)" in big.json()["detail"], big.text
-            chunked = http.post("/answer", content=iter([json.dumps(body).encode()]), headers={"content-type": "application/json"})
+            chunked = http.post(
+                "/answer", content=iter([json.dumps(body).encode()]), headers={"content-type": "application/json"}
+            )
             assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"], chunked.text
             many = http.post("/answer", json={**body, "max_new_tokens": 9})
             assert many.status_code == 422 and "limit of 8" in many.json()["detail"], many.text
@@ -225,6 +238,7 @@ def test_body_size_chunked_bodies_and_max_new_tokens_are_refused_before_any_work
 
 
 # --- deploy/ stays in step with the code -------------------------------------------------------
+
 
 def _exposed_metric_names() -> set[str]:
     names = set()
@@ -247,10 +261,12 @@ def test_deploy_files_parse_and_name_only_real_metrics_and_settings():
     scrape = yaml.safe_load((deploy / "prometheus/prometheus.yml").read_text())
     assert {j["job_name"] for j in scrape["scrape_configs"]} == {"kvwire-edge", "kvwire-cloud"}
     dashboard = json.loads((deploy / "grafana/kvwire-dashboard.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + [
+        r["expr"] for g in rules["groups"] for r in g["rules"]
+    ]
     used = {m for e in exprs for m in re.findall(r"\bkvwire_[a-z_]+", e)}
     assert used and used <= _exposed_metric_names(), used - _exposed_metric_names()
-    for unit, cls in (("kvwire-edge.service", EdgeSettings), ("kvwire-cloud.service", CloudSettings)):
+    for unit in ("kvwire-edge.service", "kvwire-cloud.service"):
         assert f"/bin/{unit.split('.')[0].replace('kvwire-', '')}-agent" in (deploy / "systemd" / unit).read_text()
     for env, cls in (("edge.env.example", EdgeSettings), ("cloud.env.example", CloudSettings)):
         keys = re.findall(r"^#? ?(KVWIRE_\w+)=", (deploy / "env" / env).read_text(), re.M)
@@ -279,17 +295,20 @@ class _FakeRpcError(Exception):
         return self._details
 
 
-@pytest.mark.parametrize("code, details, expected", [
-    ("UNKNOWN", "Stream removed", "EdgeUnavailableError"),
-    ("INTERNAL", "Failed parsing HTTP/2", "EdgeUnavailableError"),
-    ("INTERNAL", "edge-agent internal error: ValueError: boom", "EdgeFailedError"),
-    ("UNAVAILABLE", "Connection refused", "EdgeUnavailableError"),
-])
+@pytest.mark.parametrize(
+    "code, details, expected",
+    [
+        ("UNKNOWN", "Stream removed", "EdgeUnavailableError"),
+        ("INTERNAL", "Failed parsing HTTP/2", "EdgeUnavailableError"),
+        ("INTERNAL", "edge-agent internal error: ValueError: boom", "EdgeFailedError"),
+        ("UNAVAILABLE", "Connection refused", "EdgeUnavailableError"),
+    ],
+)
 def test_link_failures_below_the_codec_are_503_not_an_edge_error(code, details, expected):
     import grpc
 
-    from cloud_agent.errors import classify
-    from edge_agent.client import EdgeClient
+    from kvwire.cloud_agent.errors import classify
+    from kvwire.edge_agent.client import EdgeClient
 
     client = EdgeClient("127.0.0.1:9")  # never connects: the channel is lazy
     try:
@@ -308,9 +327,9 @@ def test_a_stream_that_ends_because_the_caller_left_is_counted_cancelled(active,
 
     import grpc
 
-    from agent_common.metrics import Metrics
-    from edge_agent.interceptor import RequestInterceptor
-    from proto import kvwire_pb2
+    from kvwire.agent_common.metrics import Metrics
+    from kvwire.edge_agent.interceptor import RequestInterceptor
+    from kvwire.proto import kvwire_pb2
 
     def prefill(request, context):  # like EdgeServicer._stream when the caller gave up waiting for the model
         if context.is_active():
@@ -319,7 +338,8 @@ def test_a_stream_that_ends_because_the_caller_left_is_counted_cancelled(active,
     metrics = Metrics("edge")
     handler = RequestInterceptor(metrics).intercept_service(
         lambda details: grpc.unary_stream_rpc_method_handler(prefill),
-        SimpleNamespace(method="/kvwire.v1.EdgeService/Prefill"))
+        SimpleNamespace(method="/kvwire.v1.EdgeService/Prefill"),
+    )
     context = SimpleNamespace(is_active=lambda: active)
     list(handler.unary_stream(kvwire_pb2.PrefillRequest(mode="kv"), context))
     assert metrics.requests.labels("kv", outcome)._value.get() == 1

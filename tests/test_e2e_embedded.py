@@ -1,11 +1,12 @@
 """End to end on the embedded SmolLM2-135M-Instruct: `make run` (cloud_agent.demo) for real —
 both daemons as subprocesses, a real passage, kv, scout and text modes, a clean stop."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from cloud_agent.demo import print_report, run_demo
+from kvwire.cloud_agent.demo import print_report, run_demo
 
 REPO = str(Path(__file__).resolve().parents[1])
 
@@ -24,6 +25,8 @@ def test_demo_answers_the_passage_in_every_mode_and_stops_cleanly(monkeypatch, c
     assert 0.1 < kv["wire_ratio"] < 0.3  # mixed-int4 at 50% retention
     assert scout["wire_ratio"] < 0.001 and scout["bytes_on_wire"] < 8 * prompt  # ids and positions only
     assert text["bytes_on_wire"] == 0
-    assert kv["timings_ms"]["edge_prefill"] > 0 and kv["timings_ms"]["inject"] > 0 and scout["timings_ms"]["prefill"] > 0
+    assert (
+        kv["timings_ms"]["edge_prefill"] > 0 and kv["timings_ms"]["inject"] > 0 and scout["timings_ms"]["prefill"] > 0
+    )
     print_report("Who was the leader of the Norse raiders?", results)
     assert "bytes on the wire" in capsys.readouterr().out

@@ -1,47 +1,108 @@
 """`kvwire eval` and `kvwire diagnose` end to end on the tiny model: schema, self-agreement, reports, resume."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from kvcodec.cli import main
+from kvwire.kvcodec.cli import main
 
 # Short passages in the tiny tokenizer's vocabulary (SQuAD text runs to ~1000 of its tokens per paragraph).
 PASSAGES = [
-    ("Normans", "The Normans gave their name to Normandy, a region in France. Their leader was Rollo.",
-     "Who was the leader of the Normans?", ["Rollo"]),
-    ("Paris", "The Eiffel Tower is in Paris. It was built in 1889. The river Seine flows through the city.",
-     "When was the Eiffel Tower built?", ["1889"]),
-    ("Seine", "The river Seine flows through Paris. The city is in France.", "Which river flows through Paris?",
-     ["Seine", "The river Seine"]),
-    ("Raiders", "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway.",
-     "Where were the raiders from?", ["Denmark, Iceland and Norway"]),
-    ("King", "Rollo agreed to swear fealty to King Charles III of West Francia.", "To whom did Rollo swear fealty?",
-     ["King Charles III"]),
-    ("Centuries", "In the 10th and 11th centuries the Normans gave their name to a region.",
-     "In which centuries did they name the region?", ["10th and 11th"]),
+    (
+        "Normans",
+        "The Normans gave their name to Normandy, a region in France. Their leader was Rollo.",
+        "Who was the leader of the Normans?",
+        ["Rollo"],
+    ),
+    (
+        "Paris",
+        "The Eiffel Tower is in Paris. It was built in 1889. The river Seine flows through the city.",
+        "When was the Eiffel Tower built?",
+        ["1889"],
+    ),
+    (
+        "Seine",
+        "The river Seine flows through Paris. The city is in France.",
+        "Which river flows through Paris?",
+        ["Seine", "The river Seine"],
+    ),
+    (
+        "Raiders",
+        "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway.",
+        "Where were the raiders from?",
+        ["Denmark, Iceland and Norway"],
+    ),
+    (
+        "King",
+        "Rollo agreed to swear fealty to King Charles III of West Francia.",
+        "To whom did Rollo swear fealty?",
+        ["King Charles III"],
+    ),
+    (
+        "Centuries",
+        "In the 10th and 11th centuries the Normans gave their name to a region.",
+        "In which centuries did they name the region?",
+        ["10th and 11th"],
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    path.write_text("".join(json.dumps({"id": f"q{i}", "title": t, "context": c, "question": q, "answers": a}) + "\n"
-                            for i, (t, c, q, a) in enumerate(PASSAGES)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "title": t, "context": c, "question": q, "answers": a}) + "\n"
+            for i, (t, c, q, a) in enumerate(PASSAGES)
+        )
+    )
     return str(path)
 
 
-ROW_KEYS = {"selector", "retention", "profile", "n", "f1", "em", "agreement_f1", "identical", "pct_of_full_f1", "bytes",
-            "wire_ratio"}
+ROW_KEYS = {
+    "selector",
+    "retention",
+    "profile",
+    "n",
+    "f1",
+    "em",
+    "agreement_f1",
+    "identical",
+    "pct_of_full_f1",
+    "bytes",
+    "wire_ratio",
+}
 
 
 def _eval(tiny_model_dir, qa_file, out, *extra) -> int:
     fp32 = out / "fp32.json"  # a profile file: every layer passes through at fp32, i.e. the exact cache
     fp32.write_text(json.dumps({"name": "fp32", "default": {"k": {"kind": "fp32"}, "v": {"kind": "fp32"}}}))
-    return main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "3", "--max-new-tokens", "4",
-                 "--selectors", "q2c,random", "--retentions", "0.5,1.0", "--profiles", "int8",
-                 "--setting", f"none:1.0:{fp32},q2c:0.5:mixed-int4", "--out", str(out), *extra])
+    return main(
+        [
+            "eval",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            qa_file,
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--selectors",
+            "q2c,random",
+            "--retentions",
+            "0.5,1.0",
+            "--profiles",
+            "int8",
+            "--setting",
+            f"none:1.0:{fp32},q2c:0.5:mixed-int4",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +119,15 @@ def test_results_schema_and_baselines(eval_run):
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["n"] == 3
     by = {(r["selector"], r["retention"], r["profile"]): r for r in rows}
-    assert set(by) == {("full", 1.0, "-"), ("text", 1.0, "-"), ("q2c", 0.5, "int8"), ("random", 0.5, "int8"),
-                       ("none", 1.0, "int8"), ("none", 1.0, "fp32"), ("q2c", 0.5, "mixed-int4")}
+    assert set(by) == {
+        ("full", 1.0, "-"),
+        ("text", 1.0, "-"),
+        ("q2c", 0.5, "int8"),
+        ("random", 0.5, "int8"),
+        ("none", 1.0, "int8"),
+        ("none", 1.0, "fp32"),
+        ("q2c", 0.5, "mixed-int4"),
+    }
     full = by[("full", 1.0, "-")]
     assert full["agreement_f1"] == 1.0 and full["identical"] == 1.0 and full["wire_ratio"] == 1.0
     assert full["pct_of_full_f1"] in (100.0, None)  # None when the random model scores F1 0
@@ -95,24 +163,66 @@ def test_resume_skips_finished_work(eval_run, tiny_model_dir, qa_file, capsys):
 
 
 def test_resume_refuses_a_different_run(eval_run, tiny_model_dir, qa_file, capsys):
-    assert main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "3", "--max-new-tokens", "5",
-                 "--out", str(eval_run)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                qa_file,
+                "--limit",
+                "3",
+                "--max-new-tokens",
+                "5",
+                "--out",
+                str(eval_run),
+            ]
+        )
+        == 2
+    )
     assert "max_new_tokens" in capsys.readouterr().err
 
 
 def test_bad_setting_is_a_clear_error(tiny_model_dir, qa_file, tmp_path, capsys):
-    assert main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--setting", "q2c:0.5",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--setting", "q2c:0.5", "--out", str(tmp_path)])
+        == 2
+    )
     assert "SELECTOR:RETENTION:PROFILE" in capsys.readouterr().err
-    assert main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--selectors", "nope",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--selectors", "nope", "--out", str(tmp_path)]) == 2
+    )
     assert "unknown selector 'nope'" in capsys.readouterr().err
 
 
 def test_needle_eval_groups_by_length(tiny_model_dir, qa_file, tmp_path):
-    assert main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "2", "--max-new-tokens", "2",
-                 "--selectors", "q2c", "--retentions", "0.5", "--profiles", "int4", "--needle", "96,128",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                qa_file,
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--selectors",
+                "q2c",
+                "--retentions",
+                "0.5",
+                "--profiles",
+                "int4",
+                "--needle",
+                "96,128",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {r["length"] for r in rows} == {96, 128}
     assert all(r["n"] == 2 for r in rows)
@@ -121,20 +231,57 @@ def test_needle_eval_groups_by_length(tiny_model_dir, qa_file, tmp_path):
 
 def test_diagnose_writes_a_profile_eval_accepts(tiny_model_dir, qa_file, tmp_path, capsys):
     out = tmp_path / "diag"
-    assert main(["diagnose", "--model", tiny_model_dir, "--data", qa_file, "--limit", "2",
-                 "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                qa_file,
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "diagnose.json").read_text())
     assert [r["layer"] for r in result["layers"]] == [0, 1, 2, 3]
     for r in result["layers"]:
         assert {"only_int4", "only_fp16"} <= set(r)
-    from kvcodec.profiles import get_profile
+    from kvwire.kvcodec.profiles import get_profile
 
     profile = get_profile(str(out / "profile.json"))
     assert profile.resolve(4, 16)
     assert "| layer |" in (out / "diagnose.md").read_text()
-    assert main(["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "1", "--max-new-tokens", "2",
-                 "--selectors", "q2c", "--retentions", "1.0", "--profiles", str(out / "profile.json"),
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                qa_file,
+                "--limit",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--selectors",
+                "q2c",
+                "--retentions",
+                "1.0",
+                "--profiles",
+                str(out / "profile.json"),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert profile.name in {r["profile"] for r in rows}
 
@@ -143,7 +290,7 @@ def test_prefill_memo_gives_the_same_streams(tiny_loaded):
     """Eval shares one prefill per question across settings; the streams must not change."""
     import torch
 
-    from kvcodec.pipeline import Cloud, Edge, EdgeRequest, PrefillMemo, Timings
+    from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, PrefillMemo, Timings
 
     edge, cloud, memo = Edge(tiny_loaded), Cloud(tiny_loaded), PrefillMemo()
     context, question = PASSAGES[0][1] + " " + PASSAGES[1][1], PASSAGES[0][2]
@@ -159,9 +306,29 @@ def test_prefill_memo_gives_the_same_streams(tiny_loaded):
 
 
 def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
-    args = ["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "3", "--max-new-tokens", "2",
-            "--selectors", "q2c", "--retentions", "0.5", "--profiles", "int8", "--out", str(tmp_path)]
-    computed = lambda: json.loads((tmp_path / "run.json").read_text())["runtime"]["this_invocation"]["questions_computed"]
+    args = [
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        qa_file,
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "2",
+        "--selectors",
+        "q2c",
+        "--retentions",
+        "0.5",
+        "--profiles",
+        "int8",
+        "--out",
+        str(tmp_path),
+    ]
+
+    def computed():
+        return json.loads((tmp_path / "run.json").read_text())["runtime"]["this_invocation"]["questions_computed"]
+
     assert main(args + ["--shard", "1/2"]) == 0 and computed() == 1  # question 1 of 0, 1, 2
     assert main(args + ["--shard", "0/2"]) == 0 and computed() == 2
     assert main(args) == 0 and computed() == 0
@@ -170,16 +337,26 @@ def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
     assert "K must be in 0..N-1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("all_low, only_low, only_hi, expected", [
-    (0.99, [1.0, 1.0, 0.98], [0.99, 0.99, 0.99], ("none", [])),  # INT4 is harmless
-    (0.70, [0.72, 1.0, 0.99], [1.0, 0.70, 0.71], ("concentrated", [0])),  # the Qwen2.5-7B pattern: layer 0
-    (0.60, [0.97, 0.98, 0.97], [0.62, 0.61, 0.63], ("distributed", [])),  # the Phi-3.5 pattern: no culprit
-    (0.60, [0.90, 0.90, 0.90], [0.70, 0.70, 0.70], ("distributed", [0, 1, 2])),  # too many culprits for --max-protected 2
-])
+@pytest.mark.parametrize(
+    "all_low, only_low, only_hi, expected",
+    [
+        (0.99, [1.0, 1.0, 0.98], [0.99, 0.99, 0.99], ("none", [])),  # INT4 is harmless
+        (0.70, [0.72, 1.0, 0.99], [1.0, 0.70, 0.71], ("concentrated", [0])),  # the Qwen2.5-7B pattern: layer 0
+        (0.60, [0.97, 0.98, 0.97], [0.62, 0.61, 0.63], ("distributed", [])),  # the Phi-3.5 pattern: no culprit
+        (
+            0.60,
+            [0.90, 0.90, 0.90],
+            [0.70, 0.70, 0.70],
+            ("distributed", [0, 1, 2]),
+        ),  # too many culprits for --max-protected 2
+    ],
+)
 def test_diagnose_verdicts(all_low, only_low, only_hi, expected):
-    from bench.diagnose import choose, profile_for
+    from kvwire.bench.diagnose import choose, profile_for
 
-    rows = lambda values: [{"agreement_f1": v} for v in values]
+    def rows(values):
+        return [{"agreement_f1": v} for v in values]
+
     pattern, layers = choose({"agreement_f1": all_low}, rows(only_low), rows(only_hi), tolerance=0.05, max_protected=2)
     assert (pattern, layers) == expected
     profile = profile_for(pattern, layers, "int4", "p")

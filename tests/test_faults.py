@@ -9,6 +9,7 @@ start a new one before they end, so no test depends on another's order.
 Needs root and iproute2 (skips otherwise, see docs/network-tests.md); uses the tiny offline model.
 `pytest -s` prints the measured figures (docs/network-tests.md records them).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,13 +20,23 @@ import time
 
 import pytest
 
-from bench.netlab import LinkSpec, netlab_fixture
-from bench.netlab.daemons import (
-    Daemon, RelayProc, edge_grpc_target, http, kill, launch_cloud, launch_edge, metric_sum, metrics, ready,
-    start_relay, wait_ready,
+from kvwire.bench.netlab import LinkSpec, netlab_fixture
+from kvwire.bench.netlab.daemons import (
+    Daemon,
+    RelayProc,
+    edge_grpc_target,
+    http,
+    kill,
+    launch_cloud,
+    launch_edge,
+    metric_sum,
+    metrics,
+    ready,
+    start_relay,
+    wait_ready,
 )
-from bench.relay import Relay, RelayConfig
-from kvcodec.wire import MAGIC
+from kvwire.bench.relay import Relay, RelayConfig
+from kvwire.kvcodec.wire import MAGIC
 
 RATE = "100mbit"  # the link between tests
 SLOW_RATE = "1mbit"  # kill tests: the ~470 KB stream takes ~4 s, so a kill lands mid-stream
@@ -33,8 +44,10 @@ SLOW_RATE = "1mbit"  # kill tests: the ~470 KB stream takes ~4 s, so a kill land
 RELAY_PORT = 30000
 CHUNK_BYTES = 4096  # ~115 chunk frames a stream: the cloud counts bytes as frames arrive, so mid-stream is observable
 # ~780 context tokens: KV at FP16 is ~470 KB on the wire, large enough for resets, stalls and kills mid-stream
-CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
-           "France. They were descended from Norse raiders under their leader Rollo. ") * 12
+CONTEXT = (
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
+    "France. They were descended from Norse raiders under their leader Rollo. "
+) * 12
 REQUEST = {"question": "Who was the leader?", "context": CONTEXT, "mode": "kv", "profile": "fp16", "max_new_tokens": 8}
 SLACK_S = 2.0  # answer after the deadline: generation on 2 busy cores plus the HTTP client's own start
 REMOTE_ERRORS = {502: {"frame_error", "edge_error"}, 503: {"edge_unavailable", "edge_busy"}}
@@ -132,9 +145,11 @@ def assert_same_answer(res: dict, clean_kv: dict) -> None:
 
 # --- the relay's new faults, on loopback (no namespaces) ----------------------------------------
 
+
 @contextlib.asynccontextmanager
 async def relayed_echo(**faults):
     """An echo server on loopback behind a Relay with these faults: (relay, reader, writer) of a client."""
+
     async def echo(reader, writer):
         while data := await reader.read(1 << 16):
             writer.write(data)
@@ -177,7 +192,7 @@ def test_relay_goes_silent_after_n_bytes_and_keeps_the_connection_open():
             got = await asyncio.wait_for(reader.readexactly(10), 5)
             try:
                 more = await asyncio.wait_for(reader.read(1), 0.3)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 more = None  # nothing came, and no EOF either: silent, still open
             return got, more, relay.stats.silences
 
@@ -185,6 +200,7 @@ def test_relay_goes_silent_after_n_bytes_and_keeps_the_connection_open():
 
 
 # --- corrupted bytes ---------------------------------------------------------------------------
+
 
 def test_a_bit_flipped_in_a_chunk_frame_is_rejected_by_its_checksum(hosts, clean):
     relay = hosts.use_relay(flip_marker=MAGIC.decode(), flip_marker_count=2, flip_offset=64, faulty_connections=1)
@@ -194,11 +210,17 @@ def test_a_bit_flipped_in_a_chunk_frame_is_rejected_by_its_checksum(hosts, clean
     assert len(relay_events(relay, "flip")) == 1  # 64 bytes into the first chunk frame after the header frame
     assert_clean_error(res, {502: {"frame_error"}})
     assert "checksum" in res["body"]["detail"] and "chunk frame seq 1" in res["body"]["detail"]
-    assert metric_sum(after, "kvwire_frames_rejected_total", reason="checksum") \
-        - metric_sum(before, "kvwire_frames_rejected_total", reason="checksum") == 1
+    assert (
+        metric_sum(after, "kvwire_frames_rejected_total", reason="checksum")
+        - metric_sum(before, "kvwire_frames_rejected_total", reason="checksum")
+        == 1
+    )
     assert metric_sum(after, "kvwire_frames_rejected_total") - metric_sum(before, "kvwire_frames_rejected_total") == 1
-    assert metric_sum(after, "kvwire_requests_total", mode="kv", outcome="frame_error") \
-        - metric_sum(before, "kvwire_requests_total", mode="kv", outcome="frame_error") == 1
+    assert (
+        metric_sum(after, "kvwire_requests_total", mode="kv", outcome="frame_error")
+        - metric_sum(before, "kvwire_requests_total", mode="kv", outcome="frame_error")
+        == 1
+    )
     again = hosts.ask()  # the same connection, past the flip: intact again
     assert again["status"] == 200, again
     assert_same_answer(again, clean["kv"])
@@ -216,14 +238,20 @@ def test_random_bit_flips_give_the_clean_answer_or_a_clean_error(hosts, clean):
             assert_clean_error(res, {504: {"deadline"}, **REMOTE_ERRORS})
     rejected = sum(1 for r in results if r["status"] == 502 and r["body"]["error"] == "frame_error")
     # each rejected stream is counted once, under the reason its message names
-    assert metric_sum(after, "kvwire_frames_rejected_total") - metric_sum(before, "kvwire_frames_rejected_total") == rejected
+    assert (
+        metric_sum(after, "kvwire_frames_rejected_total") - metric_sum(before, "kvwire_frames_rejected_total")
+        == rejected
+    )
     outcomes = [r["body"]["error"] if r["status"] != 200 else "ok" for r in results]
-    print(f"\nfaults: random flips (p=0.02 per relay chunk, seed 11): {len(relay_events(relay, 'flip'))} bits flipped, "
-          f"outcomes {dict((o, outcomes.count(o)) for o in sorted(set(outcomes)))}")
+    print(
+        f"\nfaults: random flips (p=0.02 per relay chunk, seed 11): {len(relay_events(relay, 'flip'))} bits flipped, "
+        f"outcomes {dict((o, outcomes.count(o)) for o in sorted(set(outcomes)))}"
+    )
     assert relay_events(relay, "flip"), "the relay flipped nothing: the test proved nothing"
 
 
 # --- delay, stalls, resets ---------------------------------------------------------------------
+
 
 def test_delay_and_stalls_answer_or_fail_cleanly_within_the_deadline(hosts, clean):
     deadline_ms = 2000
@@ -242,10 +270,12 @@ def test_delay_and_stalls_answer_or_fail_cleanly_within_the_deadline(hosts, clea
     ok = [r for r in results if r["status"] == 200]
     hosts.relay.proc.terminate()
     stopped = relay_events(hosts.relay, "stopped")[-1]
-    print(f"\nfaults: 50 ms each way + stalls (p=0.05, <=500 ms, seed 7), deadline {deadline_ms} ms: "
-          f"{len(ok)}/{len(results)} answered ({sum(1 for r in ok if r['body'].get('complete', True))} complete), "
-          f"latency p50 {statistics.median(seconds) * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms; "
-          f"{stopped['stalls']} stalls, {stopped['stall_ms_total']:.0f} ms stalled in all")
+    print(
+        f"\nfaults: 50 ms each way + stalls (p=0.05, <=500 ms, seed 7), deadline {deadline_ms} ms: "
+        f"{len(ok)}/{len(results)} answered ({sum(1 for r in ok if r['body'].get('complete', True))} complete), "
+        f"latency p50 {statistics.median(seconds) * 1000:.0f} ms, max {max(seconds) * 1000:.0f} ms; "
+        f"{stopped['stalls']} stalls, {stopped['stall_ms_total']:.0f} ms stalled in all"
+    )
     assert ok, "no request got through a slow but working link"
 
 
@@ -258,8 +288,10 @@ def test_a_reset_mid_stream_fails_that_request_and_the_next_one_succeeds(hosts, 
     again = hosts.ask(deadline_ms=10_000)  # a new connection, which the relay leaves alone
     assert again["status"] == 200, again
     assert_same_answer(again, clean["kv"])
-    print(f"\nfaults: reset after 200000 bytes: {res['status']} {res['body']['error']} in {res['seconds'] * 1000:.0f} ms, "
-          f"next request 200 in {again['seconds'] * 1000:.0f} ms")
+    print(
+        f"\nfaults: reset after 200000 bytes: {res['status']} {res['body']['error']} in {res['seconds'] * 1000:.0f} ms, "
+        f"next request 200 in {again['seconds'] * 1000:.0f} ms"
+    )
 
 
 def test_a_link_gone_silent_mid_stream_ends_cleanly_at_the_deadline(hosts):
@@ -272,7 +304,9 @@ def test_a_link_gone_silent_mid_stream_ends_cleanly_at_the_deadline(hosts):
         assert res["body"]["complete"] is False and 0 < res["body"]["retention_achieved"] < 1, res
     else:
         assert_clean_error(res, {504: {"deadline"}})
-    print(f"\nfaults: silent after 100000 bytes, deadline {deadline_ms} ms: {res['status']} in {res['seconds'] * 1000:.0f} ms")
+    print(
+        f"\nfaults: silent after 100000 bytes, deadline {deadline_ms} ms: {res['status']} in {res['seconds'] * 1000:.0f} ms"
+    )
 
 
 def test_after_a_link_went_silent_the_cloud_drops_the_connection_and_recovers_within_10_s(hosts, clean):
@@ -293,6 +327,7 @@ def test_after_a_link_went_silent_the_cloud_drops_the_connection_and_recovers_wi
 
 
 # --- daemons killed mid-stream -----------------------------------------------------------------
+
 
 def _in_background(fn) -> tuple[threading.Thread, dict]:
     out: dict = {}
@@ -346,12 +381,17 @@ def test_edge_killed_mid_stream_is_503_and_the_cloud_recovers_when_it_returns(ho
     assert "mode=text" in res["body"]["detail"]  # the message says what still works
     assert after_kill < 8 and res["seconds"] < 30  # at most the bytes already on their way drain first
     cloud = metrics(hosts.lab, hosts.cloud)
-    assert metric_sum(cloud, "kvwire_requests_total", mode="kv", outcome="edge_unavailable") \
-        - metric_sum(before, "kvwire_requests_total", mode="kv", outcome="edge_unavailable") == 1
+    assert (
+        metric_sum(cloud, "kvwire_requests_total", mode="kv", outcome="edge_unavailable")
+        - metric_sum(before, "kvwire_requests_total", mode="kv", outcome="edge_unavailable")
+        == 1
+    )
     assert http(hosts.lab, "GET", hosts.cloud.http_url + "/readyz")["status"] == 503  # no edge: not ready
     recovered = _restart_edge_and_recover(hosts, clean)
-    print(f"\nfaults: edge SIGKILLed mid-stream: 503 {after_kill * 1000:.0f} ms after the kill; "
-          f"kv answered {recovered * 1000:.0f} ms after the new edge listened")
+    print(
+        f"\nfaults: edge SIGKILLed mid-stream: 503 {after_kill * 1000:.0f} ms after the kill; "
+        f"kv answered {recovered * 1000:.0f} ms after the new edge listened"
+    )
 
 
 def test_edge_killed_mid_stream_with_fallback_text_answers_in_text_mode(hosts, clean):
@@ -373,8 +413,9 @@ def cloud_killed(hosts, clean) -> dict:
     thread, out = _in_background(lambda: hosts.ask(deadline_ms=30_000, request_id="cloud-killed"))
     relay.proc.wait_json("silence", 20)
     cloud_inflight = metrics(hosts.lab, hosts.cloud)[("kvwire_inflight_requests", ())]
-    edge_done = any(r.get("event") == "prefill" and r.get("request_id") == "cloud-killed"
-                    for r in hosts.edge.proc.json_lines())
+    edge_done = any(
+        r.get("event") == "prefill" and r.get("request_id") == "cloud-killed" for r in hosts.edge.proc.json_lines()
+    )
     kill(hosts.cloud.proc)
     killed = time.monotonic()
     thread.join(60)
@@ -384,12 +425,22 @@ def cloud_killed(hosts, clean) -> dict:
     edge_idle_s = time.monotonic() - killed
     hosts.restart_cloud()
     wait_ready(hosts.lab, hosts.cloud)  # a new connection: the relay leaves it alone
-    outcomes = {o: metric_sum(edge, "kvwire_requests_total", mode="kv", outcome=o)
-                - metric_sum(before, "kvwire_requests_total", mode="kv", outcome=o) for o in ("ok", "cancelled")}
-    print(f"\nfaults: cloud SIGKILLed mid-stream: edge idle {edge_idle_s * 1000:.0f} ms later, edge outcomes {outcomes}, "
-          f"edge had logged the stream done before the kill: {edge_done}")
-    return {"client": out["res"], "cloud_inflight": cloud_inflight, "edge_outcomes": outcomes,
-            "edge_logged_the_stream_done_before_the_kill": edge_done, "after": hosts.ask()}
+    outcomes = {
+        o: metric_sum(edge, "kvwire_requests_total", mode="kv", outcome=o)
+        - metric_sum(before, "kvwire_requests_total", mode="kv", outcome=o)
+        for o in ("ok", "cancelled")
+    }
+    print(
+        f"\nfaults: cloud SIGKILLed mid-stream: edge idle {edge_idle_s * 1000:.0f} ms later, edge outcomes {outcomes}, "
+        f"edge had logged the stream done before the kill: {edge_done}"
+    )
+    return {
+        "client": out["res"],
+        "cloud_inflight": cloud_inflight,
+        "edge_outcomes": outcomes,
+        "edge_logged_the_stream_done_before_the_kill": edge_done,
+        "after": hosts.ask(),
+    }
 
 
 def test_cloud_killed_mid_stream_leaves_nothing_in_flight_and_a_new_cloud_answers(cloud_killed, clean):

@@ -1,17 +1,29 @@
 """Malformed, truncated, reordered, duplicated or corrupted streams are always rejected with the
 codec's own FrameError — never another exception, never a cache."""
+
 import io
 import json
 import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from kvcodec.errors import FrameError
-from kvcodec.pipeline import Edge, EdgeRequest
-from kvcodec.stream import StreamDecoder
-from kvcodec.wire import CRC_SIZE, MAX_BODY, PREFIX_SIZE, crc32c, pack_frame, parse_frame, peek_stream_id, peek_type, read_frames
+from kvwire.kvcodec.errors import FrameError
+from kvwire.kvcodec.pipeline import Edge, EdgeRequest
+from kvwire.kvcodec.stream import StreamDecoder
+from kvwire.kvcodec.wire import (
+    CRC_SIZE,
+    MAX_BODY,
+    PREFIX_SIZE,
+    crc32c,
+    pack_frame,
+    parse_frame,
+    peek_stream_id,
+    peek_type,
+    read_frames,
+)
 
 CONTEXT = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 QUESTION = "Who was the leader?"
@@ -134,7 +146,7 @@ def test_body_mutations_with_valid_crc_are_rejected(streams, data):
     patch = data.draw(st.binary(min_size=1, max_size=8))
     frame[start : start + len(patch)] = patch
     frame = frame[: PREFIX_SIZE + body_len]
-    if bytes(frame[:PREFIX_SIZE + body_len]) == frames[i][:-CRC_SIZE]:
+    if bytes(frame[: PREFIX_SIZE + body_len]) == frames[i][:-CRC_SIZE]:
         return  # the patch changed nothing
     frames[i] = recrc(bytes(frame))
     with pytest.raises(FrameError):
@@ -185,16 +197,29 @@ def _rewrite_header(frame: bytes, edit) -> bytes:
     return pack_frame(1, head.stream_id, 0, struct.pack("<I", len(raw)) + raw + body[4 + n :])
 
 
-@pytest.mark.parametrize("edit", [
-    lambda m: m.update(retention="x"),
-    lambda m: m.update(retention=True),
-    lambda m: m["profile"].update(layers=[1]),
-    lambda m: m["profile"]["default"]["k"].update(group=None),
-    lambda m: m["profile"]["default"]["k"].update(kind=["int8"]),
-    lambda m: m.update(context_span=[True, 5]),
-    lambda m: m.update(geometry=[]),
-    lambda m: m["geometry"].update(num_layers=1024, kv_heads=1024, head_dim=1024),
-], ids=["retention-str", "retention-bool", "layers-list", "group-null", "kind-list", "span-bool", "geometry-list", "huge-geometry"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(retention="x"),
+        lambda m: m.update(retention=True),
+        lambda m: m["profile"].update(layers=[1]),
+        lambda m: m["profile"]["default"]["k"].update(group=None),
+        lambda m: m["profile"]["default"]["k"].update(kind=["int8"]),
+        lambda m: m.update(context_span=[True, 5]),
+        lambda m: m.update(geometry=[]),
+        lambda m: m["geometry"].update(num_layers=1024, kv_heads=1024, head_dim=1024),
+    ],
+    ids=[
+        "retention-str",
+        "retention-bool",
+        "layers-list",
+        "group-null",
+        "kind-list",
+        "span-bool",
+        "geometry-list",
+        "huge-geometry",
+    ],
+)
 def test_wrongly_typed_or_huge_header_fields_are_frame_errors(streams, edit):
     frames = [_rewrite_header(streams["kv"][0], edit)] + streams["kv"][1:]
     with pytest.raises(FrameError, match="bad_header|oversized"):
@@ -219,7 +244,7 @@ def test_receiver_check_runs_before_allocation(streams):
 def test_zstd_body_declaring_a_huge_size_is_refused():
     import zstandard
 
-    from kvcodec.wire import FLAG_ZSTD, MAGIC, VERSION, _PREFIX
+    from kvwire.kvcodec.wire import _PREFIX, FLAG_ZSTD, MAGIC, VERSION
 
     body = zstandard.ZstdCompressor().compress(b"\0" * (MAX_BODY + 1))  # ~100 bytes declaring > MAX_BODY
     head = _PREFIX.pack(MAGIC, VERSION, 2, FLAG_ZSTD, b"\0" * 16, 1, len(body))
@@ -232,7 +257,7 @@ def test_many_positions_are_checked_in_linear_time(streams):
     """A crafted chunk repeating one position 30,000 times is refused at once."""
     import time
 
-    from kvcodec.wire import encode_deltas, put_varint
+    from kvwire.kvcodec.wire import encode_deltas, put_varint
 
     body = bytearray()
     put_varint(body, 30000)
@@ -252,14 +277,19 @@ def parse_header_first_kept(streams) -> int:
 
 def test_models_with_many_layers_encode(tmp_path):
     """The chunk's layer count field is 16 bits: 300 layers round-trip."""
-    from kvcodec.profiles import get_profile
-    from kvcodec.stream import StreamEncoder, StreamHeader
+    from kvwire.kvcodec.profiles import get_profile
+    from kvwire.kvcodec.stream import StreamEncoder, StreamHeader
 
     layers, heads, dim, n = 300, 1, 8, 6
     keys = [torch.randn(heads, n, dim) for _ in range(layers)]
-    header = StreamHeader(mode="kv", prompt_ids=list(range(n + 1)), context_span=(1, 4), kept=list(range(n)),
-                          geometry={"num_layers": layers, "kv_heads": heads, "head_dim": dim, "rope": {}},
-                          profile=get_profile("int8"))
+    header = StreamHeader(
+        mode="kv",
+        prompt_ids=list(range(n + 1)),
+        context_span=(1, 4),
+        kept=list(range(n)),
+        geometry={"num_layers": layers, "kv_heads": heads, "head_dim": dim, "rope": {}},
+        profile=get_profile("int8"),
+    )
     enc = StreamEncoder(header)
     frames = [enc.header_frame(), *enc.chunk_frames(keys, keys, torch.arange(n)), enc.trailer_frame()]
     out = decode(frames)

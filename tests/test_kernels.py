@@ -5,6 +5,7 @@ Packed bytes, scales and dequantized values must be bit-identical; q2c scores ag
 rounding. The shape/dtype/bits matrix is covered pairwise, not as a full cross product, so the
 interpreted kernels stay fast.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,9 +26,9 @@ from hypothesis import strategies as st
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
-    import kernels
-    from kernels import dispatch, reference
-    from kernels import triton_kernels as tk
+    from kvwire import kernels
+    from kvwire.kernels import dispatch, reference
+    from kvwire.kernels import triton_kernels as tk
 
     if not tk.INTERPRETED:  # imported earlier in this process without the interpreter
         tk = importlib.reload(tk)
@@ -58,8 +59,7 @@ def pairwise(factors: dict[str, list]) -> list[dict]:
     def key(a, va, b, vb):
         return (a, va, b, vb) if names.index(a) < names.index(b) else (b, vb, a, va)
 
-    todo = {key(a, va, b, vb) for a, b in itertools.combinations(names, 2)
-            for va in factors[a] for vb in factors[b]}
+    todo = {key(a, va, b, vb) for a, b in itertools.combinations(names, 2) for va in factors[a] for vb in factors[b]}
     cases = []
     while todo:
         a, va, b, vb = min(todo, key=repr)
@@ -77,6 +77,7 @@ def case_id(case: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def make_x(heads: int, seq: int, head_dim: int, dtype: torch.dtype, layout_kind: str, seed: int) -> torch.Tensor:
     """x: [H, S, D]: contiguous, or a [0] slice of a [1, S, H, D] cache transposed to heads-first."""
@@ -113,16 +114,18 @@ def assert_same_quantization(x, index, bits, group):
 
 # ----------------------------------------------------------------------------- quantize: triton vs reference
 
-QUANT_CASES = pairwise({
-    "D": [64, 80, 96, 128],
-    "H": [1, 2, 3, 4, 8],
-    "K": [1, 37, 1000],
-    "dtype": list(DTYPES),
-    "bits": [8, 4, 3],
-    "group": ["row", "32"],
-    "index": ["all", "perm"],
-    "x": ["contig", "strided"],
-})
+QUANT_CASES = pairwise(
+    {
+        "D": [64, 80, 96, 128],
+        "H": [1, 2, 3, 4, 8],
+        "K": [1, 37, 1000],
+        "dtype": list(DTYPES),
+        "bits": [8, 4, 3],
+        "group": ["row", "32"],
+        "index": ["all", "perm"],
+        "x": ["contig", "strided"],
+    }
+)
 
 
 @pytest.mark.parametrize("case", QUANT_CASES, ids=[case_id(c) for c in QUANT_CASES])
@@ -177,7 +180,7 @@ def test_all_zero_rows(dtype, bits):
 def test_exact_half_ties_round_to_even(bits, dtype):
     """x / s == k + 0.5 exactly: codes round to the even neighbour, in the kernel and the reference."""
     qmax = (1 << (bits - 1)) - 1
-    s = 2.0 ** -3  # exact in every dtype, and qmax * s is the row's absmax so the scale is exactly s
+    s = 2.0**-3  # exact in every dtype, and qmax * s is the row's absmax so the scale is exactly s
     halves = sorted((k + 0.5 for k in range(-qmax, qmax)), key=abs)  # +-0.5, +-1.5, ... +-(qmax - 0.5)
     halves = (halves[:61] + halves[-2:]) if len(halves) > 63 else halves
     row = torch.tensor(([qmax] + halves) * 64, dtype=torch.float64)[:64]
@@ -192,6 +195,7 @@ def test_exact_half_ties_round_to_even(bits, dtype):
 
 # ----------------------------------------------------------------------------- quantize: reference vs naive
 
+
 def naive_quantize_pack(x: torch.Tensor, bits: int, group: int) -> tuple[bytes, list[float]]:
     """Per element, straight from the definition, with numpy fp32 scalars for the division."""
     import numpy as np
@@ -200,7 +204,7 @@ def naive_quantize_pack(x: torch.Tensor, bits: int, group: int) -> tuple[bytes, 
     codes, scales = [], []
     for row in x.float().reshape(-1, x.shape[-1]).tolist():
         for g0 in range(0, len(row), group):
-            vals = [np.float32(v) for v in row[g0:g0 + group]]
+            vals = [np.float32(v) for v in row[g0 : g0 + group]]
             scale = np.float16(np.float32(max(abs(v) for v in vals)) / np.float32(qmax))
             scales.append(float(scale))
             for v in vals:
@@ -213,7 +217,7 @@ def naive_quantize_pack(x: torch.Tensor, bits: int, group: int) -> tuple[bytes, 
         out.extend((codes[i] & 0xF) | ((codes[i + 1] & 0xF) << 4) for i in range(0, len(codes), 2))
     else:
         for i in range(0, len(codes), 8):
-            word = sum((c & 0x7) << (3 * j) for j, c in enumerate(codes[i:i + 8]))
+            word = sum((c & 0x7) << (3 * j) for j, c in enumerate(codes[i : i + 8]))
             out.extend(word.to_bytes(3, "little"))
     return bytes(out), scales
 
@@ -231,13 +235,19 @@ def test_reference_matches_naive_definition(bits, group, dtype):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([8, 4, 3]), dtype=st.sampled_from(list(DTYPES)), units=st.integers(1, 6),
-       groups=st.sampled_from([1, 2, 4]), rows=st.integers(1, 5), log_mag=st.integers(-30, 12),
-       seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from([8, 4, 3]),
+    dtype=st.sampled_from(list(DTYPES)),
+    units=st.integers(1, 6),
+    groups=st.sampled_from([1, 2, 4]),
+    rows=st.integers(1, 5),
+    log_mag=st.integers(-30, 12),
+    seed=st.integers(0, 2**16),
+)
 def test_reference_error_bound(bits, dtype, units, groups, rows, log_mag, seed):
     """Every element decodes to within half a scale step, plus the fp16 underflow of tiny scales."""
     head_dim = 8 * units * groups
-    x = (torch.randn(2, rows, head_dim, generator=torch.Generator().manual_seed(seed)) * 2.0 ** log_mag)
+    x = torch.randn(2, rows, head_dim, generator=torch.Generator().manual_seed(seed)) * 2.0**log_mag
     x = x.to(DTYPES[dtype])
     group = head_dim // groups
     p, s = reference.quantize_pack(x, None, bits, group)
@@ -245,7 +255,7 @@ def test_reference_error_bound(bits, dtype, units, groups, rows, log_mag, seed):
     reference.unpack_dequantize(p, s, bits, group, out)
     step = s.float().repeat_interleave(group, dim=-1)
     qmax = (1 << (bits - 1)) - 1
-    bound = step / 2 * (1 + 1e-6) + qmax * 2.0 ** -24
+    bound = step / 2 * (1 + 1e-6) + qmax * 2.0**-24
     assert torch.all((x.float() - out).abs() <= bound)
 
 
@@ -262,6 +272,7 @@ def test_unpack_writes_strided_out_in_model_dtype():
 
 
 # ----------------------------------------------------------------------------- q2c
+
 
 def naive_q2c(q, k, q_pos, ctx_start, ctx_end, scale=None):
     """Dense float64 softmax per (query head, row), straight from the definition."""
@@ -296,22 +307,32 @@ def ctx_range(kind, seq):
     return {"all": (0, seq), "middle": (seq // 4, max(seq // 4, 3 * seq // 4)), "tail": (seq - 1, seq)}[kind]
 
 
-Q2C_CASES = pairwise({
-    "D": [64, 80, 96, 128],
-    "Hkv": [1, 2, 3, 4, 8],
-    "ratio": [1, 3, 7],
-    "S": [1, 37, 1000],
-    "Lq": [1, 37],
-    "dtype": list(DTYPES),
-    "ctx": ["all", "middle", "tail"],
-    "pos": ["suffix", "random"],
-})
+Q2C_CASES = pairwise(
+    {
+        "D": [64, 80, 96, 128],
+        "Hkv": [1, 2, 3, 4, 8],
+        "ratio": [1, 3, 7],
+        "S": [1, 37, 1000],
+        "Lq": [1, 37],
+        "dtype": list(DTYPES),
+        "ctx": ["all", "middle", "tail"],
+        "pos": ["suffix", "random"],
+    }
+)
 
 
 @pytest.mark.parametrize("case", Q2C_CASES, ids=[case_id(c) for c in Q2C_CASES])
 def test_q2c_triton_matches_reference(case):
-    q, k, q_pos = make_q2c(case["Hkv"], case["ratio"], case["Lq"], case["S"], case["D"], DTYPES[case["dtype"]],
-                           case["pos"], seed=case["D"] + case["S"])
+    q, k, q_pos = make_q2c(
+        case["Hkv"],
+        case["ratio"],
+        case["Lq"],
+        case["S"],
+        case["D"],
+        DTYPES[case["dtype"]],
+        case["pos"],
+        seed=case["D"] + case["S"],
+    )
     c0, c1 = ctx_range(case["ctx"], case["S"])
     want = reference.q2c_scores(q, k, q_pos, c0, c1)
     got = tk.q2c_scores(q, k, q_pos, c0, c1)
@@ -340,8 +361,9 @@ def test_q2c_triton_small_blocks_and_key_splits(monkeypatch, dtype):
     q, k, q_pos = make_q2c(2, 3, 21, 160, 64, DTYPES[dtype], "random", seed=11)
     q_pos[:3] = torch.tensor([-1, 0, 159])
     for c0, c1 in ((0, 160), (47, 49), (50, 150)):
-        torch.testing.assert_close(tk.q2c_scores(q, k, q_pos, c0, c1), reference.q2c_scores(q, k, q_pos, c0, c1),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            tk.q2c_scores(q, k, q_pos, c0, c1), reference.q2c_scores(q, k, q_pos, c0, c1), rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("ratio", [1, 3])
@@ -366,6 +388,7 @@ def test_q2c_reference_blocking_is_invisible(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- dispatcher and checks
+
 
 def test_default_backend_on_cpu_is_torch():
     assert dispatch.select_backend(torch.device("cpu")).name == "torch"
@@ -398,12 +421,14 @@ def test_unknown_and_duplicate_backends(monkeypatch):
 
 
 def test_torch_path_never_imports_triton():
-    code = ("import sys, torch, kernels\n"
-            "x = torch.randn(2, 5, 16)\n"
-            "p, s = kernels.quantize_pack(x, None, 3, 8)\n"
-            "kernels.unpack_dequantize(p, s, 3, 8, torch.empty(2, 5, 16))\n"
-            "kernels.q2c_scores(x, x, torch.arange(5), 0, 5)\n"
-            "assert 'triton' not in sys.modules and 'kernels.triton_kernels' not in sys.modules\n")
+    code = (
+        "import sys, torch, kernels\n"
+        "x = torch.randn(2, 5, 16)\n"
+        "p, s = kernels.quantize_pack(x, None, 3, 8)\n"
+        "kernels.unpack_dequantize(p, s, 3, 8, torch.empty(2, 5, 16))\n"
+        "kernels.q2c_scores(x, x, torch.arange(5), 0, 5)\n"
+        "assert 'triton' not in sys.modules and 'kvwire.kernels.triton_kernels' not in sys.modules\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KVWIRE_KERNELS")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
@@ -412,17 +437,19 @@ def test_torch_path_never_imports_triton():
 def test_interpreter_works_when_triton_was_imported_first():
     """transformers imports triton before any test sets TRITON_INTERPRET: the kernels must not
     call triton's own @jit helpers (tl.max, tl.sum, tl.zeros), which are then compiled-only."""
-    code = ("import os, torch, triton.language\n"
-            "os.environ['TRITON_INTERPRET'] = '1'\n"
-            "from kernels import reference as R, triton_kernels as T\n"
-            "x = torch.randn(2, 9, 32)\n"
-            "for bits, g in ((8, 32), (4, 16), (3, 8)):\n"
-            "    p, s = T.quantize_pack(x, None, bits, g)\n"
-            "    assert torch.equal(p, R.quantize_pack(x, None, bits, g)[0])\n"
-            "    out = T.unpack_dequantize(p, s, bits, g, torch.empty_like(x))\n"
-            "    assert torch.equal(out, R.unpack_dequantize(p, s, bits, g, torch.empty_like(x)))\n"
-            "pos = torch.tensor([8, 3, 5])\n"
-            "torch.testing.assert_close(T.q2c_scores(x[:, :3], x, pos, 1, 7), R.q2c_scores(x[:, :3], x, pos, 1, 7))\n")
+    code = (
+        "import os, torch, triton.language\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from kernels import reference as R, triton_kernels as T\n"
+        "x = torch.randn(2, 9, 32)\n"
+        "for bits, g in ((8, 32), (4, 16), (3, 8)):\n"
+        "    p, s = T.quantize_pack(x, None, bits, g)\n"
+        "    assert torch.equal(p, R.quantize_pack(x, None, bits, g)[0])\n"
+        "    out = T.unpack_dequantize(p, s, bits, g, torch.empty_like(x))\n"
+        "    assert torch.equal(out, R.unpack_dequantize(p, s, bits, g, torch.empty_like(x)))\n"
+        "pos = torch.tensor([8, 3, 5])\n"
+        "torch.testing.assert_close(T.q2c_scores(x[:, :3], x, pos, 1, 7), R.q2c_scores(x[:, :3], x, pos, 1, 7))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
@@ -433,12 +460,15 @@ def test_packed_row_bytes(bits, head_dim, want):
     assert kernels.packed_row_bytes(bits, head_dim) == want
 
 
-@pytest.mark.parametrize("bits,head_dim,match", [
-    (5, 64, r"bits must be one of \(8, 4, 3\), got 5"),
-    (4, 63, "4-bit packing needs head_dim divisible by 2, got 63"),
-    (3, 36, "3-bit packing needs head_dim divisible by 8, got 36"),
-    (8, 0, "head_dim must be positive"),
-])
+@pytest.mark.parametrize(
+    "bits,head_dim,match",
+    [
+        (5, 64, r"bits must be one of \(8, 4, 3\), got 5"),
+        (4, 63, "4-bit packing needs head_dim divisible by 2, got 63"),
+        (3, 36, "3-bit packing needs head_dim divisible by 8, got 36"),
+        (8, 0, "head_dim must be positive"),
+    ],
+)
 def test_packed_row_bytes_rejects(bits, head_dim, match):
     with pytest.raises(ValueError, match=match):
         kernels.packed_row_bytes(bits, head_dim)
@@ -461,11 +491,17 @@ def test_quantize_pack_rejects_bad_arguments():
 def test_unpack_dequantize_rejects_mismatched_shapes():
     out = torch.empty(2, 5, 64, dtype=torch.float16)
     p, s = kernels.quantize_pack(torch.randn(2, 5, 64), None, 4, 32)
-    with pytest.raises(ValueError, match=r"payload must be uint8 \[2, 5, 32\] for 4-bit rows of head_dim 64, "
-                                         r"got torch.uint8 \[2, 4, 32\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"payload must be uint8 \[2, 5, 32\] for 4-bit rows of head_dim 64, "
+        r"got torch.uint8 \[2, 4, 32\]",
+    ):
         kernels.unpack_dequantize(p[:, :4], s, 4, 32, out)
-    with pytest.raises(ValueError, match=r"scales must be float16 \[2, 5, 1\] for group_size 64, "
-                                         r"got torch.float16 \[2, 5, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"scales must be float16 \[2, 5, 1\] for group_size 64, "
+        r"got torch.float16 \[2, 5, 2\]",
+    ):
         kernels.unpack_dequantize(p, s, 4, 64, out)
     with pytest.raises(ValueError, match=r"payload must be uint8 \[2, 5, 24\]"):
         kernels.unpack_dequantize(p, s, 3, 32, out)

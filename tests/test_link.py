@@ -3,18 +3,21 @@ cloud-agent on the cloud host, requests answered across the veth (and through th
 
 Needs root and iproute2 (skips otherwise, see docs/network-tests.md); uses the tiny offline model.
 """
+
 from __future__ import annotations
 
 import pytest
 
-from bench.netlab import LinkSpec, netlab_fixture
-from bench.netlab.daemons import answer, edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
+from kvwire.bench.netlab import LinkSpec, netlab_fixture
+from kvwire.bench.netlab.daemons import answer, edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
 
 RATE = "20mbit"
 RELAY_DELAY_MS = 20
 QUESTION = "Who was the leader?"
-CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
-           "France. They were descended from Norse raiders under their leader Rollo.")
+CONTEXT = (
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
+    "France. They were descended from Norse raiders under their leader Rollo."
+)
 
 lab = netlab_fixture(LinkSpec(rate=RATE), scope="module", name="lab")
 
@@ -25,9 +28,11 @@ def hosts(lab, tiny_model_dir):
     All start at once (the cloud connects to the edge per request), which overlaps their model loads."""
     target = edge_grpc_target(lab)
     relay = start_relay(lab, target, delay_ms=RELAY_DELAY_MS)
-    procs = {"edge": launch_edge(lab, tiny_model_dir, grace_seconds=2),
-             "direct": launch_cloud(lab, tiny_model_dir, target, grace_seconds=2),
-             "relayed": launch_cloud(lab, tiny_model_dir, relay.target, grace_seconds=2)}
+    procs = {
+        "edge": launch_edge(lab, tiny_model_dir, grace_seconds=2),
+        "direct": launch_cloud(lab, tiny_model_dir, target, grace_seconds=2),
+        "relayed": launch_cloud(lab, tiny_model_dir, relay.target, grace_seconds=2),
+    }
     return {"relay": relay, **{k: ready(p) for k, p in procs.items()}}
 
 

@@ -8,6 +8,7 @@ Scaled down from the issue's 32 clients x 200 requests to 32 x 40 (1,280 answers
 it stays under a minute on two shared cores; the loop is bounded by count and by time (TIME_BUDGET_S).
 The full size runs with KVWIRE_LOAD_REQUESTS=200 KVWIRE_LOAD_SECONDS=300 (about two minutes here).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,9 +19,9 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-
-from agent_common.launch import Daemon
 from test_daemons import CONTEXT, QUESTION, _start, metric_samples, total
+
+from kvwire.agent_common.launch import Daemon
 
 CLIENTS = 32
 REQUESTS_PER_CLIENT = int(os.environ.get("KVWIRE_LOAD_REQUESTS", "40"))
@@ -37,16 +38,21 @@ REQUESTS = (  # one in three of each mode; small answers keep the CPU on the ser
 
 @pytest.fixture(scope="module")
 def daemons(tiny_model_dir):
-    edge = _start("edge", "edge_agent", ["--model", tiny_model_dir, "--grpc-port", "0",
-                                         "--max-concurrency", str(EDGE_CONCURRENCY)])
+    edge = _start(
+        "edge",
+        "kvwire.edge_agent",
+        ["--model", tiny_model_dir, "--grpc-port", "0", "--max-concurrency", str(EDGE_CONCURRENCY)],
+    )
     try:
         edge.wait_listening()
-        cloud = _start("cloud", "cloud_agent", ["--model", tiny_model_dir, "--edge", edge.grpc_address,
-                                                "--max-concurrency", str(CLOUD_CONCURRENCY)])
+        cloud = _start(
+            "cloud",
+            "kvwire.cloud_agent",
+            ["--model", tiny_model_dir, "--edge", edge.grpc_address, "--max-concurrency", str(CLOUD_CONCURRENCY)],
+        )
         try:
             cloud.wait_listening()
-            yield SimpleNamespace(edge=edge, cloud=cloud,
-                                  edge_url=f"http://127.0.0.1:{edge.listening['http_port']}")
+            yield SimpleNamespace(edge=edge, cloud=cloud, edge_url=f"http://127.0.0.1:{edge.listening['http_port']}")
         finally:
             cloud.stop()
     finally:
@@ -116,13 +122,17 @@ def test_bounded_load_has_no_errors_bounded_memory_and_nothing_left_in_flight(da
     everything = [s for values in result["latencies"].values() for s in values]
     answered = len(everything)
 
-    lines = [f"load: {CLIENTS} clients x up to {REQUESTS_PER_CLIENT} requests (budget {TIME_BUDGET_S:.0f} s), "
-             f"cloud --max-concurrency {CLOUD_CONCURRENCY}: {answered} answered in {wall:.1f} s "
-             f"({answered / wall:.1f}/s), {result['refused']} deliberate 429s, {len(result['errors'])} errors"]
+    lines = [
+        f"load: {CLIENTS} clients x up to {REQUESTS_PER_CLIENT} requests (budget {TIME_BUDGET_S:.0f} s), "
+        f"cloud --max-concurrency {CLOUD_CONCURRENCY}: {answered} answered in {wall:.1f} s "
+        f"({answered / wall:.1f}/s), {result['refused']} deliberate 429s, {len(result['errors'])} errors"
+    ]
     for mode, values in (*result["latencies"].items(), ("all", everything)):
         if values:
-            lines.append(f"  {mode:5s} n={len(values):4d} p50 {percentile(values, 0.5) * 1000:6.0f} ms  "
-                         f"p95 {percentile(values, 0.95) * 1000:6.0f} ms  p99 {percentile(values, 0.99) * 1000:6.0f} ms")
+            lines.append(
+                f"  {mode:5s} n={len(values):4d} p50 {percentile(values, 0.5) * 1000:6.0f} ms  "
+                f"p95 {percentile(values, 0.95) * 1000:6.0f} ms  p99 {percentile(values, 0.99) * 1000:6.0f} ms"
+            )
     lines.append("  RSS MiB " + ", ".join(f"{k} {rss_before[k]:.0f} -> {rss_after[k]:.0f}" for k in rss_before))
     print("\n" + "\n".join(lines))
 
@@ -132,13 +142,24 @@ def test_bounded_load_has_no_errors_bounded_memory_and_nothing_left_in_flight(da
     for name in rss_before:
         assert rss_after[name] - rss_before[name] < RSS_GROWTH_BOUND_MIB, (name, rss_before, rss_after)
     assert cloud[("kvwire_inflight_requests", ())] == 0 and edge[("kvwire_inflight_requests", ())] == 0
+
     # both daemons' counters agree with what the clients saw; the edge serves kv and scout only
     def outcomes(after: dict, before: dict, outcome: str) -> float:
-        return sum(v - before.get(k, 0) for k, v in after.items()
-                   if k[0] == "kvwire_requests_total" and ("outcome", outcome) in k[1])
+        return sum(
+            v - before.get(k, 0)
+            for k, v in after.items()
+            if k[0] == "kvwire_requests_total" and ("outcome", outcome) in k[1]
+        )
 
     assert outcomes(cloud, cloud_before, "ok") == answered
     assert outcomes(cloud, cloud_before, "overloaded") == result["refused"]
-    assert total(cloud, "kvwire_requests_total") - total(cloud_before, "kvwire_requests_total") == answered + result["refused"]
+    assert (
+        total(cloud, "kvwire_requests_total") - total(cloud_before, "kvwire_requests_total")
+        == answered + result["refused"]
+    )
     remote = len(result["latencies"]["kv"]) + len(result["latencies"]["scout"])
-    assert outcomes(edge, edge_before, "ok") == total(edge, "kvwire_requests_total") - total(edge_before, "kvwire_requests_total") == remote
+    assert (
+        outcomes(edge, edge_before, "ok")
+        == total(edge, "kvwire_requests_total") - total(edge_before, "kvwire_requests_total")
+        == remote
+    )

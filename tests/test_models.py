@@ -1,13 +1,16 @@
 """Model loading: local folders, dtypes, the embedded model, and clear errors for what cannot load."""
+
 import pytest
 import torch
 
-from kvcodec.errors import ConfigError
-from kvcodec.fingerprint import geometry_mismatch, kv_geometry, tokenizer_fingerprint
-from kvcodec.models import embedded_model_dir, load_model
+from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, tokenizer_fingerprint
+from kvwire.kvcodec.models import embedded_model_dir, load_model
 
 
-@pytest.mark.parametrize("dtype, torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+@pytest.mark.parametrize(
+    "dtype, torch_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
 def test_local_folder_in_each_dtype(tiny_model_dir, dtype, torch_dtype):
     loaded = load_model(tiny_model_dir, dtype=dtype)
     assert loaded.dtype == torch_dtype and loaded.device.type == "cpu"

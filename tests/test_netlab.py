@@ -4,6 +4,7 @@ tbf really limits throughput, and the relay delays, stalls, resets and flips bit
 
 Namespace tests need root and iproute2 and skip otherwise; the relay tests run on loopback anywhere.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.netlab import LinkSpec, NetLab, netlab_fixture, sweep_stale
-from bench.netlab.daemons import TOOLS
-from bench.netlab.namespaces import NetlabUnavailable, check_available, list_namespaces, rate_bits
-from bench.netlab.tools import client as echo_client
-from bench.relay import Relay, RelayConfig, check_target, config_from_args
+from kvwire.bench.netlab import LinkSpec, NetLab, netlab_fixture, sweep_stale
+from kvwire.bench.netlab.daemons import TOOLS
+from kvwire.bench.netlab.namespaces import NetlabUnavailable, check_available, list_namespaces, rate_bits
+from kvwire.bench.netlab.tools import client as echo_client
+from kvwire.bench.relay import Relay, RelayConfig, check_target, config_from_args
 
 SHAPED = "8mbit"  # 1 MB/s: a 1.5 MB download takes ~1.5 s, long enough to measure, short enough for CI
 RELAY_DELAY_MS = 50
@@ -46,7 +47,9 @@ def _alive(pid: int) -> bool:
 
 
 def _root_links() -> str:
-    return subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}).stdout
+    return subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}
+    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,7 @@ def _cloud_json(lab, args: list[str], timeout: float = 30) -> dict:
 
 # --- the harness: lifecycle -----------------------------------------------------------------------
 
+
 def test_lab_is_created_and_removed_without_leftovers():
     _needs_netlab()
     with NetLab(LinkSpec(rate=SHAPED)) as lab:
@@ -79,7 +83,9 @@ def test_lab_is_created_and_removed_without_leftovers():
         # The veth ends never exist in the root namespace, and neither do the test addresses.
         assert lab.edge.veth not in _root_links() and lab.cloud.veth not in _root_links()
         # A process that escapes its process group is still found through the namespace.
-        sh = lab.edge.spawn(["sh", "-c", 'setsid sleep 60 & echo "{\\"event\\": \\"child\\", \\"pid\\": $!}"; sleep 60'])
+        sh = lab.edge.spawn(
+            ["sh", "-c", 'setsid sleep 60 & echo "{\\"event\\": \\"child\\", \\"pid\\": $!}"; sleep 60']
+        )
         escaped = sh.wait_json("child")["pid"]
         plain = lab.cloud.spawn(["sleep", "60"])
         workdir = lab.workdir
@@ -95,7 +101,7 @@ def test_lab_is_removed_when_the_test_body_fails():
     with pytest.raises(ZeroDivisionError):
         with NetLab() as lab:
             proc = lab.cloud.spawn(["sleep", "60"])
-            1 / 0
+            raise ZeroDivisionError("a failure inside the lab")
     assert lab.edge.name not in list_namespaces() and lab.cloud.name not in list_namespaces()
     assert not _alive(proc.pid)
 
@@ -113,7 +119,8 @@ def test_lab_is_removed_when_the_run_gets_sigterm(tmp_path):
         "        print(json.dumps({'names': [lab.edge.name, lab.cloud.name], 'pid': p.pid}), flush=True)\n"
         "        time.sleep(60)\n"
         "except KeyboardInterrupt:\n"
-        "    sys.exit(143)\n")
+        "    sys.exit(143)\n"
+    )
     holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         import json
@@ -140,10 +147,13 @@ def test_sweep_removes_only_labs_whose_creator_is_gone(lab):
         assert stale not in list_namespaces()
         assert lab.edge.name in list_namespaces()  # ours: creator (this process) alive
     finally:
-        subprocess.run(["ip", "netns", "del", stale], capture_output=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+        subprocess.run(
+            ["ip", "netns", "del", stale], capture_output=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}
+        )
 
 
 # --- the harness: traffic ---------------------------------------------------------------------------
+
 
 def test_traffic_crosses_the_veth_and_namespaces_are_isolated(lab, edge_servers):
     res = _cloud_json(lab, ["client", lab.edge.addr, str(edge_servers["echo"]), "--count", "5", "--size", "1000"])
@@ -155,8 +165,11 @@ def test_traffic_crosses_the_veth_and_namespaces_are_isolated(lab, edge_servers)
 
 def test_http_server_in_the_edge_namespace_answers_the_cloud(lab):
     # A fixed port is fine: each namespace has its own port space, so parallel runs cannot collide.
-    srv = lab.edge.spawn([sys.executable, "-m", "http.server", "--bind", lab.edge.addr, "8000"], name="http.server",
-                         cwd=Path(__file__).resolve().parents[1])
+    srv = lab.edge.spawn(
+        [sys.executable, "-m", "http.server", "--bind", lab.edge.addr, "8000"],
+        name="http.server",
+        cwd=Path(__file__).resolve().parents[1],
+    )
     srv.wait_text("Serving HTTP on")
     res = _cloud_json(lab, ["http", "GET", f"http://{lab.edge.addr}:8000/README.md"])
     assert res["status"] == 200 and res["body"].startswith("# KVWire"), res
@@ -179,14 +192,27 @@ def test_tbf_shaping_limits_throughput(lab, edge_servers):
 
 
 def test_relay_cli_in_the_cloud_namespace_delays_and_stops_on_sigterm(lab, edge_servers):
-    relay = lab.cloud.spawn([sys.executable, "-m", "bench.relay", "--listen", "127.0.0.1:0",
-                             "--target", f"{lab.edge.addr}:{edge_servers['echo']}", "--delay-ms", str(RELAY_DELAY_MS)],
-                            name="relay")
+    relay = lab.cloud.spawn(
+        [
+            sys.executable,
+            "-m",
+            "kvwire.bench.relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            f"{lab.edge.addr}:{edge_servers['echo']}",
+            "--delay-ms",
+            str(RELAY_DELAY_MS),
+        ],
+        name="relay",
+    )
     port = relay.wait_json("listening")["port"]
     direct = _cloud_json(lab, ["client", lab.edge.addr, str(edge_servers["echo"]), "--count", "5"])
     relayed = _cloud_json(lab, ["client", "127.0.0.1", str(port), "--count", "5"])
-    print(f"\nRTT across the veth: direct min {min(direct['rtts_ms'])} ms, via relay ({RELAY_DELAY_MS} ms each way) "
-          f"min {min(relayed['rtts_ms'])} ms, max {max(relayed['rtts_ms'])} ms")
+    print(
+        f"\nRTT across the veth: direct min {min(direct['rtts_ms'])} ms, via relay ({RELAY_DELAY_MS} ms each way) "
+        f"min {min(relayed['rtts_ms'])} ms, max {max(relayed['rtts_ms'])} ms"
+    )
     assert relayed["intact"] and len(relayed["rtts_ms"]) == 5, relayed
     assert min(relayed["rtts_ms"]) >= 2 * RELAY_DELAY_MS * 0.99
     assert relay.terminate(timeout=5) == 0
@@ -195,6 +221,7 @@ def test_relay_cli_in_the_cloud_namespace_delays_and_stops_on_sigterm(lab, edge_
 
 
 # --- the relay, on loopback -------------------------------------------------------------------------
+
 
 def _run(coro, timeout: float = 20):
     return asyncio.run(asyncio.wait_for(coro, timeout))
@@ -225,6 +252,7 @@ async def _exchange(port: int, payload: bytes, timeout: float = 10) -> tuple[byt
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     back, error = b"", None
     try:
+
         async def send():
             writer.write(payload)
             await writer.drain()
@@ -246,6 +274,7 @@ async def _exchange(port: int, payload: bytes, timeout: float = 10) -> tuple[byt
 
 def _relayed(fn, timeout: float = 20, **cfg):
     """Run fn(relay) against a relay (configured by cfg) in front of an echo server."""
+
     async def body():
         async with _echo_server() as echo_port:
             async with Relay(RelayConfig(target_host="127.0.0.1", target_port=echo_port, **cfg)) as relay:
@@ -372,8 +401,10 @@ def test_relay_carries_grpc():
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
+
         async def body():
             async with Relay(RelayConfig(target_host="127.0.0.1", target_port=grpc_port, delay_ms=20)) as relay:
+
                 def call():
                     with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
                         stub = health_pb2_grpc.HealthStub(channel)
@@ -390,23 +421,63 @@ def test_relay_carries_grpc():
     assert secs >= 0.04 * 0.99  # at least one round trip through 20 ms each way
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"delay_ms": -1}, "delay_ms"), ({"stall_prob": 1.5}, "stall_prob"), ({"flip_prob": -0.1}, "flip_prob"),
-    ({"reset_after_bytes": -5}, "reset_after_bytes"), ({"reset_direction": "sideways"}, "reset_direction"),
-    ({"flip_direction": "both"}, "flip_direction"), ({"max_connections": 0}, "max_connections"),
-    ({"flip_mask": 0}, "flip_mask"), ({"listen_port": 70000}, "listen_port"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"delay_ms": -1}, "delay_ms"),
+        ({"stall_prob": 1.5}, "stall_prob"),
+        ({"flip_prob": -0.1}, "flip_prob"),
+        ({"reset_after_bytes": -5}, "reset_after_bytes"),
+        ({"reset_direction": "sideways"}, "reset_direction"),
+        ({"flip_direction": "both"}, "flip_direction"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"flip_mask": 0}, "flip_mask"),
+        ({"listen_port": 70000}, "listen_port"),
+    ],
+)
 def test_relay_config_rejects_bad_values(bad, field):
     with pytest.raises(ValueError, match=field):
         RelayConfig(target_host="127.0.0.1", target_port=1, **bad)
 
 
 def test_relay_cli_parses_every_option():
-    cfg = config_from_args(["--listen", "127.0.0.1:0", "--target", "127.0.0.1:5000", "--delay-ms", "50",
-                            "--stall-prob", "0.1", "--stall-max-ms", "500", "--reset-after-bytes", "1000",
-                            "--flip-offset", "7", "--flip-mask", "0x80", "--flip-direction", "up", "--seed", "1",
-                            "--faulty-connections", "2", "--max-connections", "3", "--idle-timeout-s", "9"])
-    assert (cfg.target_port, cfg.delay_ms, cfg.stall_prob, cfg.stall_max_ms, cfg.reset_after_bytes) == (5000, 50, 0.1, 500, 1000)
+    cfg = config_from_args(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "127.0.0.1:5000",
+            "--delay-ms",
+            "50",
+            "--stall-prob",
+            "0.1",
+            "--stall-max-ms",
+            "500",
+            "--reset-after-bytes",
+            "1000",
+            "--flip-offset",
+            "7",
+            "--flip-mask",
+            "0x80",
+            "--flip-direction",
+            "up",
+            "--seed",
+            "1",
+            "--faulty-connections",
+            "2",
+            "--max-connections",
+            "3",
+            "--idle-timeout-s",
+            "9",
+        ]
+    )
+    assert (cfg.target_port, cfg.delay_ms, cfg.stall_prob, cfg.stall_max_ms, cfg.reset_after_bytes) == (
+        5000,
+        50,
+        0.1,
+        500,
+        1000,
+    )
     assert (cfg.flip_offset, cfg.flip_mask, cfg.flip_direction, cfg.seed) == (7, 0x80, "up", 1)
     assert (cfg.faulty_connections, cfg.max_connections, cfg.idle_timeout_s) == (2, 3, 9)
 
@@ -418,13 +489,18 @@ def test_relay_refuses_targets_off_this_machine():
     with pytest.raises(ValueError, match="neither loopback nor on a directly attached"):
         check_target("10.77.0.1")
     check_target("10.77.0.1", allow_remote=True)  # real deployments opt in
-    r = subprocess.run([sys.executable, "-m", "bench.relay", "--target", "10.77.0.1:80"], capture_output=True,
-                       text=True, timeout=30, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-m", "kvwire.bench.relay", "--target", "10.77.0.1:80"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 2 and '"event": "error"' in r.stdout and "neither loopback" in r.stderr
 
 
 def test_harness_says_why_it_cannot_run(monkeypatch):
-    import bench.netlab.namespaces as ns_mod
+    import kvwire.bench.netlab.namespaces as ns_mod
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NetlabUnavailable, match="need root"):

@@ -1,20 +1,28 @@
 """Quantizers: bounded error, deterministic bytes, exact sizes; profiles: names, files, bad input."""
+
 import json
 
 import pytest
 import torch
 
-from kvcodec.errors import ConfigError
-from kvcodec.pipeline import Edge, EdgeRequest
-from kvcodec.profiles import NAMED_PROFILES, PrecisionProfile, get_profile, profile_names
-from kvcodec.quant import Quantizer
+from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.pipeline import Edge, EdgeRequest
+from kvwire.kvcodec.profiles import NAMED_PROFILES, PrecisionProfile, get_profile, profile_names
+from kvwire.kvcodec.quant import Quantizer
 
 # one row per encoding: every quantizer gets every test below
 QUANTIZERS = [
-    Quantizer("fp32"), Quantizer("fp16"), Quantizer("bf16"),
-    Quantizer("int8"), Quantizer("int4"), Quantizer("int3"),
-    Quantizer("int8", group=32), Quantizer("int4", group=16),
-    Quantizer("int8", axis="channel"), Quantizer("int4", axis="channel"), Quantizer("int3", axis="channel"),
+    Quantizer("fp32"),
+    Quantizer("fp16"),
+    Quantizer("bf16"),
+    Quantizer("int8"),
+    Quantizer("int4"),
+    Quantizer("int3"),
+    Quantizer("int8", group=32),
+    Quantizer("int4", group=16),
+    Quantizer("int8", axis="channel"),
+    Quantizer("int4", axis="channel"),
+    Quantizer("int3", axis="channel"),
 ]
 
 
@@ -81,23 +89,29 @@ def test_named_profiles_and_mixed_layer0():
 
 
 def test_profile_json_file_roundtrip(tmp_path):
-    prof = PrecisionProfile("mine", (Quantizer("int4", axis="channel"), Quantizer("int4", group=32)),
-                            {2: (Quantizer("int8"), Quantizer("fp16"))})
+    prof = PrecisionProfile(
+        "mine",
+        (Quantizer("int4", axis="channel"), Quantizer("int4", group=32)),
+        {2: (Quantizer("int8"), Quantizer("fp16"))},
+    )
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(prof.to_dict()))
     assert get_profile(str(path)) == prof
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"default": {"k": {"kind": "int2"}, "v": {"kind": "int4"}}}, "unknown tensor encoding 'int2'"),
-    ({"default": {"k": {"kind": "int4", "axis": "diagonal"}}}, "unknown quantization axis"),
-    ({"default": {"k": {"kind": "fp16", "group": 8}}}, "passthrough"),
-    ({"layers": {}}, "at least a \"default\""),
-    ({"default": {"k": {"kind": "int4"}}, "layers": {"x": {"k": {"kind": "int8"}}}}, "not an integer"),
-    ({"default": {"k": {"kind": "int4", "group": True}}}, "group must be a whole number"),
-    ({"default": {"k": {"kind": "int4", "group": "16"}}}, "group must be a whole number"),
-    ({"default": {"k": {"kind": "int4", "group": 16.0}}}, "group must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"default": {"k": {"kind": "int2"}, "v": {"kind": "int4"}}}, "unknown tensor encoding 'int2'"),
+        ({"default": {"k": {"kind": "int4", "axis": "diagonal"}}}, "unknown quantization axis"),
+        ({"default": {"k": {"kind": "fp16", "group": 8}}}, "passthrough"),
+        ({"layers": {}}, 'at least a "default"'),
+        ({"default": {"k": {"kind": "int4"}}, "layers": {"x": {"k": {"kind": "int8"}}}}, "not an integer"),
+        ({"default": {"k": {"kind": "int4", "group": True}}}, "group must be a whole number"),
+        ({"default": {"k": {"kind": "int4", "group": "16"}}}, "group must be a whole number"),
+        ({"default": {"k": {"kind": "int4", "group": 16.0}}}, "group must be a whole number"),
+    ],
+)
 def test_bad_profile_files_name_the_problem(tmp_path, data, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))

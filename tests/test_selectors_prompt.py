@@ -1,17 +1,20 @@
 """Selection keeps what it must and the right count; q2c equals eager attention; prompt spans are exact."""
+
 import math
 
 import pytest
 import torch
 
-from kvcodec.errors import ConfigError, PromptTooLongError
-from kvcodec.models import load_model
-from kvcodec.prefill import prefill
-from kvcodec.prompt import build_prompt
-from kvcodec.selectors import get_selector, selector_names
+from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
+from kvwire.kvcodec.models import load_model
+from kvwire.kvcodec.prefill import prefill
+from kvwire.kvcodec.prompt import build_prompt
+from kvwire.kvcodec.selectors import get_selector, selector_names
 
-CONTEXT = ("The Normans gave their name to Normandy, a region in France. They were descended from Norse raiders "
-           "from Denmark, Iceland and Norway. Their leader was Rollo. The Eiffel Tower is in Paris.")
+CONTEXT = (
+    "The Normans gave their name to Normandy, a region in France. They were descended from Norse raiders "
+    "from Denmark, Iceland and Norway. Their leader was Rollo. The Eiffel Tower is in Paris."
+)
 QUESTION = "Who was the leader of the Norse raiders?"
 
 
@@ -38,7 +41,7 @@ def eager_attention_to_context(model, prompt, rows):
     eager = type(model).from_pretrained(model.name_or_path, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.inference_mode():
         out = eager(prompt.tensor()[:, :-1], output_attentions=True)
-    per_layer = [a[0][:, rows][:, :, prompt.context_start:prompt.context_end].sum(dim=(0, 1)) for a in out.attentions]
+    per_layer = [a[0][:, rows][:, :, prompt.context_start : prompt.context_end].sum(dim=(0, 1)) for a in out.attentions]
     return torch.stack(per_layer)
 
 
@@ -63,8 +66,11 @@ def test_capture_does_not_change_the_cache(tiny_loaded):
 
 def _decode_spans(tok, prompt):
     ids = list(prompt.ids)
-    return (tok.decode(ids[: prompt.context_start]), tok.decode(ids[prompt.context_start : prompt.context_end]),
-            tok.decode(ids[prompt.context_end :]))
+    return (
+        tok.decode(ids[: prompt.context_start]),
+        tok.decode(ids[prompt.context_start : prompt.context_end]),
+        tok.decode(ids[prompt.context_end :]),
+    )
 
 
 def test_prompt_spans_exact_with_chat_template(embedded_loaded):
@@ -92,8 +98,10 @@ def test_context_that_looks_like_a_template_keeps_exact_spans(embedded_loaded):
     assert _decode_spans(tok, prompt)[1] == tricky
 
 
-@pytest.mark.parametrize("context, question, message", [("", "q?", "context is empty"), ("   ", "q?", "context is empty"),
-                                                       ("some text", "", "question is empty")])
+@pytest.mark.parametrize(
+    "context, question, message",
+    [("", "q?", "context is empty"), ("   ", "q?", "context is empty"), ("some text", "", "question is empty")],
+)
 def test_empty_inputs_are_refused(tiny_loaded, context, question, message):
     with pytest.raises(ConfigError, match=message):
         build_prompt(tiny_loaded.tokenizer, context, question)

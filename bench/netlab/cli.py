@@ -10,6 +10,7 @@ tears everything down (also on Ctrl-C or SIGTERM).
 Needs root and Debian's iproute2 (exit 2 with the reason otherwise). Only the namespaces' own
 addresses (10.77.0.1/30, 10.77.0.2/30) and their loopbacks are used: see docs/network-tests.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from kvcodec.errors import ConfigError
+from kvwire.kvcodec.errors import ConfigError
 
 MAX_HOLD_S = 4 * 3600  # a forgotten lab still goes away by itself
 REQUEST_MODES = ("kv", "scout", "text")
@@ -29,30 +30,55 @@ DEFAULT_DEADLINE_MS = 120_000  # cloud-agent's --default-deadline-ms; text mode 
 
 def add_arguments(p) -> None:
     p.add_argument("--rate", default="10mbit", help="tc rate of the link, each way (default 10mbit; 'none': unshaped)")
-    p.add_argument("--delay", default="20ms",
-                   help="delay bench.relay adds each way between cloud and edge (default 20ms; 0 and no other relay "
-                        "option: the cloud reaches the edge on the bare link)")
-    p.add_argument("--stall-prob", type=float, default=0.0,
-                   help="relay: per chunk, the probability of a stall (default 0)")
+    p.add_argument(
+        "--delay",
+        default="20ms",
+        help="delay bench.relay adds each way between cloud and edge (default 20ms; 0 and no other relay "
+        "option: the cloud reaches the edge on the bare link)",
+    )
+    p.add_argument(
+        "--stall-prob", type=float, default=0.0, help="relay: per chunk, the probability of a stall (default 0)"
+    )
     p.add_argument("--stall-max-ms", type=float, default=500.0, help="relay: longest stall in ms (default 500)")
-    p.add_argument("--flip-prob", type=float, default=0.0,
-                   help="relay: per chunk, the probability of flipping one random bit (default 0); the cloud rejects "
-                        "the frame (HTTP 502 frame_error) and counts it in kvwire_frames_rejected_total")
+    p.add_argument(
+        "--flip-prob",
+        type=float,
+        default=0.0,
+        help="relay: per chunk, the probability of flipping one random bit (default 0); the cloud rejects "
+        "the frame (HTTP 502 frame_error) and counts it in kvwire_frames_rejected_total",
+    )
     p.add_argument("--seed", type=int, default=0, help="relay: seed of the stalls and flips (default 0)")
-    p.add_argument("--model", default="embedded", help="model of both daemons (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default="embedded", help="model of both daemons (default: the embedded SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of EACH daemon (default 1)")
-    p.add_argument("--modes", default=",".join(REQUEST_MODES),
-                   help="comma list of the modes the demo question is asked in (default kv,scout,text; '' asks nothing)")
+    p.add_argument(
+        "--modes",
+        default=",".join(REQUEST_MODES),
+        help="comma list of the modes the demo question is asked in (default kv,scout,text; '' asks nothing)",
+    )
     p.add_argument("--question", type=int, default=0, help="index of the demo question (0-2, default 0)")
-    p.add_argument("--retention", type=float, default=0.5, help="kv and scout: share of context positions kept (default 0.5)")
+    p.add_argument(
+        "--retention", type=float, default=0.5, help="kv and scout: share of context positions kept (default 0.5)"
+    )
     p.add_argument("--deadline-ms", type=int, default=None, help="deadline_ms of each request (default: the cloud's)")
-    p.add_argument("--fallback", choices=["text"], default=None, help="fallback of each kv/scout request (default none)")
+    p.add_argument(
+        "--fallback", choices=["text"], default=None, help="fallback of each kv/scout request (default none)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24)")
-    p.add_argument("--hold", type=float, default=0.0,
-                   help=f"after the questions, keep the lab up this many seconds for your own requests, or until "
-                        f"Ctrl-C / SIGTERM (default 0; at most {MAX_HOLD_S})")
-    p.add_argument("--logs", default=None, metavar="DIR",
-                   help="keep the daemons' and relay's logs in DIR (default: a temporary folder, removed at the end)")
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        help=f"after the questions, keep the lab up this many seconds for your own requests, or until "
+        f"Ctrl-C / SIGTERM (default 0; at most {MAX_HOLD_S})",
+    )
+    p.add_argument(
+        "--logs",
+        default=None,
+        metavar="DIR",
+        help="keep the daemons' and relay's logs in DIR (default: a temporary folder, removed at the end)",
+    )
     p.add_argument("--json", action="store_true", help="print each /answer result as one JSON line")
 
 
@@ -66,7 +92,7 @@ def parse_modes(text: str) -> list[str]:
 
 def relay_options(args) -> dict:
     """bench.relay options for these arguments; {} when the cloud should reach the edge directly."""
-    from bench.link import parse_delay
+    from kvwire.bench.link import parse_delay
 
     for name in ("stall_prob", "flip_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
@@ -84,9 +110,9 @@ def relay_options(args) -> dict:
 
 def build_requests(args, modes: list[str]) -> list[dict]:
     """The demo question (kvcodec/data/demo.json) in each mode, as cloud_agent.demo asks it."""
-    from cloud_agent.demo import demo_requests
+    from kvwire.cloud_agent.demo import demo_requests
 
-    data = json.loads(resources.files("kvcodec").joinpath("data/demo.json").read_text())
+    data = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
     if not 0 <= args.question < len(data["questions"]):
         raise ConfigError(f"--question must be in [0, {len(data['questions']) - 1}], got {args.question}")
     extra = {k: v for k, v in (("deadline_ms", args.deadline_ms), ("fallback", args.fallback)) if v is not None}
@@ -101,7 +127,10 @@ def summary_line(request: dict, res: dict) -> str:
     if res.get("status") != 200 or not isinstance(body, dict):
         detail = body if body is not None else res.get("error")
         return head + (json.dumps(detail) if isinstance(detail, dict) else str(detail))[:300]
-    notes = [f"{body['bytes_on_wire']:,} bytes on the wire", f"kept {body['kept_positions']}/{body['prompt_tokens'] - 1} positions"]
+    notes = [
+        f"{body['bytes_on_wire']:,} bytes on the wire",
+        f"kept {body['kept_positions']}/{body['prompt_tokens'] - 1} positions",
+    ]
     if not body.get("complete", True):
         notes.append(f"stream cut at the deadline, retention achieved {body['retention_achieved']:.2f}")
     if body.get("fallback"):
@@ -127,9 +156,9 @@ def hold_banner(lab, edge, cloud, seconds: float) -> str:
 
 
 def run(args) -> int:
-    from bench.link import parse_bandwidths
-    from bench.netlab import LinkSpec, NetLab, NetlabUnavailable
-    from bench.netlab.daemons import answer, edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
+    from kvwire.bench.link import parse_bandwidths
+    from kvwire.bench.netlab import LinkSpec, NetLab, NetlabUnavailable
+    from kvwire.bench.netlab.daemons import answer, edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
 
     rate = None if args.rate.strip().lower() == "none" else parse_bandwidths(args.rate)[0]
     modes = parse_modes(args.modes)
@@ -150,11 +179,14 @@ def run(args) -> int:
                 target = start_relay(lab, target, **relay_opts).target
             opts = {"threads": args.threads, "grace_seconds": 2}
             started = time.monotonic()
-            edge, cloud = [ready(p) for p in (launch_edge(lab, args.model, **opts),
-                                              launch_cloud(lab, args.model, target, **opts))]
+            edge, cloud = [
+                ready(p) for p in (launch_edge(lab, args.model, **opts), launch_cloud(lab, args.model, target, **opts))
+            ]
             path = f"through bench.relay {relay_opts}" if relay_opts else "on the bare link"
-            say(f"edge-agent in {lab.edge.name}, cloud-agent in {lab.cloud.name}, link {rate or 'unshaped'}, "
-                f"cloud to edge {path}; daemons up in {time.monotonic() - started:.1f} s (model {args.model})")
+            say(
+                f"edge-agent in {lab.edge.name}, cloud-agent in {lab.cloud.name}, link {rate or 'unshaped'}, "
+                f"cloud to edge {path}; daemons up in {time.monotonic() - started:.1f} s (model {args.model})"
+            )
             for req in requests:
                 timeout = (req.get("deadline_ms") or DEFAULT_DEADLINE_MS) / 1000 + 30
                 try:

@@ -12,6 +12,7 @@ so that a cloud-agent can be pointed at it before the edge is up. The cloud-agen
 to loopback inside the cloud namespace, so requests to it are sent from there (`answer`, `http`);
 the test process itself never talks to 10.77.0.x.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,16 +77,40 @@ def launch_edge(lab: NetLab, model: str, grpc_port: int = EDGE_GRPC_PORT, **opts
     """Start edge-agent in the edge namespace without waiting: gRPC on the edge's veth address at
     grpc_port (fixed by default, so a cloud-agent can be started at the same time), HTTP on a free
     port; opts become --flags (e.g. profile="int8", max_concurrency=4)."""
-    argv = [sys.executable, "-m", "edge_agent", "--model", model, "--host", lab.edge.addr,
-            "--grpc-port", str(grpc_port), "--http-port", "0", *_flags(opts)]
+    argv = [
+        sys.executable,
+        "-m",
+        "kvwire.edge_agent",
+        "--model",
+        model,
+        "--host",
+        lab.edge.addr,
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        "0",
+        *_flags(opts),
+    ]
     return lab.edge.spawn(argv, name="edge-agent", env={"HF_HUB_OFFLINE": "1"})
 
 
 def launch_cloud(lab: NetLab, model: str, edge_target: str, **opts) -> Proc:
     """Start cloud-agent in the cloud namespace without waiting: HTTP on a free loopback port, pointed
     at edge_target (`edge_grpc_target(lab)` for the bare link, or a relay's `target`)."""
-    argv = [sys.executable, "-m", "cloud_agent", "--model", model, "--host", "127.0.0.1", "--http-port", "0",
-            "--edge", edge_target, *_flags(opts)]
+    argv = [
+        sys.executable,
+        "-m",
+        "kvwire.cloud_agent",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--edge",
+        edge_target,
+        *_flags(opts),
+    ]
     return lab.cloud.spawn(argv, name="cloud-agent", env={"HF_HUB_OFFLINE": "1"})
 
 
@@ -114,13 +139,23 @@ def start_relay(lab: NetLab, target: str, timeout: float = 20.0, **opts) -> Rela
     the veth; opts are RelayConfig fields as --flags (delay_ms=50, reset_after_bytes=..., seed=...);
     listen_port fixes the loopback port (default: a free one)."""
     port = opts.pop("listen_port", 0)  # a fixed port lets a new relay replace a stopped one under a running cloud
-    argv = [sys.executable, "-m", "bench.relay", "--listen", f"127.0.0.1:{port}", "--target", target, *_flags(opts)]
+    argv = [
+        sys.executable,
+        "-m",
+        "kvwire.bench.relay",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--target",
+        target,
+        *_flags(opts),
+    ]
     proc = lab.cloud.spawn(argv, name="relay")
     return RelayProc(proc, proc.wait_json("listening", timeout)["port"])
 
 
-def http(lab: NetLab, method: str, url: str, body: dict | None = None, timeout: float = 120.0,
-         headers: dict | None = None) -> dict:
+def http(
+    lab: NetLab, method: str, url: str, body: dict | None = None, timeout: float = 120.0, headers: dict | None = None
+) -> dict:
     """One HTTP request sent from inside the cloud namespace: {"status", "body", "seconds"}
     (status None and "error" when no response came)."""
     args = [TOOLS, "http", method, url, "--timeout", str(timeout)]

@@ -14,6 +14,7 @@ main thread): every spawned process group gets SIGTERM, then SIGKILL; every proc
 namespace (`ip netns pids`) gets SIGKILL; the namespaces are deleted, which deletes the veth pair.
 A lab left behind by a SIGKILLed run is swept by the next run (its creator's pid is in the name).
 """
+
 from __future__ import annotations
 
 import json
@@ -92,8 +93,9 @@ def check_available() -> None:
 
 
 def _ip(*args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
-    return subprocess.run([tool_path("ip") or "ip", *args], capture_output=True, text=True, check=check,
-                          timeout=timeout)
+    return subprocess.run(
+        [tool_path("ip") or "ip", *args], capture_output=True, text=True, check=check, timeout=timeout
+    )
 
 
 def list_namespaces() -> list[str]:
@@ -192,8 +194,10 @@ class Proc:
                 for rec in self.json_lines():  # a last look: it may have written and exited
                     if predicate(rec):
                         return rec
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode} before the expected "
-                                   f"log line; log tail:\n{self.log()[-2000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode} before the expected "
+                    f"log line; log tail:\n{self.log()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: no matching log line in {timeout}s; log tail:\n{self.log()[-2000:]}")
             time.sleep(0.02)
@@ -203,8 +207,10 @@ class Proc:
         deadline = time.monotonic() + timeout
         while text not in self.log():
             if self.popen.poll() is not None and text not in self.log():
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode} before logging {text!r}; "
-                                   f"log tail:\n{self.log()[-2000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode} before logging {text!r}; "
+                    f"log tail:\n{self.log()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: {text!r} not logged in {timeout}s; log tail:\n{self.log()[-2000:]}")
             time.sleep(0.02)
@@ -249,36 +255,55 @@ def _signal_group(pid: int, sig: int) -> None:
 class Namespace:
     """One test host: a network namespace with one veth end, its address, and the processes started in it."""
 
-    def __init__(self, lab: "NetLab", role: str, name: str, veth: str, addr: str):
+    def __init__(self, lab: NetLab, role: str, name: str, veth: str, addr: str):
         self.lab, self.role, self.name, self.veth, self.addr = lab, role, name, veth, addr
 
     def argv(self, argv: list[str]) -> list[str]:
         """argv wrapped to run inside this namespace."""
         return [tool_path("ip") or "ip", "netns", "exec", self.name, *argv]
 
-    def spawn(self, argv: list[str], name: str | None = None, env: dict | None = None,
-              cwd: str | os.PathLike | None = None) -> Proc:
+    def spawn(
+        self, argv: list[str], name: str | None = None, env: dict | None = None, cwd: str | os.PathLike | None = None
+    ) -> Proc:
         """Start argv in this namespace in its own process group; the lab stops it on teardown.
 
         The child gets the caller's environment plus PYTHONUNBUFFERED=1 and the repository root on
-        PYTHONPATH (so `python -m bench.relay` works without an install), then `env` on top.
+        PYTHONPATH (so `python -m kvwire.bench.relay` works without an install), then `env` on top.
         """
         self.lab._check_open()
         name = name or Path(argv[0]).name
-        log_path = self.lab.workdir / f"{self.role}-{len(self.lab.procs):02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        log_path = (
+            self.lab.workdir / f"{self.role}-{len(self.lab.procs):02d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        )
         with open(log_path, "wb") as log:
-            popen = subprocess.Popen(self.argv(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=child_env(env), cwd=cwd or REPO_ROOT)
+            popen = subprocess.Popen(
+                self.argv(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=child_env(env),
+                cwd=cwd or REPO_ROOT,
+            )
         proc = Proc(popen, log_path, name, self.name)
         self.lab.procs.append(proc)
         return proc
 
-    def run(self, argv: list[str], timeout: float = 30.0, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, argv: list[str], timeout: float = 30.0, env: dict | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run argv in this namespace to completion (bounded by timeout) and capture its output."""
         self.lab._check_open()
-        return subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, check=check,
-                              env=child_env(env), cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            self.argv(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            env=child_env(env),
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+        )
 
     def python(self, args: list[str], **kw) -> subprocess.CompletedProcess:
         """Run `sys.executable args...` in this namespace."""
@@ -304,8 +329,9 @@ class NetLab:
     NetlabUnavailable from __enter__ when the machine cannot host it.
     """
 
-    def __init__(self, spec: LinkSpec = LinkSpec(), workdir: str | os.PathLike | None = None,
-                 suffix: str | None = None):
+    def __init__(
+        self, spec: LinkSpec = LinkSpec(), workdir: str | os.PathLike | None = None, suffix: str | None = None
+    ):
         self.spec = spec
         self.suffix = suffix or f"{os.getpid():06x}{secrets.token_hex(2)}"
         if not re.fullmatch(r"[0-9a-f]{10}", self.suffix):
@@ -323,7 +349,7 @@ class NetLab:
     def namespaces(self) -> tuple[Namespace, Namespace]:
         return self.edge, self.cloud
 
-    def __enter__(self) -> "NetLab":
+    def __enter__(self) -> NetLab:
         check_available()
         sweep_stale()
         self._install_sigterm()
@@ -344,8 +370,21 @@ class NetLab:
                 raise NetlabUnavailable(f"`ip netns add {ns.name}` failed: {r.stderr.strip() or r.returncode}")
             self._created.append(ns.name)
         # Create the pair with each end already in its namespace: it never exists in the root namespace.
-        r = _ip("link", "add", self.edge.veth, "netns", self.edge.name, "type", "veth",
-                "peer", "name", self.cloud.veth, "netns", self.cloud.name, check=False)
+        r = _ip(
+            "link",
+            "add",
+            self.edge.veth,
+            "netns",
+            self.edge.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.cloud.veth,
+            "netns",
+            self.cloud.name,
+            check=False,
+        )
         if r.returncode != 0:
             raise NetlabUnavailable(f"cannot create the veth pair: {r.stderr.strip() or r.returncode}")
         self._open = True
@@ -362,19 +401,25 @@ class NetLab:
         tc = tool_path("tc") or "tc"
         for ns in self.namespaces:
             if rate is None:
-                subprocess.run([tc, "-n", ns.name, "qdisc", "del", "dev", ns.veth, "root"],
-                               capture_output=True, timeout=10)  # absent already: fine
+                subprocess.run(
+                    [tc, "-n", ns.name, "qdisc", "del", "dev", ns.veth, "root"], capture_output=True, timeout=10
+                )  # absent already: fine
                 continue
-            r = subprocess.run([tc, "-n", ns.name, "qdisc", "replace", "dev", ns.veth, "root", *spec.tbf_args()],
-                               capture_output=True, text=True, timeout=10)
+            r = subprocess.run(
+                [tc, "-n", ns.name, "qdisc", "replace", "dev", ns.veth, "root", *spec.tbf_args()],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             if r.returncode != 0:
                 raise NetlabUnavailable(f"tc tbf failed on {ns.veth}: {r.stderr.strip()}")
 
     def qdisc(self, ns: Namespace) -> str:
         """`tc qdisc show` of ns's veth end."""
         tc = tool_path("tc") or "tc"
-        return subprocess.run([tc, "-n", ns.name, "qdisc", "show", "dev", ns.veth], capture_output=True, text=True,
-                              timeout=10).stdout
+        return subprocess.run(
+            [tc, "-n", ns.name, "qdisc", "show", "dev", ns.veth], capture_output=True, text=True, timeout=10
+        ).stdout
 
     def _check_open(self) -> None:
         if not self._open:
@@ -416,7 +461,7 @@ def _sigterm_to_interrupt(signum, frame):
 def netlab_fixture(spec: LinkSpec = LinkSpec(), scope: str = "function", name: str | None = None):
     """A pytest fixture that yields an open NetLab, or skips the test with the reason it cannot run.
 
-        lab = netlab_fixture(LinkSpec(rate="8mbit"), scope="module")   # in a test module
+    lab = netlab_fixture(LinkSpec(rate="8mbit"), scope="module")   # in a test module
     """
     import pytest
 

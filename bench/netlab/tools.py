@@ -10,6 +10,7 @@ Servers log one JSON line per event; clients print one JSON result line. Every c
 by --timeout, and refuses targets other than loopback or an on-link test address (bench.relay's
 check_target), so a mistake cannot send traffic off the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import time
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bench.relay import check_target  # noqa: E402
+from kvwire.bench.relay import check_target  # noqa: E402
 
 CHUNK = 64 * 1024
 
@@ -129,12 +130,18 @@ def client(host: str, port: int, count: int, size: int, timeout: float, seed: in
                 rtts.append((time.monotonic() - t0) * 1000)
     except ConnectionResetError:
         error = "reset"
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         error = "timeout"
     except OSError as e:
         error = f"oserror: {e}"
-    return {"rtts_ms": [round(r, 3) for r in rtts], "sent": sent, "received": received,
-            "intact": first_diff is None and error is None, "first_diff": first_diff, "error": error}
+    return {
+        "rtts_ms": [round(r, 3) for r in rtts],
+        "sent": sent,
+        "received": received,
+        "intact": first_diff is None and error is None,
+        "first_diff": first_diff,
+        "error": error,
+    }
 
 
 def http(method: str, url: str, body: str | None, headers: list[str], timeout: float) -> dict:

@@ -1,4 +1,5 @@
 """Score-then-select: a selector scores each context position; the base keeps the top-k."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from kvcodec.errors import ConfigError
-from kvcodec.prompt import Prompt
+from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.prompt import Prompt
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class Selector:
         """Keep every template/question position and the top ceil(r x context) context positions."""
         scores = self.score(prompt, attention).float().cpu()
         if scores.shape != (prompt.context_len,):
-            raise RuntimeError(f"{self.name} returned scores of shape {tuple(scores.shape)}, want ({prompt.context_len},)")
+            raise RuntimeError(
+                f"{self.name} returned scores of shape {tuple(scores.shape)}, want ({prompt.context_len},)"
+            )
         k = context_budget(retention, prompt.context_len)
         # stable sort: ties go to the earlier position, so selection is deterministic
         ranked = torch.sort(scores, descending=True, stable=True).indices
@@ -85,7 +88,7 @@ def full_selection(prompt: Prompt) -> Selection:
 
 def check_retention_and_name(selector: str, retention: float) -> None:
     """ConfigError for an unknown selector or a retention outside (0, 1]."""
-    from kvcodec.selectors.registry import get_selector
+    from kvwire.kvcodec.selectors.registry import get_selector
 
     get_selector(selector)
     check_retention(retention)

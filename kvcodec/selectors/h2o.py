@@ -1,8 +1,9 @@
 """h2o: cumulative attention each context position receives from every prompt row."""
+
 import torch
 
-from kvcodec.prompt import Prompt
-from kvcodec.selectors.base import Selector
+from kvwire.kvcodec.prompt import Prompt
+from kvwire.kvcodec.selectors.base import Selector
 
 
 class H2OSelector(Selector):

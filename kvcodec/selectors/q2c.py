@@ -1,8 +1,9 @@
 """q2c: attention of the question rows to each context position."""
+
 import torch
 
-from kvcodec.prompt import Prompt
-from kvcodec.selectors.base import Selector
+from kvwire.kvcodec.prompt import Prompt
+from kvwire.kvcodec.selectors.base import Selector
 
 
 class Q2CSelector(Selector):

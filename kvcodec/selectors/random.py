@@ -1,8 +1,9 @@
 """random: uniformly random context positions (a seeded baseline)."""
+
 import torch
 
-from kvcodec.prompt import Prompt
-from kvcodec.selectors.base import Selector
+from kvwire.kvcodec.prompt import Prompt
+from kvwire.kvcodec.selectors.base import Selector
 
 
 class RandomSelector(Selector):

@@ -1,12 +1,13 @@
 """The selector registry: name -> Selector class."""
+
 from __future__ import annotations
 
-from kvcodec.errors import ConfigError
-from kvcodec.selectors.base import Selector
-from kvcodec.selectors.h2o import H2OSelector
-from kvcodec.selectors.q2c import Q2CSelector
-from kvcodec.selectors.random import RandomSelector
-from kvcodec.selectors.snapkv import SnapKVSelector
+from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.selectors.base import Selector
+from kvwire.kvcodec.selectors.h2o import H2OSelector
+from kvwire.kvcodec.selectors.q2c import Q2CSelector
+from kvwire.kvcodec.selectors.random import RandomSelector
+from kvwire.kvcodec.selectors.snapkv import SnapKVSelector
 
 _SELECTORS: dict[str, type[Selector]] = {}
 

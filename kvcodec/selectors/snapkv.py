@@ -1,9 +1,10 @@
 """snapkv: attention of an observation window of the last prompt rows, max-pooled over positions."""
+
 import torch
 import torch.nn.functional as F
 
-from kvcodec.prompt import Prompt
-from kvcodec.selectors.base import Selector
+from kvwire.kvcodec.prompt import Prompt
+from kvwire.kvcodec.selectors.base import Selector
 
 
 class SnapKVSelector(Selector):
