@@ -1,7 +1,7 @@
 """Service-level errors both daemons raise (the codec's own errors live in kvcodec.errors).
 
 Handlers raise these plain exceptions with a message a user can act on; each daemon maps them
-to a status code in exactly one place (edge_agent/interceptor.py, cloud_agent/errors.py).
+to a status code in exactly one place (agent_common/grpc_status.py for gRPC, cloud_agent/errors.py for HTTP).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from contextvars import ContextVar
 
 # The request being served on this thread/task; set by the HTTP middleware (cloud) or the Prefill
@@ -39,6 +40,13 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+def clean_request_id(value: str | None, fresh_prefix: str = "") -> str:
+    """The caller's request id if it is short and printable (it goes into every log line), else a fresh one."""
+    if value and len(value) <= 64 and all(c.isalnum() or c in "-_.:" for c in value):
+        return value
+    return fresh_prefix + uuid.uuid4().hex
 
 
 def setup_logging(service: str, level: str = "info") -> None:

@@ -2,7 +2,7 @@
 the daemons' pipeline at every setting, resumable per-answer records, and their aggregation.
 
 Every compressed answer takes the path a daemon request takes: Edge.stream (prompt -> prefill ->
-select -> encode -> frames) -> Cloud.receive (verify, decode) -> Cloud.answer_kv (cache, generate).
+select -> encode -> frames) -> Cloud.receive (verify, decode) -> Cloud.answer (cache, generate).
 The reference ("full") is Cloud.answer_text: the model's own prefill of the whole prompt, no codec.
 """
 
@@ -150,7 +150,7 @@ class Evaluator:
                 ex.context, ex.question, "kv", s.selector if s.selector != NONE else "q2c", s.retention, s.profile
             )
             frames = list(self.edge.stream(req, timings, memo))
-            ans = self.cloud.answer_kv(self.cloud.receive(frames, timings), self.max_new_tokens, timings)
+            ans = self.cloud.answer(self.cloud.receive(frames, timings), self.max_new_tokens, timings)
             self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0)
         self.prefills += memo.runs
 

@@ -6,14 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvwire.kvcodec.modes import get_mode, mode_names
+
 
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(min_length=1, description="the question about the context")
     context: str = Field(min_length=1, description="the passage the question is about")
-    mode: Literal["kv", "scout", "text"] = Field(
-        "kv", description="kv: quantized KV from the edge; scout: the edge's kept positions only; text: no edge"
+    mode: Literal[tuple(mode_names())] = Field(  # type: ignore[valid-type]  # the allowed values are the registry's
+        "kv", description="; ".join(f"{name}: {get_mode(name).description}" for name in mode_names())
     )
     selector: str = Field("q2c", description="q2c, snapkv, h2o or random")
     retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
@@ -59,7 +61,9 @@ class TimingsMs(BaseModel):
 class AnswerResponse(BaseModel):
     answer: str
     mode: str = Field(description="the mode that produced the answer: the requested one, or text after a fallback")
-    bytes_on_wire: int = Field(description="codec frame bytes received from the edge (0 in text mode)")
+    bytes_on_wire: int = Field(
+        description="codec frame bytes received from the edge; in text mode the UTF-8 bytes of context and question"
+    )
     wire_ratio: float = Field(description="bytes_on_wire / FP16 KV bytes of the full prompt on this model")
     kept_positions: int
     context_tokens: int

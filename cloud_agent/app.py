@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from kvwire.agent_common.errors import ServiceError, UnauthenticatedError
-from kvwire.agent_common.logs import log_event, request_id_var
+from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import CONTENT_TYPE, Metrics
 from kvwire.agent_common.security import bearer_matches
 from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse
@@ -24,13 +23,6 @@ log = logging.getLogger("kvwire.cloud_agent")
 # Probes and scrapers (kubelet, load balancers, Prometheus) carry no token; these pages say only whether
 # the daemon is up and how it performs. Every other path, /answer and the API docs included, needs the token.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-def request_id_from(header: str | None) -> str:
-    """The caller's X-Request-ID if it is short and printable, else a fresh one."""
-    if header and len(header) <= 64 and all(c.isalnum() or c in "-_.:" for c in header):
-        return header
-    return uuid.uuid4().hex
 
 
 def refusal(authorization: str | None, token: str | None) -> UnauthenticatedError | None:
@@ -76,7 +68,7 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
-        rid = request_id_from(request.headers.get("x-request-id"))
+        rid = clean_request_id(request.headers.get("x-request-id"))
         rid_token = request_id_var.set(rid)
         started = time.perf_counter()
         try:

@@ -52,7 +52,7 @@ def check_security(settings: CloudSettings) -> CloudSecurity:
 
 def edge_client(settings: CloudSettings, security: CloudSecurity):
     """The EdgeClient these settings describe: plaintext or TLS (mutual with a client certificate), with or without a token."""
-    from kvwire.edge_agent.client import EdgeClient
+    from kvwire.agent_common.edge_client import EdgeClient
 
     return EdgeClient(
         settings.edge,

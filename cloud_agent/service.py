@@ -9,6 +9,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from kvwire.agent_common.edge_client import EdgeClient
+from kvwire.agent_common.edge_messages import PrefillRequest
 from kvwire.agent_common.errors import (
     DeadlineExceededError,
     EdgeBusyError,
@@ -23,16 +25,13 @@ from kvwire.agent_common.metrics import Metrics
 from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse, TimingsMs
 from kvwire.cloud_agent.errors import classify, message_of
 from kvwire.cloud_agent.settings import CloudSettings
-from kvwire.edge_agent.client import EdgeClient
-from kvwire.edge_agent.messages import PrefillRequest
 from kvwire.kvcodec.errors import ConfigError, FrameError, PromptTooLongError
 from kvwire.kvcodec.models import LoadedModel
+from kvwire.kvcodec.modes import get_mode
 from kvwire.kvcodec.pipeline import Answer, Cloud, Timings
-from kvwire.kvcodec.profiles import profile_names
 from kvwire.kvcodec.prompt import build_prompt, model_window
-from kvwire.kvcodec.selectors import get_selector
-from kvwire.kvcodec.stream import DecodedKV, StreamDecoder
-from kvwire.kvcodec.wire import FRAME_TYPES
+from kvwire.kvcodec.receiver import NothingToAnswerError
+from kvwire.kvcodec.stream import DecodedKV
 
 log = logging.getLogger("kvwire.cloud_agent")
 EDGE_COMPUTE_STAGES = ("prefill", "select", "encode")
@@ -176,13 +175,9 @@ class AnswerService:
         return True, info
 
     def validate(self, req: AnswerRequest) -> int:
-        """ConfigError (422) / PromptTooLongError (413) before any work; returns the prompt length."""
-        get_selector(req.selector)  # names the allowed selectors when unknown
-        if req.profile is not None and req.profile not in profile_names():
-            raise ConfigError(
-                f"unknown profile {req.profile!r}; allowed: {', '.join(profile_names())} "
-                "(or leave it out to use the edge's configured --profile)"
-            )
+        """ConfigError (422) / PromptTooLongError (413) for what this cloud owns (its limits, its model's
+        window) before any work; returns the prompt length. Names the edge owns (selector, profile) go to
+        the edge, whose refusal comes back as a 422 with its message."""
         if req.max_new_tokens > self.settings.max_new_tokens:
             raise ConfigError(
                 f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}"
@@ -202,7 +197,7 @@ class AnswerService:
         prompt_len = self.validate(req)
         edge_ms: dict[str, float] = {}
         fallback_reason = None
-        if req.mode == "text":
+        if not get_mode(req.mode).streamed:
             ans = self._answer_text(req, timings)
         else:
             try:
@@ -214,9 +209,8 @@ class AnswerService:
                 timings = Timings()  # the failed stream's stages are not this answer's
                 ans = self._answer_text(req, timings)
             else:
-                answer_fn = self.cloud.answer_kv if req.mode == "kv" else self.cloud.answer_scout
                 with self._model_lock:
-                    ans = answer_fn(decoded, req.max_new_tokens, timings)
+                    ans = self.cloud.answer(decoded, req.max_new_tokens, timings)
                 self.metrics.wire_ratio.labels(req.mode).observe(ans.wire_ratio)
                 self.metrics.retention_achieved.labels(req.mode).observe(ans.retention_achieved)
                 if not ans.complete:
@@ -271,7 +265,7 @@ class AnswerService:
     def _observe_speed(self, ans: Answer, timings: Timings) -> None:
         """Feed this answer's own speed to the reserve estimate (docs/anytime.md)."""
         values = timings.values
-        positions = ans.kept_positions if ans.mode == "kv" else ans.prompt_len
+        positions = get_mode(ans.mode).setup_positions(ans.prompt_len, ans.kept_positions)
         self.reserve.observe(
             ans.mode,
             positions,
@@ -286,12 +280,13 @@ class AnswerService:
         """Stream the edge's frames into a decoder until the trailer or the cut (deadline - reserve);
         refuse an incompatible header before any KV is decoded. A cut stream yields the positions that
         arrived when the template and question positions did (DeadlineExceededError otherwise)."""
-        positions = prompt_len - 1 if req.mode == "kv" else prompt_len
+        positions = get_mode(req.mode).setup_positions(prompt_len, prompt_len - 1)
         reserve_s = self.reserve.cut_reserve(req.mode, positions, req.max_new_tokens)
+        deadline_ms = req.deadline_ms or self.settings.default_deadline_ms
         budget_s = deadline_at - reserve_s - time.monotonic()
         if budget_s <= 0:
             raise DeadlineExceededError(
-                f"deadline_ms={req.deadline_ms or self.settings.default_deadline_ms} leaves no time for the edge stream: "
+                f"deadline_ms={deadline_ms} leaves no time for the edge stream: "
                 f"this cloud keeps {reserve_s * 1000:.0f} ms before the deadline to inject and generate "
                 f"{req.max_new_tokens} tokens (docs/anytime.md); raise deadline_ms or lower max_new_tokens"
             )
@@ -305,72 +300,48 @@ class AnswerService:
             profile=req.profile or "",
             confirm=True,
         )  # the edge counts the stream ok once this cloud confirms it
-        decoder = self.cloud.decoder()
+        # the header is checked against this model as it arrives (GeometryMismatchError -> 409, closing the stream)
+        receiver = self.cloud.receiver(
+            expect_mode=req.mode,
+            on_frame=lambda kind, n: self.metrics.bytes.labels(req.mode, kind).inc(n),  # every byte read off the wire
+            on_reject=lambda reason: self.metrics.frames_rejected.labels(reason).inc(),
+        )
         edge_ms: dict[str, float] = {}
-        decode_s = 0.0
         started = time.perf_counter()
-        cut = False
         # the call's own deadline is the cut: gRPC stops the blocked read then and cancels the edge's stream
         stream = self.edge.prefill(request, timeout_s=budget_s)
         try:
             for msg in stream:
                 if msg.frame is None:
                     edge_ms = msg.timings_ms
-                    continue
-                t = time.perf_counter()
-                kind = "rejected"
-                try:
-                    kind = FRAME_TYPES[decoder.feed(msg.frame)]
-                    if kind == "header":
-                        if decoder.header.mode != req.mode:
-                            raise FrameError(
-                                "wrong_mode",
-                                f"asked for a {req.mode} stream, the edge sent a {decoder.header.mode} stream",
-                            )
-                        self.cloud.check_compatible(decoder.header)  # GeometryMismatchError -> 409; closes the stream
-                except FrameError as exc:
-                    self.metrics.frames_rejected.labels(exc.reason).inc()
-                    raise
-                finally:
-                    self.metrics.bytes.labels(req.mode, kind).inc(len(msg.frame))  # every byte read off the wire
-                    decode_s += time.perf_counter() - t
+                else:
+                    receiver.feed(msg.frame)
         except DeadlineExceededError:
-            cut = True
+            receiver.cut()
         finally:
             stream.close()  # cancels the edge's stream if we stopped early
         try:
-            decoded = self._partial(decoder, req, reserve_s) if cut else decoder.result()
-        except FrameError as exc:
-            self.metrics.frames_rejected.labels(exc.reason).inc()
-            raise
-        edge_compute = sum(edge_ms.get(stage, 0.0) for stage in EDGE_COMPUTE_STAGES) / 1000
-        timings.add("decode", decode_s)
-        timings.add("transfer", max(0.0, time.perf_counter() - started - decode_s - edge_compute))
-        return decoded, edge_ms
-
-    def _partial(self, decoder: StreamDecoder, req: AnswerRequest, reserve_s: float) -> DecodedKV:
-        """What a cut stream left usable: the verified positions, if the header and every template and
-        question position arrived; DeadlineExceededError otherwise."""
-        deadline_ms = req.deadline_ms or self.settings.default_deadline_ms
-        cut = f"the edge stream was cut {reserve_s * 1000:.0f} ms before the deadline of {deadline_ms} ms (time kept to answer)"
-        if decoder.header is None:
-            raise DeadlineExceededError(f"{cut}, before the edge sent its header: nothing to answer from")
-        decoded = decoder.partial()  # a stream that failed verification raised before this: never answered from
-        if decoded.missing_fixed:
+            decoded = receiver.result()
+        except NothingToAnswerError as exc:
             raise DeadlineExceededError(
-                f"{cut}, before {decoded.missing_fixed} template/question positions arrived: nothing to answer from"
+                f"the edge stream was cut {reserve_s * 1000:.0f} ms before the deadline of {deadline_ms} ms "
+                f"(time kept to answer), {exc}"
+            ) from None
+        if receiver.was_cut:
+            log_event(
+                log,
+                "stream_cut",
+                mode=req.mode,
+                reserve_ms=round(reserve_s * 1000),
+                frames=decoded.frames,
+                kept_positions=len(decoded.positions),
+                announced_positions=len(decoded.header.kept),
+                complete=decoded.complete,
             )
-        log_event(
-            log,
-            "stream_cut",
-            mode=req.mode,
-            reserve_ms=round(reserve_s * 1000),
-            frames=decoded.frames,
-            kept_positions=len(decoded.positions),
-            announced_positions=len(decoded.header.kept),
-            complete=decoded.complete,
-        )
-        return decoded
+        edge_compute = sum(edge_ms.get(stage, 0.0) for stage in EDGE_COMPUTE_STAGES) / 1000
+        timings.add("decode", receiver.decode_s)
+        timings.add("transfer", max(0.0, time.perf_counter() - started - receiver.decode_s - edge_compute))
+        return decoded, edge_ms
 
     def _response(
         self, ans: Answer, request_id: str, timings: Timings, edge_ms: dict, fallback_reason: str | None

@@ -4,45 +4,19 @@ the one place where errors become gRPC status codes."""
 from __future__ import annotations
 
 import logging
-import uuid
 
 import grpc
 
-from kvwire.agent_common.errors import OverloadedError, ShuttingDownError, UnauthenticatedError
-from kvwire.agent_common.logs import log_event, request_id_var
+from kvwire.agent_common.errors import UnauthenticatedError
+from kvwire.agent_common.grpc_status import status_of
+from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.security import bearer_matches
-from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
+from kvwire.kvcodec.modes import streamed_mode_names
 
 log = logging.getLogger("kvwire.edge_agent")
 
 SERVICE_PREFIX = "/kvwire.v1.EdgeService/"
-MODES = ("kv", "scout")
-
-# (error class, gRPC status, outcome label of kvwire_requests_total) — most specific first.
-# The cloud's edge client maps these codes back (edge_agent/client.py).
-STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
-    (PromptTooLongError, grpc.StatusCode.OUT_OF_RANGE, "too_long"),
-    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
-    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
-    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE, "shutting_down"),
-    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"),
-)
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
-    """(status code, outcome label, message) for an exception raised while serving a request."""
-    for cls, code, outcome in STATUS_TABLE:
-        if isinstance(exc, cls):
-            return code, outcome, str(exc)
-    return grpc.StatusCode.INTERNAL, "error", f"edge-agent internal error: {type(exc).__name__}: {exc}"
-
-
-def clean_request_id(value: str) -> str:
-    """The caller's request id if it is short and printable, else a fresh one."""
-    if value and len(value) <= 64 and all(c.isalnum() or c in "-_.:" for c in value):
-        return value
-    return "edge-" + uuid.uuid4().hex
 
 
 class RequestInterceptor(grpc.ServerInterceptor):
@@ -63,8 +37,8 @@ class RequestInterceptor(grpc.ServerInterceptor):
         metrics = self.metrics
 
         def wrapped(request, context):
-            mode = request.mode if request.mode in MODES else "invalid"  # bounded label values
-            request.request_id = clean_request_id(request.request_id)
+            mode = request.mode if request.mode in streamed_mode_names() else "invalid"  # bounded label values
+            request.request_id = clean_request_id(request.request_id, fresh_prefix="edge-")
             request_id_var.set(request.request_id)
             metrics.inflight.inc()
             outcome = "cancelled"  # unless the stream runs to its end or raises

@@ -13,12 +13,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvwire.agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from kvwire.agent_common.edge_client import KEEPALIVE_TIME_MS
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.security import read_token, server_credentials
 from kvwire.agent_common.serve import HttpServer
 from kvwire.agent_common.settings import grpc_address
-from kvwire.edge_agent.client import KEEPALIVE_TIME_MS
 from kvwire.edge_agent.interceptor import RequestInterceptor, TokenInterceptor
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc

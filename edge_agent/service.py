@@ -8,10 +8,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kvwire.agent_common.edge_messages import PrefillReply, PrefillRequest
 from kvwire.agent_common.errors import OverloadedError, ShuttingDownError
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
-from kvwire.edge_agent.messages import PrefillReply, PrefillRequest
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.models import LoadedModel

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import DynamicCache
 
-from kvwire.kvcodec.stream import DecodedKV
+if TYPE_CHECKING:
+    from kvwire.kvcodec.stream import DecodedKV
 
 
 def build_cache(decoded: DecodedKV, dtype: torch.dtype | None = None, device=None) -> tuple[DynamicCache, int]:

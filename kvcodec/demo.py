@@ -44,7 +44,7 @@ def run(args) -> int:
         for profile, selector, retention in SETTINGS:
             timings = Timings()
             frames = list(edge.stream(EdgeRequest(context, question, "kv", selector, retention, profile), timings))
-            answer = cloud.answer_kv(cloud.receive(frames, timings), args.max_new_tokens, timings)
+            answer = cloud.answer(cloud.receive(frames, timings), args.max_new_tokens, timings)
             same = answer.tokens == full.tokens
             row = {
                 "question": question,

@@ -7,23 +7,22 @@ cloud: frames -> verify/decode -> cache -> feed last prompt token -> greedy answ
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from kvwire.kvcodec.cache import build_cache
 from kvwire.kvcodec.errors import ConfigError, GeometryMismatchError
 from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fingerprint, tokenizer_fingerprint
 from kvwire.kvcodec.generate import Generation, eos_ids, greedy
 from kvwire.kvcodec.models import LoadedModel
+from kvwire.kvcodec.modes import get_mode, streamed_mode_names
 from kvwire.kvcodec.prefill import prefill
 from kvwire.kvcodec.profiles import get_profile
 from kvwire.kvcodec.prompt import Prompt, build_prompt, model_window
+from kvwire.kvcodec.receiver import StreamReceiver
 from kvwire.kvcodec.selectors import check_retention_and_name, get_selector
 from kvwire.kvcodec.stream import DEFAULT_CHUNK_BYTES, DecodedKV, StreamDecoder, StreamEncoder, StreamHeader
-
-MODES = ("kv", "scout", "text")
 
 
 def fp16_kv_bytes(geometry: dict, tokens: int) -> int:
@@ -102,10 +101,11 @@ class Edge:
 
     def validate(self, req: EdgeRequest) -> None:
         """Raise ConfigError for anything wrong with a request before any work is done."""
-        if req.mode not in ("kv", "scout"):
-            raise ConfigError(f"the edge streams modes kv and scout, not {req.mode!r}")
+        mode = get_mode(req.mode)
+        if not mode.streamed:
+            raise ConfigError(f"the edge streams modes {' and '.join(streamed_mode_names())}, not {req.mode!r}")
         check_retention_and_name(req.selector, req.retention)
-        if req.mode == "kv":
+        if mode.carries_kv:
             get_profile(req.profile).resolve(self.geometry["num_layers"], self.geometry["head_dim"])
 
     def prompt(self, req: EdgeRequest) -> Prompt:
@@ -149,14 +149,14 @@ class Edge:
             model=self.model_fp,
             tokenizer=self.tokenizer_fp,
             dtype=str(self.loaded.dtype).removeprefix("torch."),
-            profile=get_profile(req.profile) if req.mode == "kv" else None,
+            profile=get_profile(req.profile) if get_mode(req.mode).carries_kv else None,
             selector=req.selector,
             retention=req.retention,
         )
         enc = StreamEncoder(header, compress=req.compress, chunk_bytes=req.chunk_bytes)
         t = time.perf_counter()
         yield enc.header_frame()
-        if req.mode == "kv":
+        if get_mode(req.mode).carries_kv:
             for frame in enc.chunk_frames(pre.keys, pre.values, sel.order):
                 timings.add("encode", time.perf_counter() - t)
                 yield frame
@@ -187,7 +187,7 @@ class Answer:
 
 
 class Cloud:
-    """The cloud side: verifies and decodes streams, injects caches, generates."""
+    """The cloud side: receives and verifies streams, answers from them (each mode its own way), generates."""
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
@@ -195,102 +195,46 @@ class Cloud:
         self.tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
         self.stop = eos_ids(loaded.model, loaded.tokenizer)
 
-    def decoder(self) -> StreamDecoder:
-        """A decoder for one stream that refuses, before allocating anything, a stream this model cannot use."""
-        return StreamDecoder(
+    def receiver(self, expect_mode: str | None = None, on_frame=None, on_reject=None) -> StreamReceiver:
+        """A receiver for one stream that refuses, before allocating anything, a stream this model cannot use."""
+        decoder = StreamDecoder(
             dtype=self.loaded.dtype,
             device=self.loaded.device,
             max_prompt=model_window(self.loaded.model) or 1 << 20,
             on_header=self.check_compatible,
         )
+        return StreamReceiver(decoder, expect_mode, on_frame, on_reject)
 
-    def receive(self, frames: Iterable[bytes], timings: Timings | None = None) -> DecodedKV:
-        """Feed every frame to a fresh decoder; the stream must be complete and verified."""
-        dec = self.decoder()
-        t = time.perf_counter()
-        for frame in frames:
-            dec.feed(frame)
+    def receive(self, frames: Iterable[bytes], timings: Timings | None = None, stop=None) -> DecodedKV:
+        """Feed every frame to a fresh receiver; complete and verified, or cut where `stop(frames, bytes)`
+        says (see StreamReceiver.feed_all)."""
+        receiver = self.receiver().feed_all(frames, stop)
         if timings is not None:
-            timings.add("decode", time.perf_counter() - t)
-        return dec.result()
+            timings.add("decode", receiver.decode_s)
+        return receiver.result()
 
     def check_compatible(self, header: StreamHeader) -> None:
-        """GeometryMismatchError if this model cannot use the stream (tokenizer, and KV geometry in kv mode)."""
+        """GeometryMismatchError if this model cannot use the stream (tokenizer; KV geometry when it carries KV)."""
         problems = []
         if header.tokenizer != self.tokenizer_fp:
             problems.append("tokenizer differs (vocabulary, special tokens or chat template)")
-        if header.mode == "kv":
+        carries_kv = get_mode(header.mode).carries_kv
+        if carries_kv:
             problems += geometry_mismatch(self.geometry, header.geometry)
         if problems:
+            same_tokenizer = header.tokenizer == self.tokenizer_fp
             hint = (
                 " Use mode=scout with a model of the same family (same tokenizer)."
-                if header.mode == "kv" and len(problems) and header.tokenizer == self.tokenizer_fp
+                if carries_kv and same_tokenizer
                 else ""
             )
             raise GeometryMismatchError(
                 f"the {header.mode} stream does not fit this model: " + "; ".join(problems) + "." + hint
             )
 
-    def _finish(
-        self,
-        cache,
-        header: StreamHeader,
-        max_new_tokens: int,
-        decoded: DecodedKV | None,
-        mode: str,
-        timings: Timings | None,
-    ) -> Answer:
-        gen = greedy(self.loaded.model, cache, header.prompt_ids[-1], header.prompt_len - 1, max_new_tokens, self.stop)
-        if timings is not None:
-            timings.add("first_token", gen.first_token_s)
-            timings.add("generate", gen.total_s)
-        wire = decoded.wire_bytes if decoded is not None else 0
-        start, end = header.context_span
-        if decoded is None:
-            kept, context_kept = header.prompt_len - 1, end - start
-        else:
-            kept = len(decoded.positions)
-            context_kept = int(((decoded.positions >= start) & (decoded.positions < end)).sum())
-        return Answer(
-            text=self.loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(),
-            tokens=gen.tokens,
-            mode=mode,
-            prompt_len=header.prompt_len,
-            context_tokens=end - start,
-            kept_positions=kept,
-            bytes_on_wire=wire,
-            wire_ratio=wire / fp16_kv_bytes(self.geometry, header.prompt_len),
-            generation=gen,
-            complete=decoded.complete if decoded is not None else True,
-            context_kept=context_kept,
-        )
-
-    def answer_kv(self, decoded: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
-        """Generate from decoded KV (complete or partial)."""
-        self.check_compatible(decoded.header)
-        t = time.perf_counter()
-        cache, _ = build_cache(decoded, self.loaded.dtype, self.loaded.device)
-        if timings is not None:
-            timings.add("inject", time.perf_counter() - t)
-        return self._finish(cache, decoded.header, max_new_tokens, decoded, "kv", timings)
-
-    def answer_scout(self, decoded: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
-        """Prefill the scout's prompt with this model, keep the scout's positions, generate."""
-        self.check_compatible(decoded.header)
-        h = decoded.header
-        prompt = Prompt(ids=tuple(h.prompt_ids), context_start=h.context_span[0], context_end=h.context_span[1])
-        t = time.perf_counter()
-        pre = prefill(self.loaded.model, prompt)
-        if timings is not None:
-            timings.add("prefill", time.perf_counter() - t)
-        t = time.perf_counter()
-        keep = decoded.positions.to(self.loaded.device)
-        for layer in pre.cache.layers:
-            layer.keys = layer.keys.index_select(2, keep)
-            layer.values = layer.values.index_select(2, keep)
-        if timings is not None:
-            timings.add("inject", time.perf_counter() - t)
-        return self._finish(pre.cache, h, max_new_tokens, decoded, "scout", timings)
+    def answer(self, received: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
+        """Answer from a received stream (complete or cut), the way its mode does."""
+        return get_mode(received.header.mode).answer(self, received, max_new_tokens, timings)
 
     def answer_text(self, context: str, question: str, max_new_tokens: int, timings: Timings | None = None) -> Answer:
         """The baseline: prefill the plain text with this model."""
@@ -299,12 +243,53 @@ class Cloud:
         pre = prefill(self.loaded.model, prompt)
         if timings is not None:
             timings.add("prefill", time.perf_counter() - t)
-        header = StreamHeader(
-            mode="kv",
-            prompt_ids=list(prompt.ids),
-            context_span=(prompt.context_start, prompt.context_end),
-            kept=list(range(prompt.stream_len)),
-            geometry=self.geometry,
+        span = (prompt.context_start, prompt.context_end)
+        text = get_mode("text")
+        return self.generate(
+            pre.cache,
+            prompt.ids,
+            span,
+            max_new_tokens,
+            text.name,
+            timings,
+            wire_bytes=text.wire_bytes(context, question),
         )
-        ans = self._finish(pre.cache, header, max_new_tokens, None, "text", timings)
-        return ans
+
+    def generate(
+        self,
+        cache,
+        prompt_ids: Sequence[int],
+        context_span: tuple[int, int],
+        max_new_tokens: int,
+        mode: str,
+        timings: Timings | None = None,
+        received: DecodedKV | None = None,
+        wire_bytes: int = 0,
+    ) -> Answer:
+        """Feed the last prompt token on `cache` (all prompt positions but the last, or the received ones)
+        at its absolute position and decode greedily. received: the stream the cache came from (its
+        positions and bytes are the answer's); None: the cache holds the whole prompt."""
+        prompt_len = len(prompt_ids)
+        gen = greedy(self.loaded.model, cache, prompt_ids[-1], prompt_len - 1, max_new_tokens, self.stop)
+        if timings is not None:
+            timings.add("first_token", gen.first_token_s)
+            timings.add("generate", gen.total_s)
+        start, end = context_span
+        if received is None:
+            kept, context_kept, complete = prompt_len - 1, end - start, True
+        else:
+            kept, complete, wire_bytes = len(received.positions), received.complete, received.wire_bytes
+            context_kept = int(((received.positions >= start) & (received.positions < end)).sum())
+        return Answer(
+            text=self.loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(),
+            tokens=gen.tokens,
+            mode=mode,
+            prompt_len=prompt_len,
+            context_tokens=end - start,
+            kept_positions=kept,
+            bytes_on_wire=wire_bytes,
+            wire_ratio=wire_bytes / fp16_kv_bytes(self.geometry, prompt_len),
+            generation=gen,
+            complete=complete,
+            context_kept=context_kept,
+        )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvwire.kvcodec.errors import ConfigError, FrameError
+from kvwire.kvcodec.modes import get_mode, streamed_mode_names
 from kvwire.kvcodec.profiles import PrecisionProfile
 from kvwire.kvcodec.wire import (
     CHUNK,
@@ -33,7 +34,6 @@ from kvwire.kvcodec.wire import (
     read_json,
 )
 
-MODES = ("kv", "scout")
 MAX_PROMPT = 1 << 20  # a header may announce at most this many prompt tokens
 MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 1024
 DEFAULT_MAX_KV_BYTES = 16 << 30  # decoded KV a header may ask a receiver to hold (16 GiB)
@@ -110,8 +110,8 @@ def _decode_header(frame: Frame) -> StreamHeader:
     r = Reader(frame.body, "header")
     meta = read_json(r)
     mode = meta.get("mode")
-    if mode not in MODES:
-        raise FrameError("bad_header", f"mode {mode!r} is not one of {MODES}")
+    if mode not in streamed_mode_names():
+        raise FrameError("bad_header", f"mode {mode!r} is not a streamed mode ({', '.join(streamed_mode_names())})")
     geo = meta.get("geometry")
     if not isinstance(geo, dict):
         raise FrameError("bad_header", "geometry is missing")
@@ -137,7 +137,7 @@ def _decode_header(frame: Frame) -> StreamHeader:
     if sum(1 for p in kept if not span[0] <= p < span[1]) != outside:
         raise FrameError("bad_header", "kept positions drop template or question positions")
     profile = None
-    if mode == "kv":
+    if get_mode(mode).carries_kv:
         if not isinstance(meta.get("profile"), dict):
             raise FrameError("bad_header", "kv stream without a precision profile")
         try:
@@ -171,8 +171,8 @@ class StreamEncoder:
     """Frames for one stream. kv mode: `header()`, then `chunks()`, then `trailer()`; scout: header + trailer."""
 
     def __init__(self, header: StreamHeader, compress: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        if header.mode not in MODES:
-            raise ConfigError(f"unknown mode {header.mode!r}; known: {', '.join(MODES)}")
+        if not get_mode(header.mode).streamed:
+            raise ConfigError(f"mode {header.mode!r} is not streamed; streamed: {', '.join(streamed_mode_names())}")
         self.header, self.compress = header, compress
         self.chunk_bytes = min(chunk_bytes, MAX_BODY // 2)
         self.seq, self.total, self.digest = 0, 0, hashlib.sha256()
@@ -301,7 +301,7 @@ class StreamDecoder:
         elif frame.stream_id != self.header.stream_id:
             raise FrameError("wrong_stream", "frame belongs to another stream")
         elif frame.kind == CHUNK:
-            if self.header.mode != "kv":
+            if not get_mode(self.header.mode).carries_kv:
                 raise FrameError("out_of_order", "a scout stream carries no chunks")
             self._chunk(frame)
         elif frame.kind == TRAILER:
@@ -318,7 +318,7 @@ class StreamDecoder:
             raise FrameError(
                 "oversized", f"stream announces {header.prompt_len} prompt tokens; the limit is {self.max_prompt}"
             )
-        if header.mode == "kv":
+        if get_mode(header.mode).carries_kv:
             g = header.geometry
             need = (
                 2
@@ -342,7 +342,7 @@ class StreamDecoder:
         self.header = header
         self._slot = {p: i for i, p in enumerate(header.kept)}
         self._received = torch.zeros(len(header.kept), dtype=torch.bool)
-        if header.mode == "kv":
+        if get_mode(header.mode).carries_kv:
             g = header.geometry
             self._specs = header.profile.resolve(g["num_layers"], g["head_dim"])
             shape = (g["kv_heads"], len(header.kept), g["head_dim"])
@@ -401,14 +401,14 @@ class StreamDecoder:
             )
         if digest != self.digest.digest():
             raise FrameError("bad_trailer", "stream digest mismatch")
-        if self.header.mode == "kv" and not bool(self._received.all()):
+        if get_mode(self.header.mode).carries_kv and not bool(self._received.all()):
             missing = int((~self._received).sum())
             raise FrameError("incomplete", f"trailer arrived with {missing} kept positions never sent")
         self.finished = True
 
     def _decoded(self, complete: bool) -> DecodedKV:
         h = self.header
-        if h.mode != "kv":
+        if not get_mode(h.mode).carries_kv:
             return DecodedKV(h, torch.tensor(h.kept), [], [], complete, self.wire_bytes, self.seq)
         got = self._received.nonzero().flatten()
         if complete:

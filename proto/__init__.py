@@ -1,1 +1,1 @@
-"""gRPC stubs generated from kvwire.proto by `make proto`; only edge_agent/messages.py and the edge client import them."""
+"""gRPC stubs generated from kvwire.proto by `make proto`; only agent_common/edge_messages.py and the edge client import them."""

@@ -25,7 +25,7 @@ def roundtrip_tokens(loaded, profile, retention=1.0, selector="q2c", max_new=12,
     edge, cloud = Edge(loaded), Cloud(loaded)
     full = cloud.answer_text(context, question, max_new)
     frames = list(edge.stream(EdgeRequest(context, question, "kv", selector, retention, profile)))
-    answer = cloud.answer_kv(cloud.receive(frames), max_new)
+    answer = cloud.answer(cloud.receive(frames), max_new)
     return full, answer, frames
 
 
@@ -90,7 +90,7 @@ def test_scout_keeps_the_scouts_positions(tiny_loaded):
     frames = list(edge.stream(EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 0.5)))
     assert len(frames) == 2  # header + trailer: no KV travels
     decoded = cloud.receive(frames)
-    answer = cloud.answer_scout(decoded, 6)
+    answer = cloud.answer(decoded, 6)
     assert answer.kept_positions == len(decoded.header.kept) < decoded.header.prompt_len - 1
     assert answer.bytes_on_wire < 2000
 

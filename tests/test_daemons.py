@@ -111,7 +111,7 @@ def test_kv_fp16_full_retention_is_exactly_the_text_answer(daemons):
     assert text["answer"] and kv["answer"] == text["answer"]
     assert kv["kept_positions"] == kv["prompt_tokens"] - 1 == text["kept_positions"]
     assert 1.0 <= kv["wire_ratio"] < 1.05  # all positions at FP16 plus framing
-    assert text["bytes_on_wire"] == 0 and kv["bytes_on_wire"] > 0
+    assert text["bytes_on_wire"] == len(CONTEXT.encode()) + len(QUESTION.encode()) and kv["bytes_on_wire"] > 0
     t = kv["timings_ms"]
     assert t["edge_prefill"] > 0 and t["decode"] > 0 and t["generate"] > 0 and t["total"] >= t["generate"]
 

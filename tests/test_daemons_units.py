@@ -10,13 +10,13 @@ import grpc
 import pytest
 from fastapi.testclient import TestClient
 
+from kvwire.agent_common.edge_client import EdgeClient
+from kvwire.agent_common.edge_messages import PrefillReply, PrefillRequest
 from kvwire.agent_common.errors import EdgeBusyError, OverloadedError, ShuttingDownError
+from kvwire.agent_common.grpc_status import status_of
 from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.settings import build_parser, load_settings
 from kvwire.cloud_agent.settings import CloudSettings
-from kvwire.edge_agent.client import EdgeClient
-from kvwire.edge_agent.interceptor import status_of
-from kvwire.edge_agent.messages import PrefillReply, PrefillRequest
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
 from kvwire.proto import kvwire_pb2_grpc
@@ -307,8 +307,8 @@ class _FakeRpcError(Exception):
 def test_link_failures_below_the_codec_are_503_not_an_edge_error(code, details, expected):
     import grpc
 
+    from kvwire.agent_common.edge_client import EdgeClient
     from kvwire.cloud_agent.errors import classify
-    from kvwire.edge_agent.client import EdgeClient
 
     client = EdgeClient("127.0.0.1:9")  # never connects: the channel is lazy
     try:

@@ -3,12 +3,15 @@ both daemons as subprocesses, a real passage, kv, scout and text modes, a clean 
 
 from __future__ import annotations
 
+import json
 import os
+from importlib import resources
 from pathlib import Path
 
 from kvwire.cloud_agent.demo import print_report, run_demo
 
 REPO = str(Path(__file__).resolve().parents[1])
+DEMO = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
 
 
 def test_demo_answers_the_passage_in_every_mode_and_stops_cleanly(monkeypatch, capsys):
@@ -24,7 +27,7 @@ def test_demo_answers_the_passage_in_every_mode_and_stops_cleanly(monkeypatch, c
     assert kv["kept_positions"] == scout["kept_positions"] < prompt - 1  # half the context dropped
     assert 0.1 < kv["wire_ratio"] < 0.3  # mixed-int4 at 50% retention
     assert scout["wire_ratio"] < 0.001 and scout["bytes_on_wire"] < 8 * prompt  # ids and positions only
-    assert text["bytes_on_wire"] == 0
+    assert text["bytes_on_wire"] == len(DEMO["context"].encode()) + len(DEMO["questions"][0].encode())
     assert (
         kv["timings_ms"]["edge_prefill"] > 0 and kv["timings_ms"]["inject"] > 0 and scout["timings_ms"]["prefill"] > 0
     )

@@ -399,7 +399,7 @@ def test_edge_killed_mid_stream_with_fallback_text_answers_in_text_mode(hosts, c
     assert res["status"] == 200, res
     body = res["body"]
     assert body["fallback"] == "text" and body["fallback_reason"] and body["mode"] == "text", body
-    assert body["answer"] == clean["text"]["answer"] and body["bytes_on_wire"] == 0
+    assert body["answer"] == clean["text"]["answer"] and body["bytes_on_wire"] == clean["text"]["bytes_on_wire"] > 0
     assert after_kill < 8
     _restart_edge_and_recover(hosts, clean)
 

@@ -123,7 +123,9 @@ def test_asks_across_the_link_holds_it_up_and_tears_down_on_sigterm(tiny_model_d
     assert [r["request"]["mode"] for r in results] == ["kv", "text"]
     kv, txt = results
     assert kv["status"] == txt["status"] == 200, results
-    assert kv["body"]["bytes_on_wire"] > 0 and txt["body"]["bytes_on_wire"] == 0
+    assert kv["body"]["bytes_on_wire"] > 0 and txt["body"]["bytes_on_wire"] == len(
+        txt["request"]["context"].encode()
+    ) + len(txt["request"]["question"].encode())
     assert kv["body"]["complete"] is True and kv["body"]["kept_positions"] < kv["body"]["prompt_tokens"] - 1  # q2c 0.5
     assert sorted(p.name.split("-", 2)[-1] for p in (tmp_path / "logs").glob("*.log")) == [
         "cloud-agent.log",

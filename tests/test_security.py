@@ -441,7 +441,7 @@ def test_bad_security_settings_exit_2_with_one_clear_line(pki):
         expected = needle.format(**vars(pki))
         assert proc.returncode == 2, (module, values, err)
         assert expected in err and "Traceback" not in err, (module, values, err)
-        prog = module.replace("_", "-")
+        prog = module.removeprefix("kvwire.").replace("_", "-")
         assert f"{prog}: error:" in err
 
 
@@ -487,8 +487,8 @@ def test_refusals_map_to_401_502_and_unauthenticated():
     import grpc
 
     from kvwire.agent_common.errors import EdgeRefusedTokenError, UnauthenticatedError
+    from kvwire.agent_common.grpc_status import status_of
     from kvwire.cloud_agent.errors import classify
-    from kvwire.edge_agent.interceptor import status_of
 
     assert classify(UnauthenticatedError("x")) == (401, "unauthenticated")
     assert classify(EdgeRefusedTokenError("x")) == (502, "edge_unauthenticated")

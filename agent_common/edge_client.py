@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvwire.agent_common.edge_messages import PrefillReply, PrefillRequest
 from kvwire.agent_common.errors import (
     DeadlineExceededError,
     EdgeBusyError,
@@ -16,8 +17,7 @@ from kvwire.agent_common.errors import (
     EdgeRefusedTokenError,
     EdgeUnavailableError,
 )
-from kvwire.edge_agent.messages import PrefillReply, PrefillRequest
-from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
+from kvwire.agent_common.grpc_status import CLOUD_ERRORS
 from kvwire.kvcodec.wire import peek_stream_id
 from kvwire.proto import kvwire_pb2_grpc
 from kvwire.proto.kvwire_pb2 import Receipt
@@ -127,32 +127,32 @@ class EdgeClient:
             pass  # an edge without Confirm (UNIMPLEMENTED) or one gone: the stream's status reports the latter
 
     def _translate(self, exc: grpc.RpcError, timeout_s: float) -> Exception:
+        """The domain error for a failed call: the class from EdgeService's status table, the words for a user here."""
         code, details = exc.code(), exc.details() or ""
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return ConfigError(details)
-        if code == grpc.StatusCode.OUT_OF_RANGE:
-            return PromptTooLongError(details)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return EdgeBusyError(f"edge-agent at {self.address} is busy: {details}")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceededError(
-                f"the deadline of {timeout_s * 1000:.0f} ms passed before edge-agent at {self.address} finished"
-            )
-        if code == grpc.StatusCode.UNAUTHENTICATED:
+        cls = CLOUD_ERRORS.get(code)
+        if cls is EdgeBusyError:
+            return cls(f"edge-agent at {self.address} is busy: {details}")
+        if cls is EdgeRefusedTokenError:
             if not self.sends_token:
-                return EdgeRefusedTokenError(
+                return cls(
                     f"edge-agent at {self.address} requires a bearer token and this cloud-agent sends "
                     "none; set edge_token_file to a file holding the edge's auth_token_file token"
                 )
-            return EdgeRefusedTokenError(
+            return cls(
                 f"edge-agent at {self.address} refused this cloud-agent's token; check edge_token_file "
                 "here against auth_token_file on the edge"
             )
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.UNAVAILABLE:  # the edge draining, or no connection at all
             hint = self._connection_hint(details)
             return EdgeUnavailableError(
                 f"edge-agent at {self.address} is unreachable ({details}){'; ' + hint if hint else ''}; "
                 "kv and scout modes need it, mode=text does not"
+            )
+        if cls is not None:  # the edge's own words: a request error the caller fixes
+            return cls(details)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceededError(
+                f"the deadline of {timeout_s * 1000:.0f} ms passed before edge-agent at {self.address} finished"
             )
         if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(
             m in details for m in TRANSPORT_FAILURES
