@@ -344,3 +344,41 @@ def test_a_stream_that_ends_because_the_caller_left_is_counted_cancelled(active,
     list(handler.unary_stream(kvwire_pb2.PrefillRequest(mode="kv"), context))
     assert metrics.requests.labels("kv", outcome)._value.get() == 1
     assert metrics.inflight._value.get() == 0
+
+
+# --- one validation: the cloud forwards the names the edge owns -----------------------------------
+
+
+def test_a_profile_the_edge_was_configured_with_works_when_a_request_names_it(tiny_loaded, tiny_model_dir, tmp_path):
+    """The edge owns profiles: a diagnosed profile file it loaded is usable by name through the cloud,
+    and a name it does not know comes back as the edge's own ConfigError (422) listing what it allows."""
+    import asyncio
+
+    from kvwire.cloud_agent.api import AnswerRequest
+    from kvwire.cloud_agent.service import AnswerService
+    from kvwire.edge_agent.main import build_grpc_server
+    from kvwire.edge_agent.service import EdgeServicer
+
+    path = tmp_path / "diag.json"
+    path.write_text(json.dumps({"name": "tiny-diagnosed", "default": {"k": {"kind": "int8"}, "v": {"kind": "int8"}}}))
+    settings = EdgeSettings(profile=str(path))
+    metrics = Metrics("edge")
+    server, _ = build_grpc_server(EdgeServicer(tiny_loaded, settings, metrics), metrics, settings)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = EdgeClient(f"127.0.0.1:{port}")
+    service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir), client, Metrics("cloud"))
+    try:
+
+        def ask(profile):
+            req = AnswerRequest(question="Who?", context=CONTEXT, mode="kv", profile=profile, max_new_tokens=2)
+            return asyncio.run(service.answer(req, "unit"))
+
+        named, default = ask("tiny-diagnosed"), ask(None)
+        assert named.answer == default.answer and named.bytes_on_wire == default.bytes_on_wire > 0
+        with pytest.raises(ConfigError, match="unknown profile 'nope'; allowed: .*tiny-diagnosed"):
+            ask("nope")
+    finally:
+        service.close()
+        client.close()
+        server.stop(None)
