@@ -109,8 +109,8 @@ def relay_options(args) -> dict:
 
 
 def build_requests(args, modes: list[str]) -> list[dict]:
-    """The demo question (kvcodec/data/demo.json) in each mode, as cloud_agent.demo asks it."""
-    from kvwire.cloud_agent.demo import demo_requests
+    """The demo question (kvcodec/data/demo.json) in each mode, as bench/loopback_demo.py asks it."""
+    from kvwire.bench.loopback_demo import demo_requests
 
     data = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
     if not 0 <= args.question < len(data["questions"]):
