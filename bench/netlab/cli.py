@@ -131,7 +131,7 @@ def summary_line(request: dict, res: dict) -> str:
         f"{body['bytes_on_wire']:,} bytes on the wire",
         f"kept {body['kept_positions']}/{body['prompt_tokens'] - 1} positions",
     ]
-    if not body.get("complete", True):
+    if not body["complete"]:
         notes.append(f"stream cut at the deadline, retention achieved {body['retention_achieved']:.2f}")
     if body.get("fallback"):
         notes.append(f"fell back to text ({body['fallback_reason']})")
