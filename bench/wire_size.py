@@ -175,15 +175,11 @@ def _real_text(tokenizer, context_tokens: int) -> tuple[str, str, str]:
     Distinct passages matter: a repeated passage repeats layer 0's values exactly (V of layer 0
     depends on the token alone), which zstd would find and so overstate compressibility.
     """
+    from kvwire.bench.data import SQUAD_SAMPLE, load_examples
+
     examples = []
     try:
-        from kvwire.bench.data import SQUAD_SAMPLE, load_examples
-
         examples = load_examples(SQUAD_SAMPLE)
-    except ModuleNotFoundError as exc:
-        if exc.name != "kvwire.bench.data":  # a real missing dependency inside it: do not hide it
-            raise
-        print("wire-size: bench/data.py is missing; using the demo passage, repeated", file=sys.stderr)
     except ConfigError as exc:
         print(
             f"wire-size: SQuAD sample passages unavailable ({exc}); using the demo passage, repeated", file=sys.stderr
