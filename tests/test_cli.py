@@ -89,4 +89,5 @@ def test_every_table_entry_resolves_to_functions():
     from kvwire.bench.main import _load
 
     for command in COMMANDS.values():
+        assert command.arguments.startswith("kvwire.bench.") and command.run.startswith("kvwire.bench.")  # tools
         assert callable(_load(command.arguments)) and callable(_load(command.run))
