@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 # Both daemons on loopback with the embedded model, one question in kv, scout and text mode, then a clean stop.
 run: setup
-	$(PY) -m kvwire.cloud_agent.demo
+	$(PY) -m kvwire.bench.loopback_demo
 
 demo: setup
 	$(VENV)/bin/kvwire demo

@@ -1,6 +1,6 @@
 """Start a daemon as a child process and learn its ports from its `listening` log line.
 
-Used by the end-to-end tests and by `python -m kvwire.cloud_agent.demo` (`make run`); operators use
+Used by the end-to-end tests and by `python -m kvwire.bench.loopback_demo` (`make run`); operators use
 systemd instead (deploy/).
 """
 

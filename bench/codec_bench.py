@@ -14,7 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from kvwire.bench.wire_size import get_geometry, make_header, synthetic_kv, synthetic_prompt
+from kvwire.bench.geometries import get_geometry
+from kvwire.bench.wire_size import make_header, synthetic_kv, synthetic_prompt
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.models import DTYPES
 from kvwire.kvcodec.pipeline import fp16_kv_bytes

@@ -11,6 +11,8 @@ the verdict says which pattern this model shows, and the profile follows it:
   none          INT4 everywhere costs less than the tolerance: default INT4, no overrides
   concentrated  the sensitive layers at FP16, INT4 elsewhere
   distributed   no small set of layers explains the damage: INT8 everywhere (lossless in the research)
+
+The options are defined in bench/eval_args.py (light, for `kvwire diagnose --help`).
 """
 
 from __future__ import annotations
@@ -19,33 +21,10 @@ import json
 import time
 from pathlib import Path
 
-from kvwire.bench.eval import add_model_arguments, check_resume, load_questions, set_threads
+from kvwire.bench.eval import check_resume, load_questions, set_threads
 from kvwire.bench.evaluator import FULL, NONE, Evaluator, RecordStore, Setting, summarize
 from kvwire.kvcodec.profiles import PrecisionProfile
 from kvwire.kvcodec.quant import Quantizer
-
-
-def add_arguments(p) -> None:
-    add_model_arguments(p)
-    p.add_argument("--limit", type=int, default=30, help="questions to use (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle (default 0)")
-    p.add_argument("--no-shuffle", action="store_true", help="take questions in file order")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24)")
-    p.add_argument("--low", default="int4", help="the low precision under test (default int4; int3 also works)")
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.05,
-        help="agreement-F1 loss that counts as damage (default 0.05: two answers in 40 changing completely)",
-    )
-    p.add_argument(
-        "--max-protected",
-        type=int,
-        default=3,
-        help="at most this many layers kept at FP16 before the damage counts as distributed (default 3)",
-    )
-    p.add_argument("--name", default="", help="name of the written profile (default: <model>-diagnosed)")
-    p.add_argument("--out", required=True, help="output folder: profile.json, diagnose.json, diagnose.md (resumable)")
 
 
 def layer_profiles(num_layers: int, low: str) -> tuple[list[PrecisionProfile], list[PrecisionProfile]]:

@@ -212,8 +212,8 @@ def measure(res: dict) -> dict:
         "kept_positions": body["kept_positions"],
         "answer": body["answer"],
         "timings_ms": t,
-        "complete": body.get("complete", True),
-    }  # false: a deadline cut the stream (newer cloud-agents say so)
+        "complete": body["complete"],  # false: a deadline cut the stream
+    }
 
 
 def _ask(lab, cloud, cfg: LinkConfig, request: dict) -> dict:
@@ -340,7 +340,7 @@ def format_rows(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['bandwidth']} | {r['tokens']} | {r['mode']} | error: {r['error'][:80]} | | | | | |")
             continue
-        mode = r["mode"] if r.get("complete", True) else f"{r['mode']} (stream cut)"
+        mode = r["mode"] if r["complete"] else f"{r['mode']} (stream cut)"
         lines.append(
             f"| {r['bandwidth']} | {r['tokens']} | {mode} | {r['bytes'] / 1e6:.3f} | {r['ttft_s']:.2f} | "
             f"{r['total_s']:.2f} | {_f(r['ttft_vs_text'], '.2f')} | {_f(r['total_vs_text'], '.2f')} | "

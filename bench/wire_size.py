@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
+from kvwire.bench.geometries import Geometry, get_geometry
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.pipeline import fp16_kv_bytes
 from kvwire.kvcodec.profiles import get_profile, profile_names
@@ -35,48 +35,12 @@ TEMPLATE_TOKENS, QUESTION_TOKENS = 40, 30
 ZSTD_PAYS_SAVING = 0.05
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """The KV-relevant shape of a model (what kvcodec.fingerprint.kv_geometry reports) + vocab size."""
-
-    name: str
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    vocab: int  # prompt ids are drawn below this, so header varints have realistic widths
-    rope_theta: float
-
-    def as_header(self) -> dict:
-        return {
-            "num_layers": self.num_layers,
-            "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "rope": {"rope_theta": self.rope_theta, "rope_type": "default"},
-        }
-
-
-GEOMETRIES: dict[str, Geometry] = {
-    g.name: g
-    for g in (
-        Geometry("smollm2-135m", 30, 3, 64, 49152, 100000.0),
-        Geometry("qwen2.5-3b", 36, 2, 128, 151936, 1000000.0),
-        Geometry("qwen2.5-7b", 28, 4, 128, 152064, 1000000.0),
-    )
-}
-
 # (geometry, profile, retention, the ratio it must not exceed), from the issue's targets.
 TARGETS = (
     ("qwen2.5-7b", "int8", 1.0, 0.51),
     ("qwen2.5-7b", "mixed-int4", 1.0, 0.29),
     ("qwen2.5-7b", "mixed-int4", 0.5, 0.15),
 )
-
-
-def get_geometry(name: str) -> Geometry:
-    try:
-        return GEOMETRIES[name]
-    except KeyError:
-        raise ConfigError(f"unknown geometry {name!r}; known: {', '.join(GEOMETRIES)}") from None
 
 
 def synthetic_prompt(geo: Geometry, tokens: int, seed: int = 0) -> Prompt:
@@ -211,15 +175,11 @@ def _real_text(tokenizer, context_tokens: int) -> tuple[str, str, str]:
     Distinct passages matter: a repeated passage repeats layer 0's values exactly (V of layer 0
     depends on the token alone), which zstd would find and so overstate compressibility.
     """
+    from kvwire.bench.data import SQUAD_SAMPLE, load_examples
+
     examples = []
     try:
-        from kvwire.bench.data import SQUAD_SAMPLE, load_examples
-
         examples = load_examples(SQUAD_SAMPLE)
-    except ModuleNotFoundError as exc:
-        if exc.name != "kvwire.bench.data":  # a real missing dependency inside it: do not hide it
-            raise
-        print("wire-size: bench/data.py is missing; using the demo passage, repeated", file=sys.stderr)
     except ConfigError as exc:
         print(
             f"wire-size: SQuAD sample passages unavailable ({exc}); using the demo passage, repeated", file=sys.stderr

@@ -8,8 +8,7 @@ import math
 
 import pytest
 
-from kvwire.bench import cli as bench_cli
-from kvwire.kvcodec.cli import main
+from kvwire.bench.main import main
 from kvwire.kvcodec.profiles import profile_names
 
 ROW_KEYS = {"profile", "retention", "entropy", "bytes", "fp16_bytes", "ratio"}
@@ -155,9 +154,3 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "--tokens must be at least 71" in capsys.readouterr().err
     assert main(["bench", "wire-size", "--tokens", "128", "--entropy-tokens", "0", "--profile", "int5"]) == 2
     assert "unknown profile 'int5'" in capsys.readouterr().err
-
-
-def test_kernels_bench_missing_is_explained(capsys, monkeypatch):
-    monkeypatch.setattr(bench_cli, "KERNELS_MODULE", "kvwire.bench.no_such_kernels_bench")
-    assert main(["bench", "kernels"]) == 2
-    assert "bench/no_such_kernels_bench.py is not in this checkout" in capsys.readouterr().err

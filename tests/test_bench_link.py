@@ -8,9 +8,9 @@ import json
 import pytest
 
 from kvwire.bench import link
+from kvwire.bench.main import main
 from kvwire.bench.netlab import NetlabUnavailable
 from kvwire.bench.netlab.namespaces import check_available
-from kvwire.kvcodec.cli import main
 from kvwire.kvcodec.errors import ConfigError
 
 

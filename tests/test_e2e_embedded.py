@@ -1,4 +1,4 @@
-"""End to end on the embedded SmolLM2-135M-Instruct: `make run` (cloud_agent.demo) for real —
+"""End to end on the embedded SmolLM2-135M-Instruct: `make run` (bench/loopback_demo.py) for real —
 both daemons as subprocesses, a real passage, kv, scout and text modes, a clean stop."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from kvwire.cloud_agent.demo import print_report, run_demo
+from kvwire.bench.loopback_demo import print_report, run_demo
 
 REPO = str(Path(__file__).resolve().parents[1])
 DEMO = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())

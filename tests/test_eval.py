@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvwire.kvcodec.cli import main
+from kvwire.bench.main import main
 
 # Short passages in the tiny tokenizer's vocabulary (SQuAD text runs to ~1000 of its tokens per paragraph).
 PASSAGES = [

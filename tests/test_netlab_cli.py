@@ -14,10 +14,10 @@ from argparse import Namespace
 
 import pytest
 
+from kvwire.bench.main import main
 from kvwire.bench.netlab import NetlabUnavailable
 from kvwire.bench.netlab.cli import relay_options
 from kvwire.bench.netlab.namespaces import REPO_ROOT, check_available, list_namespaces
-from kvwire.kvcodec.cli import main
 
 
 def _args(**kw) -> Namespace:
@@ -75,7 +75,7 @@ def test_asks_across_the_link_holds_it_up_and_tears_down_on_sigterm(tiny_model_d
     argv = [
         sys.executable,
         "-m",
-        "kvwire.kvcodec.cli",
+        "kvwire.bench.main",
         "netlab",
         "--model",
         tiny_model_dir,

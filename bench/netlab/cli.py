@@ -109,8 +109,8 @@ def relay_options(args) -> dict:
 
 
 def build_requests(args, modes: list[str]) -> list[dict]:
-    """The demo question (kvcodec/data/demo.json) in each mode, as cloud_agent.demo asks it."""
-    from kvwire.cloud_agent.demo import demo_requests
+    """The demo question (kvcodec/data/demo.json) in each mode, as bench/loopback_demo.py asks it."""
+    from kvwire.bench.loopback_demo import demo_requests
 
     data = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
     if not 0 <= args.question < len(data["questions"]):
@@ -131,7 +131,7 @@ def summary_line(request: dict, res: dict) -> str:
         f"{body['bytes_on_wire']:,} bytes on the wire",
         f"kept {body['kept_positions']}/{body['prompt_tokens'] - 1} positions",
     ]
-    if not body.get("complete", True):
+    if not body["complete"]:
         notes.append(f"stream cut at the deadline, retention achieved {body['retention_achieved']:.2f}")
     if body.get("fallback"):
         notes.append(f"fell back to text ({body['fallback_reason']})")

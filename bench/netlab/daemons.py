@@ -1,14 +1,14 @@
 """The real daemons on a lab's link: edge-agent in the edge namespace, cloud-agent in the cloud namespace.
 
     with NetLab(LinkSpec(rate="100mbit")) as lab:
-        edge = start_edge(lab, model_dir)                     # gRPC 10.77.0.1:50051, HTTP on a free port
-        relay = start_relay(lab, edge.grpc_target, delay_ms=20)   # optional, in the cloud namespace
-        cloud = start_cloud(lab, model_dir, relay.target)     # or edge.grpc_target for the bare link
+        relay = start_relay(lab, edge_grpc_target(lab), delay_ms=20)  # optional, in the cloud namespace
+        procs = [launch_edge(lab, model_dir),                 # gRPC 10.77.0.1:50051, HTTP on a free port
+                 launch_cloud(lab, model_dir, relay.target)]  # or edge_grpc_target(lab) for the bare link
+        edge, cloud = [ready(p) for p in procs]               # both launched first: model loads overlap
         res = answer(lab, cloud, {"question": ..., "context": ..., "mode": "kv"})
 
-launch_edge/launch_cloud + ready() start several daemons at once (model loads overlap). Ports are
-read from each daemon's `listening` JSON log line; only the edge's gRPC port is fixed by default,
-so that a cloud-agent can be pointed at it before the edge is up. The cloud-agent's HTTP port binds
+Ports are read from each daemon's `listening` JSON log line; only the edge's gRPC port is fixed by
+default, so that a cloud-agent can be pointed at it before the edge is up. The cloud-agent's HTTP port binds
 to loopback inside the cloud namespace, so requests to it are sent from there (`answer`, `http`);
 the test process itself never talks to 10.77.0.x.
 """
@@ -122,16 +122,6 @@ def ready(proc: Proc, timeout: float = STARTUP_S) -> Daemon:
 
 def edge_grpc_target(lab: NetLab, grpc_port: int = EDGE_GRPC_PORT) -> str:
     return f"{lab.edge.addr}:{grpc_port}"
-
-
-def start_edge(lab: NetLab, model: str, timeout: float = STARTUP_S, **opts) -> Daemon:
-    """launch_edge, then wait until it listens."""
-    return ready(launch_edge(lab, model, **opts), timeout)
-
-
-def start_cloud(lab: NetLab, model: str, edge_target: str, timeout: float = STARTUP_S, **opts) -> Daemon:
-    """launch_cloud, then wait until it listens."""
-    return ready(launch_cloud(lab, model, edge_target, **opts), timeout)
 
 
 def start_relay(lab: NetLab, target: str, timeout: float = 20.0, **opts) -> RelayProc:

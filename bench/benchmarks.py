@@ -1,16 +1,17 @@
 """`kvwire bench`: the benchmark subcommands (wire-size, codec, kernels, link). They print figures; they never pass or fail.
 
 Each benchmark is one entry of BENCHES: its help line, its arguments, and a runner that imports
-the benchmark module only when that benchmark runs, so `kvwire --help` stays cheap.
+the benchmark module only when that benchmark runs, so `kvwire bench --help` loads no torch.
 With --json, stdout carries only the JSON (a list of row objects); notes go to stderr.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from collections.abc import Callable
+
+from kvwire.bench.geometries import GEOMETRIES
 
 
 def _emit(rows: list[dict], as_json: bool, table: str) -> None:
@@ -25,8 +26,6 @@ def _note(text: str, as_json: bool) -> None:
 
 
 def _wire_size_args(p) -> None:
-    from kvwire.bench.wire_size import GEOMETRIES
-
     p.add_argument(
         "--geometry",
         default="qwen2.5-7b",
@@ -75,8 +74,6 @@ def _wire_size_run(args) -> int:
 
 
 def _codec_args(p) -> None:
-    from kvwire.bench.wire_size import GEOMETRIES
-
     p.add_argument(
         "--geometry", default="qwen2.5-7b", choices=list(GEOMETRIES), help="heads and head_dim (default qwen2.5-7b)"
     )
@@ -131,30 +128,15 @@ def _codec_run(args) -> int:
 
 # ---- kernels --------------------------------------------------------------------------------
 
-KERNELS_MODULE = "kvwire.bench.kernels_bench"
-
 
 def _kernels_args(p) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def _kernels_run(args) -> int:
-    try:
-        module = importlib.import_module(KERNELS_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != KERNELS_MODULE:  # a real missing dependency inside the module: do not hide it
-            raise
-        print(
-            f"kvwire bench kernels: {KERNELS_MODULE.replace('.', '/')}.py is not in this checkout, so there is no "
-            f"kernel benchmark to run yet; wire-size and codec work without it",
-            file=sys.stderr,
-        )
-        return 2
-    run = getattr(module, "run", None)
-    if not callable(run):
-        print(f"kvwire bench kernels: {KERNELS_MODULE} defines no run(json_out)", file=sys.stderr)
-        return 2
-    run(args.json)
+    from kvwire.bench import kernels_bench
+
+    kernels_bench.run(args.json)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`python -m kvwire.cloud_agent.demo` (`make run`): both daemons on loopback, one question in kv, scout and text mode.
+"""`python -m kvwire.bench.loopback_demo` (`make run`): both daemons on loopback, one question in kv, scout and text mode.
 
 Starts edge-agent and cloud-agent as child processes on free ports with the same model (the
 embedded SmolLM2-135M-Instruct unless --model), asks a question about a real passage
@@ -110,7 +110,7 @@ def print_report(question: str, results: list[dict], log=print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kvwire.cloud_agent.demo",
+        prog="python -m kvwire.bench.loopback_demo",
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,13 +1,13 @@
-"""`kvwire demo`: the codec on the embedded model, at a few settings, against the full-cache answer."""
+"""`kvwire demo`: the codec on the embedded model, at a few settings, against the full-cache answer.
+
+The model and the pipeline are imported in run(), so `kvwire demo --help` loads no torch.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from importlib import resources
-
-from kvwire.kvcodec.models import load_model
-from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings
 
 SETTINGS = [  # (profile, selector, retention)
     ("fp16", "q2c", 1.0),
@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from kvwire.kvcodec.models import load_model
+    from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings
+
     data = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
     started = time.perf_counter()
     loaded = load_model(args.model)
