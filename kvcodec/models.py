@@ -113,9 +113,12 @@ def load_model(name: str | None = None, dtype: str = "fp32", device: str = "cpu"
     """Load a causal LM and its tokenizer from the embedded model, a local folder, or a hub id.
 
     dtype is one of fp32/fp16/bf16; device is any torch device string ("cpu", "cuda", "cuda:1").
-    The model is put in eval mode and uses sdpa attention (the q2c selector does not need eager).
+    The model is put in eval mode and runs sdpa attention with the attention capture installed
+    (kvcodec/prefill.py: plain sdpa unless a prefill captures; selectors never need eager attention).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvwire.kvcodec.prefill import install_capture
 
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -128,4 +131,5 @@ def load_model(name: str | None = None, dtype: str = "fp32", device: str = "cpu"
     except OSError as exc:  # neither a local folder nor a hub id we can reach (offline, typo, private)
         raise ConfigError(f"cannot load model {source!r} as a local folder or hub id: {exc}") from exc
     model.to(device).eval()
+    install_capture(model)  # once, before any thread prefills: nothing is switched per request
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

@@ -6,6 +6,7 @@ import torch
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, tokenizer_fingerprint
 from kvwire.kvcodec.models import embedded_model_dir, load_model
+from kvwire.kvcodec.prefill import CAPTURE_ATTENTION
 
 
 @pytest.mark.parametrize(
@@ -14,7 +15,8 @@ from kvwire.kvcodec.models import embedded_model_dir, load_model
 def test_local_folder_in_each_dtype(tiny_model_dir, dtype, torch_dtype):
     loaded = load_model(tiny_model_dir, dtype=dtype)
     assert loaded.dtype == torch_dtype and loaded.device.type == "cpu"
-    assert loaded.model.config._attn_implementation == "sdpa"
+    # sdpa with kvwire's attention capture installed once at load (kvcodec/prefill.py), never eager
+    assert loaded.model.config._attn_implementation == CAPTURE_ATTENTION
 
 
 def test_missing_folder_and_unreachable_hub_id(monkeypatch):

@@ -1,10 +1,13 @@
-"""Selection keeps what it must and the right count; q2c equals eager attention; prompt spans are exact."""
+"""Selection keeps what it must and the right count; q2c equals eager attention; attention capture is
+per call (threads); prompt spans are exact."""
 
 import math
+import threading
 
 import pytest
 import torch
 
+from kvwire import kernels
 from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
 from kvwire.kvcodec.models import load_model
 from kvwire.kvcodec.prefill import prefill
@@ -61,7 +64,60 @@ def test_capture_does_not_change_the_cache(tiny_loaded):
     captured = prefill(tiny_loaded.model, prompt, get_selector("q2c").query_rows(prompt))
     for a, b in zip(plain.keys + plain.values, captured.keys + captured.values):
         assert torch.equal(a, b)
-    assert tiny_loaded.model.config._attn_implementation == "sdpa"
+    # the installed capture function is plain sdpa when nothing is captured: a model loaded with sdpa
+    # and never touched by kvwire gives the same cache and logits, bit for bit
+    untouched = (
+        type(tiny_loaded.model)
+        .from_pretrained(tiny_loaded.model.name_or_path, attn_implementation="sdpa", dtype=torch.float32)
+        .eval()
+    )
+    assert untouched.config._attn_implementation == "sdpa"
+    with torch.inference_mode():
+        ids = prompt.tensor()
+        ref, got = untouched(input_ids=ids, use_cache=True), tiny_loaded.model(input_ids=ids, use_cache=True)
+    assert torch.equal(ref.logits, got.logits)
+    for a, b in zip(ref.cache.layers, got.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_two_threads_prefilling_one_model_capture_only_their_own_rows(tiny_loaded, monkeypatch):
+    """Capture state is per call: two prefills on one model with different rows, forced to interleave
+    layer by layer, each get exactly the attention and KV they get alone."""
+    model = tiny_loaded.model
+    prompt = build_prompt(tiny_loaded.tokenizer, CONTEXT, QUESTION)
+    rows = {"q2c": get_selector("q2c").query_rows(prompt), "h2o": get_selector("h2o").query_rows(prompt)}
+    alone = {name: prefill(model, prompt, r) for name, r in rows.items()}
+    assert alone["q2c"].attention.shape == alone["h2o"].attention.shape
+    assert not torch.allclose(alone["q2c"].attention, alone["h2o"].attention)  # the rows matter: the test can fail
+
+    # every layer's capture waits for the other thread's: both forward passes are in flight at once
+    barrier, real = threading.Barrier(2, timeout=60), kernels.q2c_scores
+
+    def lockstep(*args, **kwargs):
+        barrier.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "q2c_scores", lockstep)
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            results[name] = prefill(model, prompt, rows[name])
+        except BaseException as exc:  # noqa: B902 - reported by the main thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in rows]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for name in rows:
+        assert torch.equal(results[name].attention, alone[name].attention), name
+        assert torch.equal(results[name].rows, alone[name].rows)
+        for a, b in zip(results[name].keys + results[name].values, alone[name].keys + alone[name].values):
+            assert torch.equal(a, b)
 
 
 def _decode_spans(tok, prompt):
