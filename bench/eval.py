@@ -16,6 +16,7 @@ from kvwire.bench.data import SQUAD_DEV, load_examples, needle_set, pick
 from kvwire.bench.eval_report import markdown_table, pareto_plot
 from kvwire.bench.evaluator import TEXT, Evaluator, RecordStore, Setting, baselines, make_setting, summarize
 from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.selectors import selector_names
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=100, help="questions to use (default 100; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle and the needle filler (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="take questions in file order instead of a seeded shuffle")
-    p.add_argument("--selectors", default="q2c,snapkv,h2o,random", help="comma list (default q2c,snapkv,h2o,random)")
+    every = ",".join(selector_names())
+    p.add_argument("--selectors", default=every, help=f"comma list of {every} (default: all)")
     p.add_argument(
         "--retentions", default="0.25,0.5,1.0", help="comma list in (0, 1]; 1.0 = no selection (default 0.25,0.5,1.0)"
     )

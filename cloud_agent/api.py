@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
+
 
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -15,7 +17,7 @@ class AnswerRequest(BaseModel):
     mode: Literal["kv", "scout", "text"] = Field(
         "kv", description="kv: quantized KV from the edge; scout: the edge's kept positions only; text: no edge"
     )
-    selector: str = Field("q2c", description="q2c, snapkv, h2o or random")
+    selector: str = Field(DEFAULT_SELECTOR, description="context selector: " + ", ".join(selector_names()))
     retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
     profile: str | None = Field(
         None, description="precision profile (kv mode); default: the edge's --profile (mixed-int4 unless configured)"
