@@ -17,6 +17,7 @@ from kvwire.bench.data import load_examples, needle_set, pick
 from kvwire.bench.eval_report import markdown_table, pareto_plot
 from kvwire.bench.evaluator import TEXT, Evaluator, RecordStore, Setting, baselines, make_setting, summarize
 from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.selectors import selector_names
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def parse_settings(args) -> list[Setting]:
     settings = baselines()
     for profile in _csv(args.profiles):
         for retention in (float(r) for r in _csv(args.retentions)):
-            for selector in _csv(args.selectors):
+            for selector in selector_names() if args.selectors == "all" else _csv(args.selectors):
                 settings.append(make_setting(selector, retention, profile))
     for spec in (s for item in args.setting for s in _csv(item)):
         parts = spec.split(":", 2)  # a profile path may itself hold a colon

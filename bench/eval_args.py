@@ -31,7 +31,11 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=100, help="questions to use (default 100; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle and the needle filler (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="take questions in file order instead of a seeded shuffle")
-    p.add_argument("--selectors", default="q2c,snapkv,h2o,random", help="comma list (default q2c,snapkv,h2o,random)")
+    p.add_argument(
+        "--selectors",
+        default="all",
+        help="comma list of selector names, or all (default: every registered selector; docs/codec.md lists them)",
+    )
     p.add_argument(
         "--retentions", default="0.25,0.5,1.0", help="comma list in (0, 1]; 1.0 = no selection (default 0.25,0.5,1.0)"
     )

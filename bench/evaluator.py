@@ -2,7 +2,7 @@
 the daemons' pipeline at every setting, resumable per-answer records, and their aggregation.
 
 Every compressed answer takes the path a daemon request takes: Edge.stream (prompt -> prefill ->
-select -> encode -> frames) -> Cloud.receive (verify, decode) -> Cloud.answer (cache, generate).
+select -> encode -> frames; the prefill shared across a question's settings, bench/prefill_memo.py) -> Cloud.receive (verify, decode) -> Cloud.answer (cache, generate).
 The reference ("full") is Cloud.answer_text: the model's own prefill of the whole prompt, no codec.
 """
 
@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvwire.bench.data import Example
+from kvwire.bench.prefill_memo import PrefillMemo
 from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score
-from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, PrefillMemo, Timings, fp16_kv_bytes
+from kvwire.kvcodec.modes import get_mode
+from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings, fp16_kv_bytes
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile
 from kvwire.kvcodec.selectors import check_retention, get_selector
 
-FULL, TEXT, NONE = "full", "text", "none"  # baseline selectors; NONE: retention 1.0, nothing dropped
+# baseline selectors; NONE: retention 1.0, no selection (every position in prompt order, nothing scored)
+FULL, TEXT, NONE = "full", "text", "none"
 BASELINE_PROFILE = "-"
 
 
@@ -134,7 +137,7 @@ class Evaluator:
             ans = self.cloud.answer_text(ex.context, ex.question, self.max_new_tokens, timings)
             full_bytes = fp16_kv_bytes(self.geometry, ans.prompt_len)
             full = self._record(ex, full_setting, ans.text, ans.tokens, None, full_bytes, 1.0, ans, timings, t0)
-        memo = PrefillMemo()
+        memo = PrefillMemo(self.edge)
         for s in run_order(self.pending(ex, settings)):
             if s.selector == FULL:
                 continue
@@ -142,14 +145,13 @@ class Evaluator:
             if s.selector == TEXT:
                 # mode text sends the question and passage; the cloud's own prefill of them is exactly
                 # the full baseline's computation (same model), so its answer is the full answer
-                text_bytes = len(ex.context.encode()) + len(ex.question.encode())
+                text_bytes = get_mode("text").wire_bytes(ex.context, ex.question)  # as the cloud daemon counts them
                 ratio = text_bytes / fp16_kv_bytes(self.geometry, full["prompt_len"])
                 self._record_text(ex, s, full, text_bytes, ratio)
                 continue
-            req = EdgeRequest(
-                ex.context, ex.question, "kv", s.selector if s.selector != NONE else "q2c", s.retention, s.profile
-            )
-            frames = list(self.edge.stream(req, timings, memo))
+            selector = None if s.selector == NONE else s.selector
+            req = EdgeRequest(ex.context, ex.question, "kv", selector, s.retention, s.profile)
+            frames = list(memo.stream(req, timings))
             ans = self.cloud.answer(self.cloud.receive(frames, timings), self.max_new_tokens, timings)
             self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0)
         self.prefills += memo.runs

@@ -22,7 +22,7 @@ from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.pipeline import fp16_kv_bytes
 from kvwire.kvcodec.profiles import get_profile, profile_names
 from kvwire.kvcodec.prompt import Prompt
-from kvwire.kvcodec.selectors import full_selection, get_selector
+from kvwire.kvcodec.selectors import ScoreInputs, full_selection, get_selector
 from kvwire.kvcodec.stream import StreamEncoder, StreamHeader
 
 RETENTIONS = (1.0, 0.75, 0.5, 0.25)
@@ -147,7 +147,8 @@ def measure_synthetic(
     selector = get_selector("random")
     rows = []
     for retention in retentions:
-        sel = full_selection(prompt) if retention >= 1.0 else selector.select(prompt, None, retention)
+        inputs = ScoreInputs(prompt, None, keys, values)
+        sel = full_selection(prompt) if retention >= 1.0 else selector.select(inputs, retention)
         for profile in profiles or profile_names():
             header = make_header(prompt, sel.kept, geo.as_header(), profile, retention, "random")
             nbytes, frames = encode_stream(header, keys, values, sel.order)
@@ -225,7 +226,6 @@ def measure_real(
     """
     from kvwire.kvcodec.models import load_model
     from kvwire.kvcodec.pipeline import Edge
-    from kvwire.kvcodec.prefill import prefill
     from kvwire.kvcodec.prompt import build_prompt, model_window
 
     loaded = load_model(model)
@@ -234,14 +234,14 @@ def measure_real(
     prompt = build_prompt(loaded.tokenizer, context, question, max_len=model_window(loaded.model))
     selector = get_selector(selector_name)
     t = time.perf_counter()
-    pre = prefill(loaded.model, prompt, selector.query_rows(prompt))
+    pre = edge.prefill(prompt, selector)
     prefill_s = time.perf_counter() - t
     keys, values = pre.keys, pre.values
     fp16 = fp16_kv_bytes(edge.geometry, len(prompt))
     name = f"{loaded.source.rstrip('/').split('/')[-1]}"
     rows = []
     for retention in retentions:
-        sel = full_selection(prompt) if retention >= 1.0 else selector.select(prompt, pre.attention, retention)
+        sel = full_selection(prompt) if retention >= 1.0 else edge.select(prompt, selector, pre, retention)
         for profile in profiles or profile_names():
             header = make_header(
                 prompt,

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvwire.kvcodec.modes import get_mode, mode_names
+from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
 
 
 class AnswerRequest(BaseModel):
@@ -17,7 +18,7 @@ class AnswerRequest(BaseModel):
     mode: Literal[tuple(mode_names())] = Field(  # type: ignore[valid-type]  # the allowed values are the registry's
         "kv", description="; ".join(f"{name}: {get_mode(name).description}" for name in mode_names())
     )
-    selector: str = Field("q2c", description="q2c, snapkv, h2o or random")
+    selector: str = Field(DEFAULT_SELECTOR, description="context selector: " + ", ".join(selector_names()))
     retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
     profile: str | None = Field(
         None, description="precision profile (kv mode); default: the edge's --profile (mixed-int4 unless configured)"

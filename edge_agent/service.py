@@ -17,6 +17,7 @@ from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.pipeline import Edge, EdgeRequest, Timings
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile, profile_names
+from kvwire.kvcodec.selectors import DEFAULT_SELECTOR
 from kvwire.kvcodec.wire import peek_stream_id, peek_type
 from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
 
@@ -85,15 +86,14 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             context=req.context,
             question=req.question,
             mode=req.mode,
-            selector=req.selector or "q2c",
+            selector=req.selector or DEFAULT_SELECTOR,
             retention=req.retention,
             profile=profile,
             compress=req.compress,
             chunk_bytes=req.chunk_bytes or self.settings.chunk_bytes,
         )
-        self.edge.validate(edge_req)
         timings = Timings()
-        frames = self.edge.stream(edge_req, timings)
+        frames = self.edge.stream(edge_req, timings)  # validates now (ConfigError); prefills on the first frame
         with self._model_lock:
             if not context.is_active():  # the caller gave up while this request waited for the model
                 return

@@ -23,10 +23,6 @@ def kv_geometry(model) -> dict:
     }
 
 
-def geometry_fingerprint(geometry: dict) -> str:
-    return _digest(geometry)
-
-
 def model_fingerprint(model) -> str:
     """Identifies the weights too (not only the shapes): config plus a sample of the first layer."""
     import torch

@@ -40,12 +40,15 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
-def cache_dir() -> Path:
-    """Where converted models and downloaded data live (KVWIRE_CACHE, else ~/.cache/kvwire)."""
-    root = os.environ.get("KVWIRE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvwire"
-    )
-    return Path(root)
+def cache_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where converted models and downloaded data live: `root` when given, else KVWIRE_CACHE, else
+    ~/.cache/kvwire. The environment is read on each call, never at import."""
+    if root:
+        return Path(root).expanduser()
+    env = os.environ.get("KVWIRE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "kvwire"
 
 
 def _embedded_gguf_dir() -> Path:
@@ -61,14 +64,14 @@ def _embedded_gguf_dir() -> Path:
     return folder
 
 
-def embedded_model_dir() -> Path:
-    """Convert the embedded GGUF once into a transformers folder and return that folder.
+def embedded_model_dir(cache: str | os.PathLike | None = None) -> Path:
+    """Convert the embedded GGUF once into a transformers folder under cache_dir(cache) and return it.
 
     transformers 5 refuses `save_pretrained` on a GGUF-loaded model, so the weights are copied
     into a fresh model built from the same config (dequantized Q4_1 weights, fp32). A file lock
     makes concurrent first starts (edge and cloud on one host) convert once, not race.
     """
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    target = cache_dir(cache) / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,24 +105,31 @@ def _convert_embedded(target: Path) -> None:
     log.info("converted in %.1f s", time.monotonic() - started)
 
 
-def resolve_model_source(name: str | None) -> str:
-    """Map `None`/"embedded" to the converted embedded model folder; anything else is a path or hub id."""
+def resolve_model_source(name: str | None, cache: str | os.PathLike | None = None) -> str:
+    """Map `None`/"embedded" to the converted embedded model folder (under cache_dir(cache)); anything
+    else is a path or hub id."""
     if name in (None, "", EMBEDDED_MODEL):
-        return str(embedded_model_dir())
+        return str(embedded_model_dir(cache))
     return name
 
 
-def load_model(name: str | None = None, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+def load_model(
+    name: str | None = None, dtype: str = "fp32", device: str = "cpu", cache: str | os.PathLike | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer from the embedded model, a local folder, or a hub id.
 
-    dtype is one of fp32/fp16/bf16; device is any torch device string ("cpu", "cuda", "cuda:1").
-    The model is put in eval mode and uses sdpa attention (the q2c selector does not need eager).
+    dtype is one of fp32/fp16/bf16; device is any torch device string ("cpu", "cuda", "cuda:1");
+    cache: where the embedded model is converted to (default: cache_dir()). The model is put in eval
+    mode and runs sdpa attention with the attention capture installed (kvcodec/prefill.py: plain
+    sdpa unless a prefill captures; selectors never need eager attention).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kvwire.kvcodec.prefill import install_capture
+
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    source = resolve_model_source(name)
+    source = resolve_model_source(name, cache)
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
         raise ConfigError(f"model folder {source!r} does not exist")
     try:
@@ -128,4 +138,5 @@ def load_model(name: str | None = None, dtype: str = "fp32", device: str = "cpu"
     except OSError as exc:  # neither a local folder nor a hub id we can reach (offline, typo, private)
         raise ConfigError(f"cannot load model {source!r} as a local folder or hub id: {exc}") from exc
     model.to(device).eval()
+    install_capture(model)  # once, before any thread prefills: nothing is switched per request
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)

@@ -17,11 +17,19 @@ from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fin
 from kvwire.kvcodec.generate import Generation, eos_ids, greedy
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode, streamed_mode_names
-from kvwire.kvcodec.prefill import prefill
+from kvwire.kvcodec.prefill import PrefillResult, prefill
 from kvwire.kvcodec.profiles import get_profile
 from kvwire.kvcodec.prompt import Prompt, build_prompt, model_window
 from kvwire.kvcodec.receiver import StreamReceiver
-from kvwire.kvcodec.selectors import check_retention_and_name, get_selector
+from kvwire.kvcodec.selectors import (
+    DEFAULT_SELECTOR,
+    ScoreInputs,
+    Selection,
+    Selector,
+    check_retention,
+    full_selection,
+    get_selector,
+)
 from kvwire.kvcodec.stream import DEFAULT_CHUNK_BYTES, DecodedKV, StreamDecoder, StreamEncoder, StreamHeader
 
 
@@ -35,7 +43,7 @@ class EdgeRequest:
     context: str
     question: str
     mode: str = "kv"
-    selector: str = "q2c"
+    selector: str | None = DEFAULT_SELECTOR  # None: no selection (retention 1.0, prompt order, no capture)
     retention: float = 1.0
     profile: str = "mixed-int4"
     compress: bool = False
@@ -55,43 +63,13 @@ class Timings:
         return {k: round(v * 1000, 3) for k, v in self.values.items()}
 
 
-class PrefillMemo:
-    """Prefills of one prompt kept for reuse across several EdgeRequests (kvwire eval runs many
-    (selector, retention, profile) settings per question and would otherwise prefill for each).
-
-    A prompt's KV does not depend on which attention rows were captured, so an entry serves a request
-    for the same prompt ids that captures the same rows, or none. A reused prefill adds the seconds it
-    took when it ran to the request's "prefill" timing, so per-request timings read as if run alone.
-    Hold one memo per question: entries keep whole KV caches alive.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple] = {}  # (prompt ids, rows or None) -> (PrefillResult, seconds)
-        self.runs = 0  # prefills actually computed
-        self.seconds = 0.0  # their total time
-
-    @staticmethod
-    def _key(prompt: Prompt, rows: torch.Tensor | None) -> tuple:
-        return (prompt.ids, None if rows is None else tuple(rows.tolist()))
-
-    def get(self, prompt: Prompt, rows: torch.Tensor | None):
-        """(PrefillResult, seconds) serving `rows` for this prompt, or None."""
-        key = self._key(prompt, rows)
-        if key in self._entries:
-            return self._entries[key]
-        if rows is None:  # KV only: any prefill of the same prompt will do; take the one that captured least
-            same = [k for k in self._entries if k[0] == prompt.ids]
-            return self._entries[min(same, key=lambda k: len(k[1]))] if same else None
-        return None
-
-    def put(self, prompt: Prompt, rows: torch.Tensor | None, result, seconds: float) -> None:
-        self._entries[self._key(prompt, rows)] = (result, seconds)
-        self.runs += 1
-        self.seconds += seconds
-
-
 class Edge:
-    """The edge side: builds the prompt, prefills, selects, encodes."""
+    """The edge side: builds the prompt, prefills, selects, encodes.
+
+    `stream` runs the steps in order; each step is public too (`prompt`, `selector`, `prefill`,
+    `select`), so a caller that already holds a prefill of the prompt (kvwire eval reuses one across
+    settings: bench/prefill_memo.py) passes it to `stream` as `prefilled`.
+    """
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
@@ -104,41 +82,69 @@ class Edge:
         mode = get_mode(req.mode)
         if not mode.streamed:
             raise ConfigError(f"the edge streams modes {' and '.join(streamed_mode_names())}, not {req.mode!r}")
-        check_retention_and_name(req.selector, req.retention)
+        self.selector(req)
+        check_retention(req.retention)
+        if req.selector is None and req.retention < 1.0:
+            raise ConfigError(f"retention {req.retention:g} needs a selector (no selection keeps every position)")
         if mode.carries_kv:
             get_profile(req.profile).resolve(self.geometry["num_layers"], self.geometry["head_dim"])
 
     def prompt(self, req: EdgeRequest) -> Prompt:
         return build_prompt(self.loaded.tokenizer, req.context, req.question, max_len=model_window(self.loaded.model))
 
+    def selector(self, req: EdgeRequest) -> Selector | None:
+        """The request's selector; None: no selection (every position, in prompt order, nothing scored)."""
+        return None if req.selector is None else get_selector(req.selector)
+
+    def prefill(self, prompt: Prompt, selector: Selector | None) -> PrefillResult:
+        """Prefill the prompt, capturing the attention rows the selector asks for (none without one)."""
+        return prefill(self.loaded.model, prompt, selector.query_rows(prompt) if selector is not None else None)
+
+    def select(self, prompt: Prompt, selector: Selector | None, pre: PrefillResult, retention: float) -> Selection:
+        """Score and select from a prefill of `prompt` (its attention must be for the selector's rows)."""
+        if selector is None:
+            return full_selection(prompt)
+        return selector.select(self.score_inputs(prompt, selector, pre), retention)
+
+    def score_inputs(self, prompt: Prompt, selector: Selector, pre: PrefillResult) -> ScoreInputs:
+        """What `selector.score` sees: the attention of its rows (None if it asked for none) and the KV."""
+        if pre.keys[0].shape[1] != prompt.stream_len:
+            raise ValueError(
+                f"the prefill holds {pre.keys[0].shape[1]} positions, the prompt streams {prompt.stream_len}"
+            )
+        rows = selector.query_rows(prompt)
+        attention = None
+        if rows is not None and len(rows):
+            if pre.rows is None or not torch.equal(pre.rows, rows.long().cpu()):
+                raise ValueError(f"the prefill did not capture the attention rows selector {selector.name!r} needs")
+            attention = pre.attention
+        return ScoreInputs(prompt=prompt, attention=attention, keys=pre.keys, values=pre.values)
+
     def stream(
-        self, req: EdgeRequest, timings: Timings | None = None, memo: PrefillMemo | None = None
+        self, req: EdgeRequest, timings: Timings | None = None, prefilled: PrefillResult | None = None
     ) -> Iterator[bytes]:
         """Yield the frames of one request: header, chunks (most important first), trailer.
 
-        memo: reuse a prefill of the same prompt from earlier requests (see PrefillMemo); the frames
-        are the same as without it.
+        prefilled: a prefill of this request's prompt made earlier (Edge.prefill with the same
+        selector); the frames are the same as without it, and its time is the caller's to count.
+        The request is validated now (ConfigError); the prefill and everything after it run only
+        when the first frame is taken (the edge daemon takes it under its model lock).
         """
-        timings = timings if timings is not None else Timings()
         self.validate(req)
+        return self._frames(req, timings if timings is not None else Timings(), prefilled)
+
+    def _frames(self, req: EdgeRequest, timings: Timings, prefilled: PrefillResult | None) -> Iterator[bytes]:
         prompt = self.prompt(req)
-        selector = get_selector(req.selector)
-        t = time.perf_counter()
-        # scored even at retention 1.0: the score decides the order chunks are sent in (anytime streaming)
-        rows = selector.query_rows(prompt)
-        hit = memo.get(prompt, rows) if memo is not None else None
-        if hit is None:
-            pre = prefill(self.loaded.model, prompt, rows)
-            seconds = time.perf_counter() - t
-            if memo is not None:
-                memo.put(prompt, rows, pre, seconds)
+        selector = self.selector(req)
+        if prefilled is None:
+            t = time.perf_counter()
+            # scored even at retention 1.0: the score decides the order chunks are sent in (anytime streaming)
+            pre = self.prefill(prompt, selector)
+            timings.add("prefill", time.perf_counter() - t)
         else:
-            pre, seconds = hit
-        timings.add("prefill", seconds)
+            pre = prefilled
         t = time.perf_counter()
-        # a memo entry may carry attention captured for other rows: a selector that asked for none gets none
-        attention = pre.attention if rows is not None else None
-        sel = selector.select(prompt, attention, req.retention)
+        sel = self.select(prompt, selector, pre, req.retention)
         timings.add("select", time.perf_counter() - t)
         header = StreamHeader(
             mode=req.mode,
@@ -150,7 +156,7 @@ class Edge:
             tokenizer=self.tokenizer_fp,
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             profile=get_profile(req.profile) if get_mode(req.mode).carries_kv else None,
-            selector=req.selector,
+            selector=req.selector or "",
             retention=req.retention,
         )
         enc = StreamEncoder(header, compress=req.compress, chunk_bytes=req.chunk_bytes)

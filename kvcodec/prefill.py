@@ -1,10 +1,18 @@
 """Prefill with attention capture: run the model over prompt[:-1] and, per layer, the attention
 that chosen query rows pay to the context — from those rows' query states only, so prefill keeps
-its fast attention (sdpa) and no [prompt x prompt] matrix is ever built."""
+its fast attention (sdpa) and no [prompt x prompt] matrix is ever built.
+
+The capture attention function is installed once per model (`install_capture`, called by
+load_model; lazily by the first capturing prefill otherwise) and stays installed: without a
+capture in progress it is plain sdpa. What one prefill captures (its rows, where results go)
+lives in a ContextVar, so prefills on one model in several threads never see each other's
+capture and nothing global is switched per call.
+"""
 
 from __future__ import annotations
 
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +21,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvwire import kernels
+from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.prompt import Prompt
 
-_CAPTURE = "kvwire_capture"
-_local = threading.local()  # the capture in progress on this thread (daemons prefill on worker threads)
+CAPTURE_ATTENTION = "kvwire_capture"  # the attention implementation name a model runs under once installed
 
 
 @dataclass
@@ -26,8 +34,13 @@ class _Capture:
     per_layer: dict[int, torch.Tensor]
 
 
+# the capture of the prefill running in this context (thread or task); None outside a capturing prefill
+_capture: ContextVar[_Capture | None] = ContextVar("kvwire_capture", default=None)
+_install_lock = threading.Lock()
+
+
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
-    cap: _Capture | None = getattr(_local, "capture", None)
+    cap = _capture.get()
     if cap is not None:
         # query: [1, Hq, S, D] after RoPE; key: [1, Hkv, S, D] after RoPE (the whole prefix)
         rows = cap.rows.to(query.device)
@@ -38,8 +51,22 @@ def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(_CAPTURE, _capturing_attention)
-AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+AttentionInterface.register(CAPTURE_ATTENTION, _capturing_attention)
+AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+
+
+def install_capture(model) -> None:
+    """Make `model` run the capture attention function (sdpa plus capture when one is in progress).
+    Idempotent; ConfigError for a model whose attention cannot be swapped."""
+    with _install_lock:
+        if model.config._attn_implementation == CAPTURE_ATTENTION:
+            return
+        model.set_attn_implementation(CAPTURE_ATTENTION)
+        if model.config._attn_implementation != CAPTURE_ATTENTION:  # transformers only warns
+            raise ConfigError(
+                f"{type(model).__name__} does not use transformers' AttentionInterface: "
+                "kvwire cannot capture its attention"
+            )
 
 
 @dataclass
@@ -48,6 +75,7 @@ class PrefillResult:
 
     cache: DynamicCache
     attention: torch.Tensor | None
+    rows: torch.Tensor | None = None  # the rows `attention` was captured for (CPU, long)
 
     @property
     def keys(self) -> list[torch.Tensor]:
@@ -65,14 +93,13 @@ def prefill(model, prompt: Prompt, rows: torch.Tensor | None = None) -> PrefillR
     if rows is None or len(rows) == 0:
         out = model(input_ids=ids, use_cache=True)
         return PrefillResult(out.cache, None)
-    previous = model.config._attn_implementation
-    _local.capture = _Capture(rows=rows.long(), ctx=(prompt.context_start, prompt.context_end), per_layer={})
+    install_capture(model)
+    rows = rows.long().cpu()
+    cap = _Capture(rows=rows, ctx=(prompt.context_start, prompt.context_end), per_layer={})
+    token = _capture.set(cap)
     try:
-        model.set_attn_implementation(_CAPTURE)
         out = model(input_ids=ids, use_cache=True)
-        per_layer = _local.capture.per_layer
     finally:
-        model.set_attn_implementation(previous)
-        _local.capture = None
-    attention = torch.stack([per_layer[i] for i in sorted(per_layer)])
-    return PrefillResult(out.cache, attention)
+        _capture.reset(token)
+    attention = torch.stack([cap.per_layer[i] for i in sorted(cap.per_layer)])
+    return PrefillResult(out.cache, attention, rows)

@@ -74,7 +74,7 @@ def test_chunks_send_template_and_question_first_then_context_by_descending_scor
     assert len(chunks) > 4
     prompt = edge.prompt(req)
     selector = get_selector(name)
-    scores = selector.score(prompt, prefill(tiny_loaded.model, prompt, selector.query_rows(prompt)).attention).float()
+    scores = selector.score(edge.score_inputs(prompt, selector, edge.prefill(prompt, selector))).float()
     start, end = prompt.context_start, prompt.context_end
     # template/question positions outrank every context position; context positions rank by score
     priority = [[math.inf if not start <= p < end else float(scores[p - start]) for p in chunk] for chunk in chunks]

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvwire.agent_common.launch import Daemon
+from kvwire.kvcodec.selectors import selector_names
 
 REPO = str(Path(__file__).resolve().parents[1])
 CONTEXT = (
@@ -201,7 +202,7 @@ def test_malformed_requests_are_422(daemons, content, needle):
 @pytest.mark.parametrize(
     "field, allowed",
     [
-        ("selector", ["q2c", "snapkv", "h2o", "random"]),
+        ("selector", selector_names()),
         ("profile", ["fp16", "bf16", "int8", "int4", "mixed-int4"]),
     ],
 )

@@ -290,19 +290,52 @@ def test_prefill_memo_gives_the_same_streams(tiny_loaded):
     """Eval shares one prefill per question across settings; the streams must not change."""
     import torch
 
-    from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, PrefillMemo, Timings
+    from kvwire.bench.prefill_memo import PrefillMemo
+    from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings
 
-    edge, cloud, memo = Edge(tiny_loaded), Cloud(tiny_loaded), PrefillMemo()
+    edge, cloud = Edge(tiny_loaded), Cloud(tiny_loaded)
+    memo = PrefillMemo(edge)
     context, question = PASSAGES[0][1] + " " + PASSAGES[1][1], PASSAGES[0][2]
-    for selector, retention in [("q2c", 0.5), ("snapkv", 0.5), ("random", 0.5), ("q2c", 1.0), ("q2c", 0.5)]:
+    settings = [("q2c", 0.5), ("snapkv", 0.5), ("random", 0.5), ("q2c", 1.0), (None, 1.0), ("q2c", 0.5)]
+    for selector, retention in settings:
         req = EdgeRequest(context, question, "kv", selector, retention, "int8")
         timings = Timings()
-        shared = cloud.receive(list(edge.stream(req, timings, memo)))
+        shared = cloud.receive(list(memo.stream(req, timings)))
         alone = cloud.receive(list(edge.stream(req)))
         assert torch.equal(shared.positions, alone.positions)
         assert all(torch.equal(a, b) for a, b in zip(shared.keys + shared.values, alone.keys + alone.values))
         assert timings.values["prefill"] > 0  # a reused prefill still reports what it cost
-    assert memo.runs == 2  # q2c and snapkv capture different rows; random and retention 1.0 reuse one
+    assert memo.runs == 2  # q2c and snapkv capture different rows; random, retention 1.0 and none reuse one
+
+
+def test_none_is_no_selection(tiny_loaded, monkeypatch):
+    """Eval's `none` (EdgeRequest selector None): every position, the context in prompt order, no scoring."""
+    from kvwire import kernels
+    from kvwire.kvcodec.errors import ConfigError
+    from kvwire.kvcodec.pipeline import Edge, EdgeRequest
+    from kvwire.kvcodec.stream import StreamDecoder
+    from kvwire.kvcodec.wire import CHUNK, parse_frame
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("no selection must not capture attention")
+
+    monkeypatch.setattr(kernels, "q2c_scores", no_capture)
+    edge = Edge(tiny_loaded)
+    req = EdgeRequest(PASSAGES[0][1], PASSAGES[0][2], "kv", None, 1.0, "int8", chunk_bytes=600)
+    prompt, dec, order = edge.prompt(req), StreamDecoder(), []
+    frames = list(edge.stream(req))
+    for frame in frames[:-1]:  # without the trailer: partial() shows what each chunk added
+        dec.feed(frame)
+        if parse_frame(frame).kind == CHUNK:
+            order += sorted(set(dec.partial().positions.tolist()) - set(order))
+    dec.feed(frames[-1])
+    h = dec.result().header
+    assert len(frames) > 4
+    assert h.kept == list(range(prompt.stream_len)) and h.selector == ""
+    context = [p for p in order if prompt.context_start <= p < prompt.context_end]
+    assert context == list(range(prompt.context_start, prompt.context_end))
+    with pytest.raises(ConfigError, match="retention 0.5 needs a selector"):
+        edge.validate(EdgeRequest(PASSAGES[0][1], PASSAGES[0][2], "kv", None, 0.5, "int8"))
 
 
 def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):

@@ -5,7 +5,8 @@ import torch
 
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, tokenizer_fingerprint
-from kvwire.kvcodec.models import embedded_model_dir, load_model
+from kvwire.kvcodec.models import cache_dir, embedded_model_dir, load_model
+from kvwire.kvcodec.prefill import CAPTURE_ATTENTION
 
 
 @pytest.mark.parametrize(
@@ -14,7 +15,8 @@ from kvwire.kvcodec.models import embedded_model_dir, load_model
 def test_local_folder_in_each_dtype(tiny_model_dir, dtype, torch_dtype):
     loaded = load_model(tiny_model_dir, dtype=dtype)
     assert loaded.dtype == torch_dtype and loaded.device.type == "cpu"
-    assert loaded.model.config._attn_implementation == "sdpa"
+    # sdpa with kvwire's attention capture installed once at load (kvcodec/prefill.py), never eager
+    assert loaded.model.config._attn_implementation == CAPTURE_ATTENTION
 
 
 def test_missing_folder_and_unreachable_hub_id(monkeypatch):
@@ -41,3 +43,12 @@ def test_fingerprints_tell_models_apart(tiny_loaded, tiny_other_geometry_dir, ti
     assert tokenizer_fingerprint(other.tokenizer) == tokenizer_fingerprint(tiny_loaded.tokenizer)
     plain = load_model(tiny_model_dir_no_template)
     assert tokenizer_fingerprint(plain.tokenizer) != tokenizer_fingerprint(tiny_loaded.tokenizer)
+
+
+def test_cache_folder_argument_then_environment_read_per_call(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVWIRE_CACHE", str(tmp_path / "env"))
+    assert cache_dir() == tmp_path / "env"  # read when asked, not when kvwire was imported
+    assert cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("KVWIRE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "kvwire"

@@ -1,23 +1,36 @@
-"""Selectors: which context positions to keep."""
+"""Selectors: which context positions to keep. One file per selector; each registers itself."""
 
 from kvwire.kvcodec.selectors.base import (
+    ScoreInputs,
     Selection,
     Selector,
+    check_int,
     check_retention,
-    check_retention_and_name,
     context_budget,
     full_selection,
 )
-from kvwire.kvcodec.selectors.registry import get_selector, register_selector, selector_names
+from kvwire.kvcodec.selectors.registry import (
+    DEFAULT_SELECTOR,
+    discover,
+    get_selector,
+    register_selector,
+    selector_names,
+    selector_parameters,
+)
+
+discover()
 
 __all__ = [
+    "DEFAULT_SELECTOR",
+    "ScoreInputs",
     "Selection",
     "Selector",
+    "check_int",
     "check_retention",
-    "check_retention_and_name",
     "context_budget",
     "full_selection",
     "get_selector",
     "register_selector",
     "selector_names",
+    "selector_parameters",
 ]

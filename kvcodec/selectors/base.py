@@ -1,8 +1,9 @@
-"""Score-then-select: a selector scores each context position; the base keeps the top-k."""
+"""Score-then-select: a selector scores each context position from one ScoreInputs; the base keeps the top-k."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,6 +11,22 @@ import torch
 
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.prompt import Prompt
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """Everything a selector may score from, computed once by the prefill.
+
+    attention: [layers, context_len] fp32, the attention the selector's `query_rows` pay to each
+    context position, summed over those rows and all query heads (softmax over each row's full
+    causal span); None when the selector asked for no rows.
+    keys, values: per layer [kv_heads, stream_len, head_dim], the prefilled cache (after RoPE).
+    """
+
+    prompt: Prompt
+    attention: torch.Tensor | None
+    keys: Sequence[torch.Tensor]
+    values: Sequence[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -27,10 +44,6 @@ class Selection:
     context_kept: int
     context_len: int
 
-    @property
-    def achieved_retention(self) -> float:
-        return self.context_kept / self.context_len if self.context_len else 1.0
-
 
 def check_retention(retention: float) -> float:
     if not isinstance(retention, (int, float)) or not (0.0 < float(retention) <= 1.0):
@@ -43,13 +56,19 @@ def context_budget(retention: float, context_len: int) -> int:
     return max(1, min(context_len, math.ceil(check_retention(retention) * context_len - 1e-9)))
 
 
-class Selector:
-    """A selector computes one score per context position; override `score` (and `query_rows`).
+def check_int(selector: str, field: str, value, minimum: int) -> None:
+    """ConfigError unless `value` is an int (not a bool) of at least `minimum`: for `__post_init__`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"selector {selector!r}: {field} must be an integer >= {minimum}, got {value!r}")
 
-    query_rows: the prompt rows whose attention to the context the prefill must capture
-    (None: no attention needed). The prefill hands `score` a tensor attention[layer, context]
-    holding, per layer, the attention those rows pay to each context position summed over rows
-    and query heads (softmax over each row's full causal span).
+
+@dataclass(frozen=True)
+class Selector:
+    """A selector is a frozen dataclass whose fields are its parameters, validated in `__post_init__`
+    (raise ConfigError). Override `score` and, to get attention, `query_rows`.
+
+    query_rows: the prompt rows whose attention to the context the prefill must capture (None: no
+    attention needed); `score` then finds it in `inputs.attention`.
     """
 
     name: ClassVar[str] = ""
@@ -57,12 +76,14 @@ class Selector:
     def query_rows(self, prompt: Prompt) -> torch.Tensor | None:
         return None
 
-    def score(self, prompt: Prompt, attention: torch.Tensor | None) -> torch.Tensor:
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """One score per context position, [context_len]; higher = more important."""
         raise NotImplementedError
 
-    def select(self, prompt: Prompt, attention: torch.Tensor | None, retention: float) -> Selection:
+    def select(self, inputs: ScoreInputs, retention: float) -> Selection:
         """Keep every template/question position and the top ceil(r x context) context positions."""
-        scores = self.score(prompt, attention).float().cpu()
+        prompt = inputs.prompt
+        scores = self.score(inputs).float().cpu()
         if scores.shape != (prompt.context_len,):
             raise RuntimeError(
                 f"{self.name} returned scores of shape {tuple(scores.shape)}, want ({prompt.context_len},)"
@@ -84,11 +105,3 @@ def full_selection(prompt: Prompt) -> Selection:
     n = prompt.context_len
     order = torch.cat([prompt.fixed_positions(), torch.arange(prompt.context_start, prompt.context_end)])
     return Selection(kept=kept, order=order, scores=torch.zeros(n), context_kept=n, context_len=n)
-
-
-def check_retention_and_name(selector: str, retention: float) -> None:
-    """ConfigError for an unknown selector or a retention outside (0, 1]."""
-    from kvwire.kvcodec.selectors.registry import get_selector
-
-    get_selector(selector)
-    check_retention(retention)

@@ -1,11 +1,16 @@
 """h2o: cumulative attention each context position receives from every prompt row."""
 
+from dataclasses import dataclass
+
 import torch
 
 from kvwire.kvcodec.prompt import Prompt
-from kvwire.kvcodec.selectors.base import Selector
+from kvwire.kvcodec.selectors.base import ScoreInputs, Selector
+from kvwire.kvcodec.selectors.registry import register_selector
 
 
+@register_selector
+@dataclass(frozen=True)
 class H2OSelector(Selector):
     """Heavy-hitter oracle (Zhang et al. 2023): score = attention received from all rows, summed
     over rows and heads, averaged over layers. Costs O(prompt^2) compute (blocked, never the full
@@ -16,5 +21,5 @@ class H2OSelector(Selector):
     def query_rows(self, prompt: Prompt) -> torch.Tensor:
         return torch.arange(0, prompt.stream_len)
 
-    def score(self, prompt: Prompt, attention: torch.Tensor) -> torch.Tensor:
-        return attention.mean(dim=0)
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        return inputs.attention.mean(dim=0)

@@ -1,17 +1,24 @@
 """random: uniformly random context positions (a seeded baseline)."""
 
+from dataclasses import dataclass
+
 import torch
 
-from kvwire.kvcodec.prompt import Prompt
-from kvwire.kvcodec.selectors.base import Selector
+from kvwire.kvcodec.selectors.base import ScoreInputs, Selector, check_int
+from kvwire.kvcodec.selectors.registry import register_selector
 
 
+@register_selector
+@dataclass(frozen=True)
 class RandomSelector(Selector):
-    """Random scores from a generator seeded per prompt length, so runs are reproducible."""
+    """Random scores from a generator seeded with `seed` + the prompt length, so runs are reproducible."""
 
     name = "random"
-    seed = 0
+    seed: int = 0
 
-    def score(self, prompt: Prompt, attention: torch.Tensor | None) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed + len(prompt))
-        return torch.rand(prompt.context_len, generator=gen)
+    def __post_init__(self) -> None:
+        check_int(self.name, "seed", self.seed, minimum=0)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + len(inputs.prompt))
+        return torch.rand(inputs.prompt.context_len, generator=gen)
