@@ -5,6 +5,13 @@ is imported the first time the triton backend is chosen.
 """
 
 from .dispatch import q2c_scores, quantize_pack, unpack_dequantize
-from .layout import packed_row_bytes
+from .layout import SUPPORTED_BITS, packed_row_bytes, unit_values
 
-__all__ = ["packed_row_bytes", "q2c_scores", "quantize_pack", "unpack_dequantize"]
+__all__ = [
+    "SUPPORTED_BITS",
+    "packed_row_bytes",
+    "q2c_scores",
+    "quantize_pack",
+    "unit_values",
+    "unpack_dequantize",
+]

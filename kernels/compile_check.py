@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import triton_kernels as tk
+from .layout import SUPPORTED_BITS
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 # Shapes the configurations are picked for: a Qwen2.5-7B layer's rows, and a long channel-axis row.
@@ -27,7 +28,7 @@ _ROWS, _HEAD_DIM, _LONG_ROW = 4096, 128, 4096
 
 
 def _quantize(dtype, bits, group, head_dim, index):
-    block_k, block_c = tk.row_blocks(_ROWS, head_dim)
+    block_k, block_c = tk.row_blocks(_ROWS, head_dim, interpret=False)
     sig = {
         "x_ptr": _PTR[dtype],
         "idx_ptr": "*i64",
@@ -48,7 +49,7 @@ def _quantize(dtype, bits, group, head_dim, index):
 
 
 def _unpack(dtype, bits, group, head_dim):
-    block_k, block_c = tk.row_blocks(_ROWS, head_dim)
+    block_k, block_c = tk.row_blocks(_ROWS, head_dim, interpret=False)
     sig = {
         "p_ptr": "*u8",
         "s_ptr": "*fp16",
@@ -67,7 +68,7 @@ def _unpack(dtype, bits, group, head_dim):
 
 
 def _q2c(kernel, dtype, head_dim):
-    cfg = tk.q2c_config(dtype, dtype, head_dim, 224, _ROWS)
+    cfg = tk.q2c_config(dtype, dtype, head_dim, 224, _ROWS, interpret=False)
     options = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     sig = {"q_ptr": _PTR[dtype], "k_ptr": _PTR[dtype], "pos_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32"}
     if kernel == "colsum":
@@ -86,8 +87,8 @@ def variants(quick: bool) -> dict[str, tuple]:
     dtypes = (torch.bfloat16,) if quick else (torch.float32, torch.float16, torch.bfloat16)
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
-        for bits in (8, 4, 3):
-            if quick and bits == 8:
+        for bits in SUPPORTED_BITS:
+            if quick and bits == 8:  # one byte per code, the simplest packing: left out of the quick subset
                 continue
             for group in (_HEAD_DIM, 32):
                 out[f"quantize {name} int{bits} g{group}"] = _quantize(dtype, bits, group, _HEAD_DIM, index=True)
@@ -116,7 +117,7 @@ def _resource_usage(cubin: bytes) -> dict:
 
 def check(arch: int = 90, quick: bool = False) -> list[dict]:
     """Compile every variant for sm_<arch>; one row per variant with its registers and spill stack."""
-    if tk.INTERPRETED:
+    if tk.interpreted():
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
     target = GPUTarget("cuda", arch, 32)
     rows = []

@@ -2,8 +2,9 @@
 
 Backends: "torch" (kernels.reference, runs anywhere) and "triton" (kernels.triton_kernels, CUDA
 tensors, or CPU tensors when TRITON_INTERPRET=1 was set before it was imported). Backends load
-lazily, so the torch path never imports triton. KVWIRE_KERNELS=torch|triton forces one; it is
-read at every call, never at import time.
+lazily, so the torch path never imports triton. A caller of select_backend may force one by name;
+otherwise KVWIRE_KERNELS=torch|triton does, read by forced_backend() each time a backend is chosen
+(every kernel call), never at import time.
 """
 
 from __future__ import annotations
@@ -41,10 +42,6 @@ def register_backend(name: str, loader: Callable[[], KernelBackend]) -> None:
     _loaders[name] = loader
 
 
-def backend_names() -> tuple[str, ...]:
-    return tuple(_loaders)
-
-
 def get_backend(name: str) -> KernelBackend:
     """The backend registered as `name`, loading it on first use; ValueError for an unknown name."""
     if name not in _loaders:
@@ -54,9 +51,15 @@ def get_backend(name: str) -> KernelBackend:
     return _loaded[name]
 
 
-def select_backend(device: torch.device) -> KernelBackend:
-    """The backend for tensors on `device`: $KVWIRE_KERNELS if set, else triton on a usable GPU, else torch."""
-    forced = os.environ.get(ENV_VAR, "").strip()
+def forced_backend() -> str | None:
+    """The backend $KVWIRE_KERNELS names now, or None when it is unset or empty."""
+    return os.environ.get(ENV_VAR, "").strip() or None
+
+
+def select_backend(device: torch.device, forced: str | None = None) -> KernelBackend:
+    """The backend for tensors on `device`: `forced` (default forced_backend(), the environment read at
+    this call) if it names one, else triton on a usable GPU, else torch."""
+    forced = forced or forced_backend()
     if forced:
         backend = get_backend(forced)
         if not backend.runs_on(device):

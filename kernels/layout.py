@@ -10,16 +10,28 @@ import math
 
 import torch
 
+# The code widths the kernels implement: reference._pack/_unpack and triton_kernels'
+# _store_packed/_unpack_chunk have one branch each. The codec's integer encodings name a width
+# from this tuple (kvcodec/encodings/); a new width starts here.
 SUPPORTED_BITS = (8, 4, 3)
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# Values per packed unit: a byte holds one int8 or two int4; three bytes hold eight int3.
-_UNIT_VALUES = {8: 1, 4: 2, 3: 8}
 
 
 def qrange(bits: int) -> tuple[int, int]:
     """(lowest, highest) signed integer of a `bits`-wide two's complement code."""
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def unit_values(bits: int) -> int:
+    """Codes per packed unit: the fewest `bits`-wide codes that fill whole bytes (8: 1, 4: 2, 3: 8).
+
+    Every width packs the same way: code j of a unit sits at bits j*bits.. of a little-endian word
+    of unit_values * bits / 8 bytes (one int8; two int4, the first in the low nibble; eight int3
+    in three bytes). ValueError for a width the kernels do not implement.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return math.lcm(bits, 8) // bits
 
 
 def packed_row_bytes(bits: int, head_dim: int) -> int:
@@ -29,11 +41,9 @@ def packed_row_bytes(bits: int, head_dim: int) -> int:
     (head_dim a multiple of 8). Raises ValueError for other widths or a head_dim that does not
     fill whole packed units.
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    unit = unit_values(bits)
     if head_dim <= 0:
         raise ValueError(f"head_dim must be positive, got {head_dim}")
-    unit = _UNIT_VALUES[bits]
     if head_dim % unit:
         raise ValueError(f"{bits}-bit packing needs head_dim divisible by {unit}, got {head_dim}")
     return head_dim * bits // 8

@@ -1,25 +1,23 @@
 """Triton kernels for quantize+pack, unpack+dequantize and q2c scores, with their launchers.
 
 The launchers take the same arguments as kernels.reference and must agree with it: packed bytes
-and scales bit for bit, q2c scores to fp32 rounding. Under TRITON_INTERPRET=1 (set before this
-module is imported) the same kernels run on CPU tensors; the interpreter runs programs one after
-another, so the launchers pick much larger blocks there. kernels.compile_check compiles the GPU
+and scales bit for bit, q2c scores to fp32 rounding. Under TRITON_INTERPRET=1 the same kernels run
+on CPU tensors; that is Triton's switch, read by @triton.jit when this module is imported, so the
+variable must be set before the import and later changes have no effect. `interpreted()` asks the
+kernels which mode they were built in; the interpreter runs programs one after another, so the
+launchers pick much larger blocks there. kernels.compile_check compiles the GPU
 configurations to cubins without a GPU, to catch compile errors and register spills.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from . import reference
 from .layout import packed_row_bytes, q2c_prologue
-
-# Fixed when the @triton.jit decorators below run: True means every kernel is interpreted.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # GPU tiles of quantize/unpack hold at most this many values: 8 per thread at 4 warps keeps every
 # variant under ~64 registers with no spills (ptxas, sm_90); 4x larger tiles spill in unpack.
@@ -32,11 +30,17 @@ _GPU_MAX_CHUNK = 1024
 _INTERP_MAX_CHUNK = 8192
 
 
+def interpreted() -> bool:
+    """Whether this module's kernels run in the Triton interpreter: @triton.jit built compiled
+    JITFunctions, or interpreted ones because TRITON_INTERPRET=1 was set when this module was imported."""
+    return not isinstance(_quantize_pack_kernel, JITFunction)
+
+
 def runs_on(device: torch.device) -> bool:
     """Whether these kernels can take tensors on `device` in this process."""
     if device.type == "cuda":
         return torch.cuda.is_available()
-    return device.type == "cpu" and INTERPRETED
+    return device.type == "cpu" and interpreted()
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -197,10 +201,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def row_blocks(rows: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_C) of quantize/unpack for a [rows, head_dim] slab: powers of two, BLOCK_C >= 8
-    (one int3 unit). Also used by tools that compile the kernels ahead of time."""
-    max_chunk, tile = (_INTERP_MAX_CHUNK, _INTERP_TILE) if INTERPRETED else (_GPU_MAX_CHUNK, _GPU_TILE)
+def row_blocks(rows: int, head_dim: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_C) of quantize/unpack for a [rows, head_dim] slab, for the interpreter or a GPU:
+    powers of two, BLOCK_C >= 8 (one int3 unit). Also used by tools that compile the kernels ahead of time."""
+    max_chunk, tile = (_INTERP_MAX_CHUNK, _INTERP_TILE) if interpret else (_GPU_MAX_CHUNK, _GPU_TILE)
     block_c = max(8, min(_next_pow2(head_dim), max_chunk))
     block_k = max(1, min(_next_pow2(rows), tile // block_c))
     return block_k, block_c
@@ -212,7 +216,7 @@ def quantize_pack(
     """Triton version of reference.quantize_pack (same arguments, same bytes)."""
     heads, seq, head_dim = x.shape
     n = seq if index is None else index.shape[0]
-    block_k, block_c = row_blocks(n, head_dim)
+    block_k, block_c = row_blocks(n, head_dim, interpreted())
     row_group = group_size == head_dim
     if not row_group and (group_size & (group_size - 1) or group_size > block_c):
         # Groups that are not a power of two would straddle chunks; the reference runs on the
@@ -321,7 +325,7 @@ def unpack_dequantize(
     if n == 0 or heads == 0:
         return out
     payload, scales = payload.contiguous(), scales.contiguous()
-    block_k, block_c = row_blocks(n, head_dim)
+    block_k, block_c = row_blocks(n, head_dim, interpreted())
     row_group = group_size == head_dim
     grid = (triton.cdiv(n, block_k), heads)
     _unpack_dequantize_kernel[grid](
@@ -368,10 +372,11 @@ _INTERP_BLOCK_M, _INTERP_BLOCK_N = 256, 512
 _INTERP_SPLIT_BLOCKS = 64
 
 
-def q2c_config(q_dtype: torch.dtype, k_dtype: torch.dtype, head_dim: int, rows: int, seq: int) -> dict:
-    """Tile sizes and launch options for q2c (also used by tools that compile kernels ahead of time)."""
+def q2c_config(q_dtype: torch.dtype, k_dtype: torch.dtype, head_dim: int, rows: int, seq: int, interpret: bool) -> dict:
+    """Tile sizes and launch options for q2c, for the interpreter or a GPU (also used by tools that
+    compile kernels ahead of time)."""
     block_d = max(16, _next_pow2(head_dim))  # tl.dot needs every dimension >= 16
-    if INTERPRETED:
+    if interpret:
         block_m = min(_INTERP_BLOCK_M, max(16, _next_pow2(rows)))
         block_n = min(_INTERP_BLOCK_N, max(16, _next_pow2(seq)))
         return dict(
@@ -532,7 +537,7 @@ def q2c_scores(
         return out
     pos = q_pos.clamp(-1, seq - 1).to(torch.int32).contiguous()
     total = group * rows
-    common = q2c_config(q.dtype, k.dtype, head_dim, total, seq)
+    common = q2c_config(q.dtype, k.dtype, head_dim, total, seq, interpreted())
     split = common["SPLIT"]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     m_blocks = triton.cdiv(total, common["BLOCK_M"])

@@ -4,7 +4,8 @@ JSON format (every key but "default" optional; layer overrides are by absolute l
   {"name": "qwen2.5-7b-diagnosed",
    "default": {"k": {"kind": "int4"}, "v": {"kind": "int4"}},
    "layers": {"0": {"k": {"kind": "fp16"}, "v": {"kind": "fp16"}}}}
-A tensor spec is {"kind": fp32|fp16|bf16|int8|int4|int3, "axis": token|channel, "group": N}.
+A tensor spec is {"kind": a registered encoding (fp32|fp16|bf16|int8|int4|int3; kvcodec/encodings/),
+"axis": token|channel, "group": N}.
 """
 
 from __future__ import annotations

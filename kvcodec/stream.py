@@ -39,8 +39,8 @@ MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 1024
 DEFAULT_MAX_KV_BYTES = 16 << 30  # decoded KV a header may ask a receiver to hold (16 GiB)
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB cap, large enough that framing is noise
 _AXIS_CODES = {"token": 0, "channel": 1}
-_KIND_CODES = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "int3": 5, "fp32": 6}
-_TENSOR_HEAD = struct.Struct("<BBHII")  # kind, axis, group, scale bytes, payload bytes
+# kind (the encoding's wire code, kvcodec/encodings/), axis, group, scale bytes, payload bytes
+_TENSOR_HEAD = struct.Struct("<BBHII")
 
 
 @dataclass
@@ -213,9 +213,7 @@ class StreamEncoder:
             for layer, (kq, vq) in enumerate(specs):
                 for q, t in ((kq, keys[layer]), (vq, values[layer])):
                     scales, payload = q.encode(t.index_select(1, index))
-                    body += _TENSOR_HEAD.pack(
-                        _KIND_CODES[q.kind], _AXIS_CODES[q.axis], q.group, len(scales), len(payload)
-                    )
+                    body += _TENSOR_HEAD.pack(q.encoding.code, _AXIS_CODES[q.axis], q.group, len(scales), len(payload))
                     body += scales + payload
             yield self._emit(CHUNK, bytes(body))
 
@@ -372,7 +370,7 @@ class StreamDecoder:
         for layer, specs in enumerate(self._specs):
             for name, q in zip("kv", specs):
                 kind, axis, group, ns, npay = r.unpack(_TENSOR_HEAD.format[1:], f"layer {layer} {name} encoding")
-                if (kind, axis, group) != (_KIND_CODES[q.kind], _AXIS_CODES[q.axis], q.group):
+                if (kind, axis, group) != (q.encoding.code, _AXIS_CODES[q.axis], q.group):
                     raise FrameError(
                         "bad_encoding", f"layer {layer} {name}: encoding differs from the header's profile"
                     )

@@ -12,6 +12,7 @@ import importlib
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -27,10 +28,10 @@ _saved_interpret = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     from kvwire import kernels
-    from kvwire.kernels import dispatch, reference
+    from kvwire.kernels import dispatch, layout, reference
     from kvwire.kernels import triton_kernels as tk
 
-    if not tk.INTERPRETED:  # imported earlier in this process without the interpreter
+    if not tk.interpreted():  # imported earlier in this process without the interpreter
         tk = importlib.reload(tk)
         dispatch._loaded.pop("triton", None)
 finally:
@@ -46,6 +47,8 @@ def _interpret(monkeypatch):
     monkeypatch.delenv("KVWIRE_KERNELS", raising=False)
 
 
+# Every code width the kernels implement: a new width gets every test below.
+BITS = list(layout.SUPPORTED_BITS)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (rtol, atol) for q2c scores, by input dtype; both sides compute in fp32, so these only absorb
 # summation order (looser for half inputs, whose GPU path multiplies in tensor cores).
@@ -120,7 +123,7 @@ QUANT_CASES = pairwise(
         "H": [1, 2, 3, 4, 8],
         "K": [1, 37, 1000],
         "dtype": list(DTYPES),
-        "bits": [8, 4, 3],
+        "bits": BITS,
         "group": ["row", "32"],
         "index": ["all", "perm"],
         "x": ["contig", "strided"],
@@ -137,7 +140,7 @@ def test_quantize_pack_triton_matches_reference(case):
     assert_same_quantization(x, index, case["bits"], group_for(case["group"], d))
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group", ["row", "16"])
 def test_quantize_pack_chunked_rows(monkeypatch, bits, group):
     """Rows wider than one channel chunk (channel-axis codes of long chunks) loop over chunks."""
@@ -151,7 +154,7 @@ def test_quantize_pack_chunked_rows(monkeypatch, bits, group):
 def test_quantize_pack_odd_groups_and_small_heads(head_dim, group):
     """Groups that are not a power of two (reference fallback) and tiny head_dims (tiny test models)."""
     x = make_x(3, 37, head_dim, torch.bfloat16, "strided", seed=head_dim)
-    for bits in (8, 4, 3):
+    for bits in BITS:
         assert_same_quantization(x, None, bits, group)
 
 
@@ -164,7 +167,7 @@ def test_quantize_pack_strided_index_with_repeats():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", BITS)
 def test_all_zero_rows(dtype, bits):
     x = make_x(2, 37, 64, DTYPES[dtype], "contig", seed=1)
     x[:, ::3] = 0
@@ -175,7 +178,7 @@ def test_all_zero_rows(dtype, bits):
     assert torch.all(p[:, ::3] == 0)  # code 0 packs to zero bits at every width
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_exact_half_ties_round_to_even(bits, dtype):
     """x / s == k + 0.5 exactly: codes round to the even neighbour, in the kernel and the reference."""
@@ -210,19 +213,16 @@ def naive_quantize_pack(x: torch.Tensor, bits: int, group: int) -> tuple[bytes, 
             for v in vals:
                 q = round(float(v / np.float32(scale))) if scale > 0 else 0
                 codes.append(min(max(q, -qmax - 1), qmax))
-    out = bytearray()
-    if bits == 8:
-        out.extend(c & 0xFF for c in codes)
-    elif bits == 4:
-        out.extend((codes[i] & 0xF) | ((codes[i + 1] & 0xF) << 4) for i in range(0, len(codes), 2))
-    else:
-        for i in range(0, len(codes), 8):
-            word = sum((c & 0x7) << (3 * j) for j, c in enumerate(codes[i : i + 8]))
-            out.extend(word.to_bytes(3, "little"))
+    # docs/wire-format.md: each unit of u codes is one little-endian word, code j at bit bits * j
+    # (int8: a byte per code; int4: the first code in the low nibble; int3: eight codes in three bytes)
+    out, u, mask = bytearray(), layout.unit_values(bits), (1 << bits) - 1
+    for i in range(0, len(codes), u):
+        word = sum((c & mask) << (bits * j) for j, c in enumerate(codes[i : i + u]))
+        out.extend(word.to_bytes(u * bits // 8, "little"))
     return bytes(out), scales
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group", [16, 8])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_reference_matches_naive_definition(bits, group, dtype):
@@ -236,7 +236,7 @@ def test_reference_matches_naive_definition(bits, group, dtype):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    bits=st.sampled_from([8, 4, 3]),
+    bits=st.sampled_from(BITS),
     dtype=st.sampled_from(list(DTYPES)),
     units=st.integers(1, 6),
     groups=st.sampled_from([1, 2, 4]),
@@ -407,9 +407,25 @@ def test_env_var_forces_backend_at_call_time(monkeypatch):
 
 def test_forced_triton_without_a_device_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("KVWIRE_KERNELS", "triton")
-    monkeypatch.setattr(tk, "INTERPRETED", False)
+    monkeypatch.setattr(tk, "interpreted", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.q2c_scores(torch.zeros(1, 1, 16), torch.zeros(1, 4, 16), torch.zeros(1, dtype=torch.int64), 0, 4)
+
+
+def test_explicit_backend_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("KVWIRE_KERNELS", "triton")
+    assert dispatch.select_backend(torch.device("cpu"), forced="torch").name == "torch"
+    monkeypatch.setenv("KVWIRE_KERNELS", " ")
+    assert dispatch.forced_backend() is None
+    assert dispatch.select_backend(torch.device("cpu"), forced="triton").name == "triton"
+
+
+def test_interpreted_reports_how_the_kernels_were_built(monkeypatch):
+    """Unset TRITON_INTERPRET after the import: the kernels keep the mode they were built in, and
+    interpreted() reports that mode, not the variable."""
+    assert tk.interpreted()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert tk.interpreted() and tk.runs_on(torch.device("cpu"))
 
 
 def test_unknown_and_duplicate_backends(monkeypatch):
@@ -463,7 +479,7 @@ def test_packed_row_bytes(bits, head_dim, want):
 @pytest.mark.parametrize(
     "bits,head_dim,match",
     [
-        (5, 64, r"bits must be one of \(8, 4, 3\), got 5"),
+        (9, 64, re.escape(f"bits must be one of {layout.SUPPORTED_BITS}, got 9")),
         (4, 63, "4-bit packing needs head_dim divisible by 2, got 63"),
         (3, 36, "3-bit packing needs head_dim divisible by 8, got 36"),
         (8, 0, "head_dim must be positive"),

@@ -1,6 +1,10 @@
-"""Quantizers: bounded error, deterministic bytes, exact sizes; profiles: names, files, bad input."""
+"""Quantizers: exact rounding and packing order; profiles: names, files, bad input.
+
+Every encoding's round trip, sizes and stream path are in test_encodings.py (a matrix built from the registry).
+"""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,61 +13,6 @@ from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.pipeline import Edge, EdgeRequest
 from kvwire.kvcodec.profiles import NAMED_PROFILES, PrecisionProfile, get_profile, profile_names
 from kvwire.kvcodec.quant import Quantizer
-
-# one row per encoding: every quantizer gets every test below
-QUANTIZERS = [
-    Quantizer("fp32"),
-    Quantizer("fp16"),
-    Quantizer("bf16"),
-    Quantizer("int8"),
-    Quantizer("int4"),
-    Quantizer("int3"),
-    Quantizer("int8", group=32),
-    Quantizer("int4", group=16),
-    Quantizer("int8", axis="channel"),
-    Quantizer("int4", axis="channel"),
-    Quantizer("int3", axis="channel"),
-]
-
-
-def kv(heads=3, n=37, dim=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(heads, n, dim, generator=g) * 2
-    if n > 3:
-        x[:, 3] = 0.0  # an all-zero row
-    return x
-
-
-def step(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
-    """Half the quantization step per element, from the stored fp16 scales."""
-    qmax = 2 ** (q.nbits - 1) - 1
-    if q.axis == "channel":
-        s = (x.abs().amax(dim=1, keepdim=True) / qmax).half().float()
-    else:
-        g = q.group or x.shape[-1]
-        s = (x.reshape(*x.shape[:2], -1, g).abs().amax(-1, keepdim=True) / qmax).half().float()
-        s = s.expand(*x.shape[:2], x.shape[-1] // g, g).reshape(x.shape)
-    return s / 2
-
-
-@pytest.mark.parametrize("q", QUANTIZERS, ids=lambda q: f"{q.kind}-{q.axis}-{q.group}")
-@pytest.mark.parametrize("n", [1, 37])
-def test_roundtrip_error_and_sizes(q, n):
-    x = kv(n=n)
-    scales, payload = q.encode(x)
-    assert (len(scales), len(payload)) == q.sizes(3, n, 64)
-    out = torch.empty_like(x)
-    q.decode(scales, payload, out)
-    if q.is_float:
-        tol = {"fp32": 0.0, "fp16": 1e-3, "bf16": 1e-2}[q.kind]
-        assert (out - x).abs().max() <= tol * x.abs().max()
-    else:
-        err = (out - x).abs()
-        assert bool((err <= step(q, x) * (1 + 1e-3) + 1e-6).all()), float((err - step(q, x)).max())
-        if n > 3:
-            assert bool((out[:, 3] == 0).all())  # zero rows stay exactly zero
-    again = q.encode(x.clone())
-    assert again == (scales, payload)  # deterministic bytes
 
 
 def test_round_half_to_even():
@@ -82,7 +31,8 @@ def test_int4_nibble_order():
 
 
 def test_named_profiles_and_mixed_layer0():
-    assert profile_names() == ["fp32", "fp16", "bf16", "int8", "int4", "mixed-int4"]
+    # the documented names (README, docs/codec.md, the CLI's --profile); more may be added
+    assert {"fp32", "fp16", "bf16", "int8", "int4", "mixed-int4"} <= set(profile_names())
     specs = get_profile("mixed-int4").resolve(30, 64)
     assert specs[0] == (Quantizer("fp16"), Quantizer("fp16"))
     assert all(k.kind == v.kind == "int4" for k, v in specs[1:])
@@ -120,7 +70,11 @@ def test_bad_profile_files_name_the_problem(tmp_path, data, message):
 
 
 def test_unknown_profile_lists_names():
-    with pytest.raises(ConfigError, match="unknown profile 'int5'; known: fp32, fp16, bf16, int8, int4, mixed-int4"):
+    known = ", ".join(profile_names())
+    assert known.startswith("fp32, fp16, bf16, int8, int4, mixed-int4")
+    with pytest.raises(
+        ConfigError, match=re.escape(f"unknown profile 'int5'; known: {known} or a path to a .json file")
+    ):
         get_profile("int5")
 
 
@@ -142,5 +96,11 @@ def test_group_must_divide_head_dim():
         PrecisionProfile("g", (Quantizer("int4", group=48),) * 2).resolve(2, 64)
 
 
-def test_named_profile_list_is_the_registry():
-    assert set(NAMED_PROFILES) == set(profile_names())
+@pytest.mark.parametrize("name", profile_names())
+def test_every_named_profile_resolves_and_crosses_the_wire(name):
+    """get_profile(name) is the profile of that name; it resolves for a real geometry (SmolLM2: 30
+    layers, head_dim 64) and survives the header's JSON unchanged."""
+    prof = get_profile(name)
+    assert prof is NAMED_PROFILES[name] and prof.name == name
+    assert len(prof.resolve(30, 64)) == 30
+    assert PrecisionProfile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
