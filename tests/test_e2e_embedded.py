@@ -4,18 +4,14 @@ both daemons as subprocesses, a real passage, kv, scout and text modes, a clean 
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
-from pathlib import Path
 
 from kvwire.bench.loopback_demo import print_report, run_demo
 
-REPO = str(Path(__file__).resolve().parents[1])
 DEMO = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").read_text())
 
 
-def test_demo_answers_the_passage_in_every_mode_and_stops_cleanly(monkeypatch, capsys):
-    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_demo_answers_the_passage_in_every_mode_and_stops_cleanly(capsys):
     results = run_demo("embedded", question_index=0, retention=0.5, max_new_tokens=16, threads=1, log=lambda *_: None)
     assert results[-1]["exit_codes"] == {"cloud-agent": 0, "edge-agent": 0}
     kv, scout, text = results[:3]

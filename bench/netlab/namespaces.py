@@ -267,8 +267,8 @@ class Namespace:
     ) -> Proc:
         """Start argv in this namespace in its own process group; the lab stops it on teardown.
 
-        The child gets the caller's environment plus PYTHONUNBUFFERED=1 and the repository root on
-        PYTHONPATH (so `python -m kvwire.bench.relay` works without an install), then `env` on top.
+        The child gets the caller's environment plus PYTHONUNBUFFERED=1, then `env` on top (it imports
+        kvwire from the caller's interpreter: `python -m kvwire.bench.relay` needs the package installed).
         """
         self.lab._check_open()
         name = name or Path(argv[0]).name
@@ -316,7 +316,6 @@ class Namespace:
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = _sbin_path()
     env.update(extra or {})
     return env
