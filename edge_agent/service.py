@@ -38,7 +38,7 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
     """Serves Prefill streams from one loaded model.
 
     Forward passes run one at a time (the model lock): concurrent prefills on one model gain nothing
-    on a CPU and would share the attention-capture switch. Up to max_concurrency streams may be in
+    on a CPU (the attention capture itself is per call, kvcodec/prefill.py, and would allow them). Up to max_concurrency streams may be in
     progress (waiting for the lock or streaming); more are refused at once.
     """
 
