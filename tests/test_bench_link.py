@@ -127,7 +127,7 @@ def test_run_across_the_shaped_link_on_the_tiny_model(tiny_model_dir, capsys):
     text, kv = rows
     assert "error" not in text and "error" not in kv, rows
     assert text["ttft_vs_text"] == text["total_vs_text"] == text["ttft_minus_edge_prefill_vs_text"] == 1.0
-    assert text["bytes"] == 0 and kv["bytes"] > 0
+    assert 0 < text["bytes"] < kv["bytes"]  # text mode counts its UTF-8 bytes; the KV of 96 tokens is far larger
     assert text["complete"] and kv["complete"]
     assert text["context_tokens"] == kv["context_tokens"] == 96
     assert kv["kept_positions"] == kv["prompt_tokens"] - 1  # retention 1.0: every streamed position
