@@ -14,6 +14,16 @@ from collections.abc import Callable
 from kvwire.bench.geometries import GEOMETRIES
 
 
+def _add_profile_filter(p) -> None:
+    p.add_argument(
+        "--profile",
+        action="append",
+        dest="profiles",
+        metavar="NAME",
+        help="only this precision profile (repeatable; default: every named profile)",
+    )
+
+
 def _emit(rows: list[dict], as_json: bool, table: str) -> None:
     print(json.dumps(rows, indent=1) if as_json else table)
 
@@ -43,13 +53,7 @@ def _wire_size_args(p) -> None:
     p.add_argument(
         "--model", default=None, help="model for the zstd rows (default: the embedded SmolLM2-135M-Instruct)"
     )
-    p.add_argument(
-        "--profile",
-        action="append",
-        dest="profiles",
-        metavar="NAME",
-        help="only this precision profile (repeatable; default: every named profile)",
-    )
+    _add_profile_filter(p)
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
 
 
@@ -91,13 +95,7 @@ def _codec_args(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device of the KV (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--zstd", action="store_true", help="also time every profile with the zstd stage on")
-    p.add_argument(
-        "--profile",
-        action="append",
-        dest="profiles",
-        metavar="NAME",
-        help="only this precision profile (repeatable; default: every named profile)",
-    )
+    _add_profile_filter(p)
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
 
 

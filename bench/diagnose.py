@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from kvwire.bench.eval import check_resume, load_questions, set_threads
+from kvwire.bench.eval import load_questions, set_threads, start_run
 from kvwire.bench.evaluator import FULL, NONE, Evaluator, RecordStore, Setting, summarize
 from kvwire.kvcodec.profiles import PrecisionProfile
 from kvwire.kvcodec.quant import Quantizer
@@ -64,7 +64,6 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from kvwire.kvcodec.models import load_model
-    from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
 
     Quantizer(args.low)  # fail early on an unknown kind
     out = Path(args.out)
@@ -78,24 +77,7 @@ def run(args) -> int:
     only_low, only_hi = layer_profiles(num_layers, args.low)
     all_low = Setting(NONE, 1.0, PrecisionProfile(f"all-{args.low}", (Quantizer(args.low),) * 2))
     sweep = [Setting(FULL, 1.0), all_low] + [Setting(NONE, 1.0, p) for p in only_low + only_hi]
-    config = {
-        "model": loaded.source,
-        "model_fingerprint": ev.edge.model_fp,
-        "dtype": args.dtype,
-        "device": args.device,
-        "data": args.data,
-        "limit": args.limit,
-        "shuffle": not args.no_shuffle,
-        "seed": args.seed,
-        "needle": "",
-        "needle_depths": "",
-        "max_new_tokens": args.max_new_tokens,
-        "instruction": DEFAULT_INSTRUCTION,
-        "low": args.low,
-    }
-    check_resume(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({"config": config}, indent=1))
+    start_run(out, args, loaded, ev, low=args.low)
 
     started = time.perf_counter()
     try:

@@ -17,6 +17,7 @@ from kvwire.bench.data import load_examples, needle_set, pick
 from kvwire.bench.eval_report import markdown_table, pareto_plot
 from kvwire.bench.evaluator import TEXT, Evaluator, RecordStore, Setting, baselines, make_setting, summarize
 from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
 from kvwire.kvcodec.selectors import selector_names
 
 log = logging.getLogger(__name__)
@@ -110,20 +111,9 @@ def check_resume(out: Path, config: dict) -> None:
         )
 
 
-def run(args) -> int:
-    from tqdm import tqdm
-
-    from kvwire.kvcodec.models import load_model
-    from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
-
-    settings = parse_settings(args)
-    out = Path(args.out)
-    started = time.perf_counter()
-    set_threads(args.threads)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    questions = load_questions(args, loaded.tokenizer)
-    store = RecordStore(out / "records.jsonl")
-    evaluator = Evaluator(loaded, args.max_new_tokens, store)
+def start_run(out: Path, args, loaded, evaluator: Evaluator, **extra) -> dict:
+    """The run's config (what must match for `--out` to resume it): checked against an existing run,
+    then written to run.json. eval and diagnose share every key but their own `extra`."""
     config = {
         "model": loaded.source,
         "model_fingerprint": evaluator.edge.model_fp,
@@ -133,15 +123,33 @@ def run(args) -> int:
         "limit": args.limit,
         "shuffle": not args.no_shuffle,
         "seed": args.seed,
-        "needle": args.needle,
-        "needle_depths": args.needle_depths if args.needle else "",
+        "needle": "",
+        "needle_depths": "",
         "max_new_tokens": args.max_new_tokens,
         "instruction": DEFAULT_INSTRUCTION,
-        "settings": [s.key for s in settings],
+        **extra,
     }
     check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"config": config}, indent=1))
+    return config
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from kvwire.kvcodec.models import load_model
+
+    settings = parse_settings(args)
+    out = Path(args.out)
+    started = time.perf_counter()
+    set_threads(args.threads)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    questions = load_questions(args, loaded.tokenizer)
+    store = RecordStore(out / "records.jsonl")
+    evaluator = Evaluator(loaded, args.max_new_tokens, store)
+    needle = {"needle": args.needle, "needle_depths": args.needle_depths if args.needle else ""}
+    config = start_run(out, args, loaded, evaluator, settings=[s.key for s in settings], **needle)
 
     k, n = parse_shard(args.shard)
     todo = [q for i, q in enumerate(questions) if i % n == k and evaluator.pending(q, settings)]
