@@ -17,7 +17,8 @@ from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fin
 from kvwire.kvcodec.generate import Generation, eos_ids, greedy
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode, streamed_mode_names
-from kvwire.kvcodec.prefill import PrefillResult, prefill
+from kvwire.kvcodec.prefill import PrefillResult, prefill, prefill_from
+from kvwire.kvcodec.prefix_cache import PrefixCache, PrefixEntry, prefix_key
 from kvwire.kvcodec.profiles import get_profile
 from kvwire.kvcodec.prompt import Prompt, build_prompt, model_window
 from kvwire.kvcodec.receiver import StreamReceiver
@@ -48,6 +49,7 @@ class EdgeRequest:
     profile: str = "mixed-int4"
     compress: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    doc_id: str | None = None  # the document `context` is the text of (tags its prefix-cache entries)
 
 
 @dataclass
@@ -71,8 +73,9 @@ class Edge:
     settings: bench/prefill_memo.py) passes it to `stream` as `prefilled`.
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, prefix_cache: PrefixCache | None = None):
         self.loaded = loaded
+        self.prefix_cache = prefix_cache  # None: every request prefills its whole prompt
         self.geometry = kv_geometry(loaded.model)
         self.model_fp = model_fingerprint(loaded.model)
         self.tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
@@ -96,9 +99,61 @@ class Edge:
         """The request's selector; None: no selection (every position, in prompt order, nothing scored)."""
         return None if req.selector is None else get_selector(req.selector)
 
-    def prefill(self, prompt: Prompt, selector: Selector | None) -> PrefillResult:
-        """Prefill the prompt, capturing the attention rows the selector asks for (none without one)."""
-        return prefill(self.loaded.model, prompt, selector.query_rows(prompt) if selector is not None else None)
+    def prefill(
+        self, prompt: Prompt, selector: Selector | None, timings: Timings | None = None, doc_id: str | None = None
+    ) -> PrefillResult:
+        """Prefill the prompt, capturing the attention rows the selector asks for (none without one).
+
+        With a prefix cache, [template prefix][context] comes from the cache (computed and kept on a
+        miss, tagged with `doc_id`) and only the question and template suffix run through the model
+        ("question_prefill"); the KV and the captured attention are those of a full prefill.
+        """
+        timings = timings if timings is not None else Timings()
+        rows = selector.query_rows(prompt) if selector is not None else None
+        t = time.perf_counter()
+        if self.prefix_cache is None:
+            pre = prefill(self.loaded.model, prompt, rows)
+            timings.add("prefill", time.perf_counter() - t)
+            return pre
+        entry = self.prefix_entry(prompt, timings, doc_id)
+        inner = outer = None
+        if rows is not None and len(rows):
+            inner, outer = rows[rows < prompt.context_end], rows[rows >= prompt.context_end]
+        t = time.perf_counter()
+        pre = prefill_from(self.loaded.model, prompt, (entry.keys, entry.values), outer)
+        timings.add("question_prefill", time.perf_counter() - t)
+        if inner is None:
+            return pre
+        parts = [] if pre.attention is None else [pre.attention]
+        if len(inner):  # rows of the prefix itself: their attention is the prefix's, computed once per row set
+            parts.append(self._prefix_attention(entry, prompt, inner, timings))
+        return PrefillResult(pre.cache, sum(parts[1:], parts[0]), rows.long().cpu())
+
+    def prefix_entry(self, prompt: Prompt, timings: Timings, doc_id: str | None = None) -> PrefixEntry:
+        """The cached KV of the prompt's [template prefix][context]; prefilled ("prefill") and kept on a miss."""
+        key = prefix_key(self.model_fp, prompt.ids[: prompt.context_end])
+        entry = self.prefix_cache.get(key)
+        if entry is None:
+            t = time.perf_counter()
+            pre = prefill(self.loaded.model, self._prefix_prompt(prompt))
+            seconds = time.perf_counter() - t
+            timings.add("prefill", seconds)
+            entry = PrefixEntry(prompt.ids[: prompt.context_end], pre.keys, pre.values, seconds, doc_id)
+            self.prefix_cache.put(key, entry)
+        return entry
+
+    @staticmethod
+    def _prefix_prompt(prompt: Prompt) -> Prompt:
+        """The prompt cut after its context: prefilling it yields exactly positions [0, context_end)."""
+        return Prompt(prompt.ids[: prompt.context_end + 1], prompt.context_start, prompt.context_end)
+
+    def _prefix_attention(self, entry: PrefixEntry, prompt: Prompt, rows: torch.Tensor, timings: Timings):
+        key = tuple(rows.tolist())
+        if key not in entry.row_attention:
+            t = time.perf_counter()
+            entry.row_attention[key] = prefill(self.loaded.model, self._prefix_prompt(prompt), rows).attention
+            timings.add("prefill", time.perf_counter() - t)
+        return entry.row_attention[key]
 
     def select(self, prompt: Prompt, selector: Selector | None, pre: PrefillResult, retention: float) -> Selection:
         """Score and select from a prefill of `prompt` (its attention must be for the selector's rows)."""
@@ -137,10 +192,8 @@ class Edge:
         prompt = self.prompt(req)
         selector = self.selector(req)
         if prefilled is None:
-            t = time.perf_counter()
             # scored even at retention 1.0: the score decides the order chunks are sent in (anytime streaming)
-            pre = self.prefill(prompt, selector)
-            timings.add("prefill", time.perf_counter() - t)
+            pre = self.prefill(prompt, selector, timings, req.doc_id)
         else:
             pre = prefilled
         t = time.perf_counter()

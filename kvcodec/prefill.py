@@ -29,9 +29,10 @@ CAPTURE_ATTENTION = "kvwire_capture"  # the attention implementation name a mode
 
 @dataclass
 class _Capture:
-    rows: torch.Tensor  # [Lq] absolute row positions
+    rows: torch.Tensor  # [Lq] absolute row positions, all inside this forward pass's positions
     ctx: tuple[int, int]
     per_layer: dict[int, torch.Tensor]
+    offset: int = 0  # absolute position of this forward pass's first query (a cached prefix's length)
 
 
 # the capture of the prefill running in this context (thread or task); None outside a capturing prefill
@@ -42,9 +43,10 @@ _install_lock = threading.Lock()
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
     cap = _capture.get()
     if cap is not None:
-        # query: [1, Hq, S, D] after RoPE; key: [1, Hkv, S, D] after RoPE (the whole prefix)
+        # query: [1, Hq, S, D] after RoPE, positions offset..offset+S-1; key: [1, Hkv, offset+S, D]
+        # after RoPE (a cached prefix's keys, then this pass's)
         rows = cap.rows.to(query.device)
-        q = query[0].index_select(1, rows)
+        q = query[0].index_select(1, rows - cap.offset)
         cap.per_layer[module.layer_idx] = kernels.q2c_scores(
             q, key[0], rows, cap.ctx[0], cap.ctx[1], scale=module.scaling
         )
@@ -89,16 +91,42 @@ class PrefillResult:
 @torch.inference_mode()
 def prefill(model, prompt: Prompt, rows: torch.Tensor | None = None) -> PrefillResult:
     """Prefill prompt[:-1]; capture the attention of `rows` to the context when rows is given."""
-    ids = prompt.tensor(model.device)[:, :-1]
+    return prefill_from(model, prompt, None, rows)
+
+
+@torch.inference_mode()
+def prefill_from(
+    model,
+    prompt: Prompt,
+    prefix: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+    rows: torch.Tensor | None = None,
+) -> PrefillResult:
+    """Prefill prompt[:-1] on top of the KV of its first P positions (`prefix`: keys and values per
+    layer, each [kv_heads, P, head_dim]; None: P = 0), so only positions P.. run through the model.
+
+    rows: absolute rows whose attention to the context to capture; they must lie at P or later (the
+    attention of rows inside a prefix is fixed once the prefix is, and its owner keeps it). The
+    result's cache holds all stream positions; the prefix tensors are shared, not copied or changed.
+    """
+    start = 0 if prefix is None else prefix[0][0].shape[1]
+    if not 0 <= start < prompt.stream_len:
+        raise ValueError(f"a prefix of {start} positions leaves nothing to prefill of {prompt.stream_len}")
+    ids = prompt.tensor(model.device)[:, start:-1]
+    kwargs = {"input_ids": ids, "use_cache": True}
+    if prefix is not None:
+        # a fresh cache object over the prefix tensors: update() concatenates into new tensors
+        kwargs["cache"] = DynamicCache([(k[None], v[None]) for k, v in zip(*prefix, strict=True)])
+        kwargs["position_ids"] = torch.arange(start, prompt.stream_len, device=model.device)[None]
     if rows is None or len(rows) == 0:
-        out = model(input_ids=ids, use_cache=True)
-        return PrefillResult(out.cache, None)
-    install_capture(model)
+        return PrefillResult(model(**kwargs).cache, None)
     rows = rows.long().cpu()
-    cap = _Capture(rows=rows, ctx=(prompt.context_start, prompt.context_end), per_layer={})
+    if int(rows.min()) < start:
+        raise ValueError(f"rows before position {start} lie inside the prefix: their attention is the prefix's")
+    install_capture(model)
+    cap = _Capture(rows=rows, ctx=(prompt.context_start, prompt.context_end), per_layer={}, offset=start)
     token = _capture.set(cap)
     try:
-        out = model(input_ids=ids, use_cache=True)
+        out = model(**kwargs)
     finally:
         _capture.reset(token)
     attention = torch.stack([cap.per_layer[i] for i in sorted(cap.per_layer)])
