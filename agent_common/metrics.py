@@ -43,6 +43,8 @@ class Metrics:
     stream a deadline cut (still outcome "ok"), kvwire_fallbacks_total{mode,reason} kv/scout requests
     answered in text mode instead (reason: the error outcome label that caused it), and
     kvwire_retention_achieved{mode} the context share each kv/scout answer actually used.
+    Prefix cache (edge, docs/documents.md): kvwire_prefix_cache_{hits,misses,evictions}_total and
+    kvwire_prefix_cache_bytes{tier}.
     Label values are bounded: modes, stages, frame kinds, and the outcome labels of cloud_agent/errors.py.
     """
 
@@ -66,6 +68,17 @@ class Metrics:
         if side == "edge":
             self.bytes = Counter(
                 "kvwire_bytes_sent", "Codec frame bytes written to the gRPC stream", ["mode", "kind"], registry=r
+            )
+            self.prefix_cache_events = {
+                kind: Counter(f"kvwire_prefix_cache_{kind}", help_text, registry=r)
+                for kind, help_text in (
+                    ("hits", "Prompts whose [template][context] KV came from the prefix cache"),
+                    ("misses", "Prompts whose [template][context] was prefilled (and then kept)"),
+                    ("evictions", "Prefix KV entries dropped to stay within --prefix-cache-bytes"),
+                )
+            }
+            self.prefix_cache_bytes = Gauge(
+                "kvwire_prefix_cache_bytes", "Bytes of prefix KV kept, by tier", ["tier"], registry=r
             )
         else:
             self.bytes = Counter(
@@ -100,6 +113,12 @@ class Metrics:
                 buckets=RETENTION_BUCKETS,
                 registry=r,
             )
+
+    def watch_prefix_cache(self, cache) -> None:
+        """Count the cache's hits, misses and evictions and report its size (edge only)."""
+        plural = {"hit": "hits", "miss": "misses", "eviction": "evictions"}
+        cache.on_event = lambda kind: self.prefix_cache_events[plural[kind]].inc()
+        self.prefix_cache_bytes.labels("memory").set_function(lambda: cache.bytes)
 
     def observe_stages(self, mode: str, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():

@@ -16,6 +16,7 @@ from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.pipeline import Edge, EdgeRequest, Timings
+from kvwire.kvcodec.prefix_cache import PrefixCache
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile, profile_names
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR
 from kvwire.kvcodec.wire import peek_stream_id, peek_type
@@ -43,7 +44,10 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
     """
 
     def __init__(self, loaded: LoadedModel, settings: EdgeSettings, metrics: Metrics):
-        self.edge = Edge(loaded)
+        cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes else None
+        if cache is not None:
+            metrics.watch_prefix_cache(cache)
+        self.edge = Edge(loaded, cache)
         self.settings, self.metrics = settings, metrics
         # the configured profile is read once, and must fit the model: a start-up error, not a per-request one
         self.default_profile: PrecisionProfile = get_profile(settings.profile)

@@ -42,6 +42,12 @@ class EdgeSettings(DaemonSettings):
         le=256,
         description="Prefill streams served at once; more are refused with RESOURCE_EXHAUSTED (forward passes run one at a time)",
     )
+    prefix_cache_bytes: int = Field(
+        1024 * MIB,
+        ge=0,
+        description="memory for prefix KV kept across requests (a document's or a repeated context's "
+        "[template][context] prefilled once; least recently used dropped first; 0: prefill every prompt whole)",
+    )
     tls_client_ca_file: str | None = Field(
         None,
         description="PEM CA bundle that signs cloud-agents' client certificates; switches mutual TLS on "
