@@ -16,9 +16,9 @@ Contexts: the distinct passages of the committed SQuAD sample (bench/data), in f
 blank lines and cut to exactly N tokens of the model's tokenizer; the question is the first
 question about the FIRST passage (the one farthest from the question in the prompt).
 
-Neither daemon memoizes prefills between requests (edge_agent/service.py calls Edge.stream without
-a PrefillMemo), so every kv/scout request pays the edge's prefill as every text request pays the
-cloud's. One short warm-up request per mode before the grid pays torch's first-call costs and opens
+The edge runs with its prefix cache off (--prefix-cache-bytes 0), so every kv/scout request pays
+the edge's whole prefill as every text request pays the cloud's: these rows are the cold case (a
+context seen for the first time); the last column shows what a cached document saves. One short warm-up request per mode before the grid pays torch's first-call costs and opens
 the gRPC channel (which then stays open, as between long-running daemons).
 """
 
@@ -291,7 +291,10 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
             target = start_relay(lab, target, delay_ms=cfg.delay_ms).target
         daemon_opts = {"threads": cfg.threads, "grace_seconds": 2}
         started = time.monotonic()
-        procs = [launch_edge(lab, cfg.model, **daemon_opts), launch_cloud(lab, cfg.model, target, **daemon_opts)]
+        procs = [
+            launch_edge(lab, cfg.model, prefix_cache_bytes=0, **daemon_opts),  # the cold case: see the docstring
+            launch_cloud(lab, cfg.model, target, **daemon_opts),
+        ]
         edge, cloud = [ready(p) for p in procs]  # both launched first: their model loads overlap
         progress(f"daemons up in {time.monotonic() - started:.1f} s (model {cfg.model}, {cfg.threads} thread(s) each)")
         context, question, _ = contexts[WARMUP_TOKENS]

@@ -48,6 +48,7 @@ class TimingsMs(BaseModel):
     (scout and text); generate includes first_token."""
 
     edge_prefill: float = 0.0
+    edge_question_prefill: float = 0.0
     select: float = 0.0
     encode: float = 0.0
     transfer: float = 0.0

@@ -34,7 +34,7 @@ from kvwire.kvcodec.receiver import NothingToAnswerError
 from kvwire.kvcodec.stream import DecodedKV
 
 log = logging.getLogger("kvwire.cloud_agent")
-EDGE_COMPUTE_STAGES = ("prefill", "select", "encode")
+EDGE_COMPUTE_STAGES = ("prefill", "question_prefill", "select", "encode")
 # the edge stream's failures a request with fallback "text" survives; a wrong request (ConfigError,
 # PromptTooLongError) or a model that cannot use the stream (GeometryMismatchError) is still the caller's to fix
 FALLBACK_ERRORS = (EdgeUnavailableError, EdgeBusyError, EdgeFailedError, FrameError, DeadlineExceededError)
@@ -361,7 +361,8 @@ class AnswerService:
             fallback="text" if fallback_reason else None,
             fallback_reason=fallback_reason,
             timings_ms=TimingsMs(
-                edge_prefill=edge_ms.get("prefill", 0.0),
+                edge_prefill=edge_ms.get("prefill", 0.0) + edge_ms.get("question_prefill", 0.0),
+                edge_question_prefill=edge_ms.get("question_prefill", 0.0),
                 select=edge_ms.get("select", 0.0),
                 encode=edge_ms.get("encode", 0.0),
                 **{
