@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvwire.agent_common.edge_messages import PrefillReply, PrefillRequest
+from kvwire.agent_common.edge_messages import DocumentInfo, PrefillReply, PrefillRequest
 from kvwire.agent_common.errors import (
     DeadlineExceededError,
+    DocumentNotFoundError,
     EdgeBusyError,
     EdgeFailedError,
     EdgeRefusedTokenError,
@@ -20,7 +21,7 @@ from kvwire.agent_common.errors import (
 from kvwire.agent_common.grpc_status import CLOUD_ERRORS
 from kvwire.kvcodec.wire import peek_stream_id
 from kvwire.proto import kvwire_pb2_grpc
-from kvwire.proto.kvwire_pb2 import Receipt
+from kvwire.proto.kvwire_pb2 import DocumentRequest, Receipt
 
 KEEPALIVE_TIME_MS = 5000  # ping the edge after this long without reading anything from it
 KEEPALIVE_TIMEOUT_MS = 3000  # and drop the connection if the ping's answer takes longer
@@ -111,9 +112,18 @@ class EdgeClient:
                     self._confirm(stream_id, received, ends_at)
                 yield reply
         except grpc.RpcError as exc:
-            raise self._translate(exc, timeout_s) from None
+            raise self._translate(exc, timeout_s, request.doc_id) from None
         finally:
             call.cancel()  # no-op once the stream has ended
+
+    def get_document(self, doc_id: str, include_text: bool, timeout_s: float, request_id: str = "") -> DocumentInfo:
+        """The edge's document `doc_id` (DocumentNotFoundError if it has none), with its text when asked."""
+        req = DocumentRequest(request_id=request_id, doc_id=doc_id, include_text=include_text)
+        try:
+            reply = self._stub.GetDocument(req, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, timeout_s, doc_id) from None
+        return DocumentInfo.from_pb(reply, include_text)
 
     def _confirm(self, stream_id: bytes, received: int, ends_at: float) -> None:
         """Send the receipt; a failure is left to the stream itself (its end or its error says what happened)."""
@@ -126,10 +136,12 @@ class EdgeClient:
         except grpc.RpcError:
             pass  # an edge without Confirm (UNIMPLEMENTED) or one gone: the stream's status reports the latter
 
-    def _translate(self, exc: grpc.RpcError, timeout_s: float) -> Exception:
+    def _translate(self, exc: grpc.RpcError, timeout_s: float, doc_id: str = "") -> Exception:
         """The domain error for a failed call: the class from EdgeService's status table, the words for a user here."""
         code, details = exc.code(), exc.details() or ""
         cls = CLOUD_ERRORS.get(code)
+        if cls is DocumentNotFoundError:
+            return cls(doc_id)
         if cls is EdgeBusyError:
             return cls(f"edge-agent at {self.address} is busy: {details}")
         if cls is EdgeRefusedTokenError:

@@ -24,6 +24,7 @@ class PrefillRequest:
     compress: bool = False
     chunk_bytes: int = 0  # 0: the edge's configured chunk size
     confirm: bool = False  # the caller sends a Receipt (EdgeService.Confirm) once the timings message arrived
+    doc_id: str = ""  # a document registered on the edge instead of `context` (exactly one of the two)
 
     def to_pb(self) -> kvwire_pb2.PrefillRequest:
         return kvwire_pb2.PrefillRequest(
@@ -37,6 +38,7 @@ class PrefillRequest:
             compress=self.compress,
             chunk_bytes=self.chunk_bytes,
             confirm=self.confirm,
+            doc_id=self.doc_id,
         )
 
     @classmethod
@@ -52,6 +54,7 @@ class PrefillRequest:
             compress=pb.compress,
             chunk_bytes=pb.chunk_bytes,
             confirm=pb.confirm,
+            doc_id=pb.doc_id,
         )
 
 
@@ -75,3 +78,31 @@ class PrefillReply:
         if pb.WhichOneof("body") == "frame":
             return cls(request_id=pb.request_id, frame=pb.frame)
         return cls(request_id=pb.request_id, timings_ms=dict(pb.timings.stage_ms))
+
+
+@dataclass
+class DocumentInfo:
+    """A document registered on the edge, as GetDocument describes it (text only when asked for)."""
+
+    doc_id: str
+    version: int
+    etag: str
+    tokens: int
+    bytes: int
+    cached: bool = False  # the edge holds its prefix KV now
+    text: str | None = None
+
+    def to_pb(self) -> kvwire_pb2.DocumentReply:
+        return kvwire_pb2.DocumentReply(
+            doc_id=self.doc_id,
+            version=self.version,
+            etag=self.etag,
+            tokens=self.tokens,
+            bytes=self.bytes,
+            cached=self.cached,
+            text=self.text or "",
+        )
+
+    @classmethod
+    def from_pb(cls, pb: kvwire_pb2.DocumentReply, with_text: bool) -> DocumentInfo:
+        return cls(pb.doc_id, pb.version, pb.etag, pb.tokens, pb.bytes, pb.cached, pb.text if with_text else None)

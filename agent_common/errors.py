@@ -45,3 +45,11 @@ class UnauthenticatedError(ServiceError):
 
 class EdgeRefusedTokenError(ServiceError):
     """The edge-agent answered UNAUTHENTICATED: this cloud-agent's edge_token_file does not hold the edge's token."""
+
+
+class DocumentNotFoundError(ServiceError):
+    """No document of this id is registered on the edge (HTTP 404, gRPC NOT_FOUND)."""
+
+    def __init__(self, doc_id: str):
+        super().__init__(f"no document {doc_id!r} on the edge (register it with PUT /v1/documents/{doc_id})")
+        self.doc_id = doc_id

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import grpc
 
 from kvwire.agent_common.errors import (
+    DocumentNotFoundError,
     EdgeBusyError,
     EdgeRefusedTokenError,
     EdgeUnavailableError,
@@ -30,6 +31,7 @@ class GrpcStatus(NamedTuple):
 STATUS_TABLE: tuple[GrpcStatus, ...] = (
     GrpcStatus(PromptTooLongError, grpc.StatusCode.OUT_OF_RANGE, "too_long", PromptTooLongError),
     GrpcStatus(ConfigError, grpc.StatusCode.INVALID_ARGUMENT, "invalid", ConfigError),
+    GrpcStatus(DocumentNotFoundError, grpc.StatusCode.NOT_FOUND, "not_found", DocumentNotFoundError),
     # the edge's own concurrency limit; to the cloud a busy edge is a 503, not its own 429
     GrpcStatus(OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", EdgeBusyError),
     GrpcStatus(ShuttingDownError, grpc.StatusCode.UNAVAILABLE, "shutting_down", EdgeUnavailableError),

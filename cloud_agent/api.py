@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
@@ -14,7 +14,14 @@ class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(min_length=1, description="the question about the context")
-    context: str = Field(min_length=1, description="the passage the question is about")
+    context: str | None = Field(None, min_length=1, description="the passage the question is about")
+    doc_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="instead of context: a document registered on the edge (docs/documents.md); kv and scout "
+        "stream from the edge's cached prefix, text fetches the document's text from the edge",
+    )
     mode: Literal[tuple(mode_names())] = Field(  # type: ignore[valid-type]  # the allowed values are the registry's
         "kv", description="; ".join(f"{name}: {get_mode(name).description}" for name in mode_names())
     )
@@ -40,6 +47,12 @@ class AnswerRequest(BaseModel):
             "answer in text mode instead of an error, if the deadline leaves time"
         ),
     )
+
+    @model_validator(mode="after")
+    def _context_or_doc_id(self):
+        if (self.context is None) == (self.doc_id is None):
+            raise ValueError("send exactly one of context and doc_id")
+        return self
 
 
 class TimingsMs(BaseModel):

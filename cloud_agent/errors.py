@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from kvwire.agent_common.errors import (
     DeadlineExceededError,
+    DocumentNotFoundError,
     EdgeBusyError,
     EdgeFailedError,
     EdgeRefusedTokenError,
@@ -40,6 +41,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (ConfigError, 422, "invalid"),
     (RequestValidationError, 422, "invalid"),
     (GeometryMismatchError, 409, "mismatch"),
+    (DocumentNotFoundError, 404, "not_found"),
     (FrameError, 502, "frame_error"),
     (OverloadedError, 429, "overloaded"),
     (EdgeBusyError, 503, "edge_busy"),

@@ -38,6 +38,7 @@ EDGE_COMPUTE_STAGES = ("prefill", "question_prefill", "select", "encode")
 # the edge stream's failures a request with fallback "text" survives; a wrong request (ConfigError,
 # PromptTooLongError) or a model that cannot use the stream (GeometryMismatchError) is still the caller's to fix
 FALLBACK_ERRORS = (EdgeUnavailableError, EdgeBusyError, EdgeFailedError, FrameError, DeadlineExceededError)
+DOCUMENT_TIMEOUT_S = 10.0  # a document lookup is one small unary call (its text: the document's UTF-8 bytes)
 WARM_UP_CONTEXT = "KVWire warms up its model with this sentence before it serves."
 WARM_UP_QUESTION = "What does KVWire warm up?"
 WARM_UP_TOKENS = 4
@@ -174,31 +175,45 @@ class AnswerService:
             return False, {**info, "reason": str(exc)}
         return True, info
 
-    def validate(self, req: AnswerRequest) -> int:
+    def validate(self, req: AnswerRequest, request_id: str = "") -> tuple[int, str | None]:
         """ConfigError (422) / PromptTooLongError (413) for what this cloud owns (its limits, its model's
-        window) before any work; returns the prompt length. Names the edge owns (selector, profile) go to
-        the edge, whose refusal comes back as a 422 with its message."""
+        window) before any work; returns (prompt length, the context text). Names the edge owns (selector,
+        profile) go to the edge, whose refusal comes back as a 422 with its message.
+
+        With a doc_id the edge describes the document (DocumentNotFoundError, 404, if it has none) and
+        sends its text only in text mode; a streamed mode's context text stays on the edge (None)."""
         if req.max_new_tokens > self.settings.max_new_tokens:
             raise ConfigError(
                 f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}"
             )
-        tokenizer = self.loaded.tokenizer
-        context_tokens = len(tokenizer(req.context, add_special_tokens=False)["input_ids"])
+        tokenizer, window = self.loaded.tokenizer, model_window(self.loaded.model)
+        if req.doc_id is None:
+            text = req.context
+            context_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            doc = self._document(req.doc_id, not get_mode(req.mode).streamed, request_id)
+            text, context_tokens = doc.text, doc.tokens
         if context_tokens > self.settings.max_context_tokens:
             raise PromptTooLongError(
                 f"the context is {context_tokens} tokens; this cloud-agent accepts at most "
                 f"{self.settings.max_context_tokens} (--max-context-tokens)"
             )
-        return len(build_prompt(tokenizer, req.context, req.question, max_len=model_window(self.loaded.model)))
+        if text is not None:
+            return len(build_prompt(tokenizer, text, req.question, max_len=window)), text
+        # the document's tokens plus the template and question around a one-token stand-in
+        return len(build_prompt(tokenizer, ".", req.question, max_len=window)) - 1 + context_tokens, None
+
+    def _document(self, doc_id: str, include_text: bool, request_id: str = ""):
+        return self.edge.get_document(doc_id, include_text, DOCUMENT_TIMEOUT_S, request_id)
 
     def _answer(self, req: AnswerRequest, request_id: str, arrived: float) -> AnswerResponse:
         deadline_at = arrived + (req.deadline_ms or self.settings.default_deadline_ms) / 1000
         timings = Timings()
-        prompt_len = self.validate(req)
+        prompt_len, text = self.validate(req, request_id)
         edge_ms: dict[str, float] = {}
         fallback_reason = None
         if not get_mode(req.mode).streamed:
-            ans = self._answer_text(req, timings)
+            ans = self._answer_text(req, timings, text)
         else:
             try:
                 decoded, edge_ms = self._receive(req, request_id, timings, prompt_len, deadline_at)
@@ -207,7 +222,7 @@ class AnswerService:
                     req, exc, prompt_len, deadline_at
                 )  # re-raises without a fallback
                 timings = Timings()  # the failed stream's stages are not this answer's
-                ans = self._answer_text(req, timings)
+                ans = self._answer_text(req, timings, text)
             else:
                 with self._model_lock:
                     ans = self.cloud.answer(decoded, req.max_new_tokens, timings)
@@ -235,9 +250,12 @@ class AnswerService:
         )
         return response
 
-    def _answer_text(self, req: AnswerRequest, timings: Timings) -> Answer:
+    def _answer_text(self, req: AnswerRequest, timings: Timings, text: str | None = None) -> Answer:
+        """Text mode: the context text (a document's is fetched from the edge, and counted as crossing)."""
+        if text is None:
+            text = req.context if req.doc_id is None else self._document(req.doc_id, True).text
         with self._model_lock:
-            return self.cloud.answer_text(req.context, req.question, req.max_new_tokens, timings)
+            return self.cloud.answer_text(text, req.question, req.max_new_tokens, timings)
 
     def _fall_back_or_raise(self, req: AnswerRequest, exc: Exception, prompt_len: int, deadline_at: float) -> str:
         """Why a failed kv/scout request is answered in text mode; re-raises `exc` when it may not be:
@@ -293,7 +311,8 @@ class AnswerService:
         request = PrefillRequest(
             request_id=request_id,
             mode=req.mode,
-            context=req.context,
+            context=req.context or "",
+            doc_id=req.doc_id or "",
             question=req.question,
             selector=req.selector,
             retention=req.retention,

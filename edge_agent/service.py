@@ -8,9 +8,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kvwire.agent_common.edge_messages import PrefillReply, PrefillRequest
+from kvwire.agent_common.edge_messages import DocumentInfo, PrefillReply, PrefillRequest
 from kvwire.agent_common.errors import OverloadedError, ShuttingDownError
-from kvwire.agent_common.logs import log_event
+from kvwire.agent_common.grpc_status import status_of
+from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import Metrics
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import ConfigError
@@ -43,11 +44,16 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
     progress (waiting for the lock or streaming); more are refused at once.
     """
 
-    def __init__(self, loaded: LoadedModel, settings: EdgeSettings, metrics: Metrics):
+    def __init__(self, loaded: LoadedModel, settings: EdgeSettings, metrics: Metrics, documents=None):
+        """documents: the edge's DocumentStore (edge_agent/documents.py); None: requests name no doc_id."""
         cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes else None
         if cache is not None:
             metrics.watch_prefix_cache(cache)
         self.edge = Edge(loaded, cache)
+        self.documents = documents
+        if documents is not None and cache is not None:
+            # a changed or deleted document's prefix KV goes at once (a running stream keeps its snapshot)
+            documents.subscribe(lambda doc_id, _version: cache.drop_document(doc_id))
         self.settings, self.metrics = settings, metrics
         # the configured profile is read once, and must fit the model: a start-up error, not a per-request one
         self.default_profile: PrecisionProfile = get_profile(settings.profile)
@@ -83,11 +89,21 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         finally:
             self._slots.release()
 
+    def document(self, doc_id: str):
+        """The registered document `doc_id` (a snapshot: a later put or delete does not change it)."""
+        if self.documents is None:
+            raise ConfigError("this edge-agent keeps no documents: send the context itself")
+        return self.documents.get(doc_id)  # DocumentNotFoundError -> NOT_FOUND
+
     def _stream(self, req: PrefillRequest, context):
         started = time.perf_counter()
         profile = self.profile_for(req.profile)
+        if bool(req.doc_id) == bool(req.context):
+            raise ConfigError("send exactly one of context and doc_id")
+        text = self.document(req.doc_id).text if req.doc_id else req.context
         edge_req = EdgeRequest(
-            context=req.context,
+            context=text,
+            doc_id=req.doc_id or None,
             question=req.question,
             mode=req.mode,
             selector=req.selector or DEFAULT_SELECTOR,
@@ -170,6 +186,22 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         if receipt.frame_bytes != sent:
             log_event(log, "receipt_mismatch", logging.WARNING, bytes=sent, confirmed_bytes=receipt.frame_bytes)
         return True
+
+    def GetDocument(self, request, context):
+        """A document's metadata (and its text when asked): a text-mode answer about it needs the text."""
+        request_id_var.set(clean_request_id(request.request_id, fresh_prefix="edge-"))
+        try:
+            doc = self.document(request.doc_id)
+        except Exception as exc:
+            code, outcome, message = status_of(exc)
+            self.metrics.requests.labels("document", outcome).inc()
+            context.abort(code, message)
+        self.metrics.requests.labels("document", "ok").inc()
+        cached = self.edge.prefix_cache is not None and self.edge.prefix_cache.holds_document(doc.doc_id)
+        info = DocumentInfo(doc.doc_id, doc.version, doc.etag, doc.tokens, doc.bytes, cached)
+        if request.include_text:
+            info.text = doc.text
+        return info.to_pb()
 
     def Confirm(self, request, context):
         """The cloud has every frame of the stream `request.stream_id` (see Prefill's `confirm`)."""

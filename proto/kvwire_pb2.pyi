@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "mode", "context", "question", "selector", "retention", "profile", "compress", "chunk_bytes", "confirm")
+    __slots__ = ("request_id", "mode", "context", "question", "selector", "retention", "profile", "compress", "chunk_bytes", "confirm", "doc_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class PrefillRequest(_message.Message):
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     mode: str
     context: str
@@ -28,7 +29,36 @@ class PrefillRequest(_message.Message):
     compress: bool
     chunk_bytes: int
     confirm: bool
-    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., selector: _Optional[str] = ..., retention: _Optional[float] = ..., profile: _Optional[str] = ..., compress: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., confirm: _Optional[bool] = ...) -> None: ...
+    doc_id: str
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., selector: _Optional[str] = ..., retention: _Optional[float] = ..., profile: _Optional[str] = ..., compress: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., confirm: _Optional[bool] = ..., doc_id: _Optional[str] = ...) -> None: ...
+
+class DocumentRequest(_message.Message):
+    __slots__ = ("request_id", "doc_id", "include_text")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    doc_id: str
+    include_text: bool
+    def __init__(self, request_id: _Optional[str] = ..., doc_id: _Optional[str] = ..., include_text: _Optional[bool] = ...) -> None: ...
+
+class DocumentReply(_message.Message):
+    __slots__ = ("doc_id", "version", "etag", "tokens", "bytes", "cached", "text")
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    doc_id: str
+    version: int
+    etag: str
+    tokens: int
+    bytes: int
+    cached: bool
+    text: str
+    def __init__(self, doc_id: _Optional[str] = ..., version: _Optional[int] = ..., etag: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., cached: _Optional[bool] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("stream_id", "frame_bytes")

@@ -46,6 +46,11 @@ class EdgeServiceStub:
                 request_serializer=kvwire_dot_proto_dot_kvwire__pb2.Receipt.SerializeToString,
                 response_deserializer=kvwire_dot_proto_dot_kvwire__pb2.ReceiptReply.FromString,
                 _registered_method=True)
+        self.GetDocument = channel.unary_unary(
+                '/kvwire.v1.EdgeService/GetDocument',
+                request_serializer=kvwire_dot_proto_dot_kvwire__pb2.DocumentRequest.SerializeToString,
+                response_deserializer=kvwire_dot_proto_dot_kvwire__pb2.DocumentReply.FromString,
+                _registered_method=True)
 
 
 class EdgeServiceServicer:
@@ -72,6 +77,14 @@ class EdgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDocument(self, request, context):
+        """A document registered on the edge (its HTTP API, docs/documents.md): metadata, and the text
+        when asked for (a text-mode answer about a document prefills the text on the cloud).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -84,6 +97,11 @@ def add_EdgeServiceServicer_to_server(servicer, server):
                     servicer.Confirm,
                     request_deserializer=kvwire_dot_proto_dot_kvwire__pb2.Receipt.FromString,
                     response_serializer=kvwire_dot_proto_dot_kvwire__pb2.ReceiptReply.SerializeToString,
+            ),
+            'GetDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDocument,
+                    request_deserializer=kvwire_dot_proto_dot_kvwire__pb2.DocumentRequest.FromString,
+                    response_serializer=kvwire_dot_proto_dot_kvwire__pb2.DocumentReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +160,33 @@ class EdgeService:
             '/kvwire.v1.EdgeService/Confirm',
             kvwire_dot_proto_dot_kvwire__pb2.Receipt.SerializeToString,
             kvwire_dot_proto_dot_kvwire__pb2.ReceiptReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvwire.v1.EdgeService/GetDocument',
+            kvwire_dot_proto_dot_kvwire__pb2.DocumentRequest.SerializeToString,
+            kvwire_dot_proto_dot_kvwire__pb2.DocumentReply.FromString,
             options,
             channel_credentials,
             insecure,
