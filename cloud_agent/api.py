@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvwire.kvcodec.modes import get_mode, mode_names
+from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
 
 
@@ -29,6 +30,11 @@ class AnswerRequest(BaseModel):
     retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
     profile: str | None = Field(
         None, description="precision profile (kv mode); default: the edge's --profile (mixed-int4 unless configured)"
+    )
+    scout_prefill: Literal[SCOUT_PREFILLS] = Field(  # type: ignore[valid-type]
+        DEFAULT_SCOUT_PREFILL,
+        description="scout mode: sparse prefills only the kept tokens at their positions (the time saver); "
+        "full prefills the whole prompt and drops the rest (docs/documents.md compares them)",
     )
     max_new_tokens: int = Field(32, ge=1, le=4096, description="answer length cap in tokens")
     deadline_ms: int | None = Field(

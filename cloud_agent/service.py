@@ -225,7 +225,7 @@ class AnswerService:
                 ans = self._answer_text(req, timings, text)
             else:
                 with self._model_lock:
-                    ans = self.cloud.answer(decoded, req.max_new_tokens, timings)
+                    ans = self.cloud.answer(decoded, req.max_new_tokens, timings, {"scout_prefill": req.scout_prefill})
                 self.metrics.wire_ratio.labels(req.mode).observe(ans.wire_ratio)
                 self.metrics.retention_achieved.labels(req.mode).observe(ans.retention_achieved)
                 if not ans.complete:

@@ -291,9 +291,10 @@ class Cloud:
                 f"the {header.mode} stream does not fit this model: " + "; ".join(problems) + "." + hint
             )
 
-    def answer(self, received: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
-        """Answer from a received stream (complete or cut), the way its mode does."""
-        return get_mode(received.header.mode).answer(self, received, max_new_tokens, timings)
+    def answer(self, received: DecodedKV, max_new_tokens: int, timings: Timings | None = None, options=None) -> Answer:
+        """Answer from a received stream (complete or cut), the way its mode does (options: its choices,
+        e.g. {"scout_prefill": "full"})."""
+        return get_mode(received.header.mode).answer(self, received, max_new_tokens, timings, options)
 
     def answer_text(self, context: str, question: str, max_new_tokens: int, timings: Timings | None = None) -> Answer:
         """The baseline: prefill the plain text with this model."""

@@ -78,3 +78,18 @@ def test_the_receiver_refuses_another_mode_and_reports_every_frame(tiny_loaded):
     receiver = cloud.receiver("scout", on_frame=lambda kind, n: seen.append((kind, n)))
     receiver.feed_all(frames).result()
     assert seen == [("header", len(frames[0])), ("trailer", len(frames[1]))]
+
+
+def test_sparse_scout_prefills_only_the_kept_tokens_and_equals_full_when_all_are_kept(tiny_loaded):
+    edge, cloud = Edge(tiny_loaded), Cloud(tiny_loaded)
+    everything = cloud.receive(edge.stream(EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 1.0)))
+    sparse, full = (cloud.answer(everything, 6, None, {"scout_prefill": how}) for how in ("sparse", "full"))
+    assert sparse.tokens == full.tokens  # all positions kept: the same prefill, run the same way
+    assert torch.allclose(sparse.generation.first_logits, full.generation.first_logits, atol=1e-5)
+    half = cloud.receive(edge.stream(EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 0.5)))
+    sparse, full = (cloud.answer(half, 6, None, {"scout_prefill": how}) for how in ("sparse", "full"))
+    assert sparse.kept_positions == full.kept_positions < everything.positions.numel()
+    # the kept tokens no longer see the dropped ones: other logits, the same positions
+    assert not torch.allclose(sparse.generation.first_logits, full.generation.first_logits, atol=1e-5)
+    with pytest.raises(ConfigError, match="scout_prefill 'half'"):
+        cloud.answer(half, 2, None, {"scout_prefill": "half"})

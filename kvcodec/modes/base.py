@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from kvwire.kvcodec.errors import ConfigError
@@ -25,8 +26,16 @@ class Mode:
     streamed: ClassVar[bool] = True
     carries_kv: ClassVar[bool] = False
 
-    def answer(self, cloud: Cloud, received: DecodedKV, max_new_tokens: int, timings: Timings | None = None) -> Answer:
-        """Generate on `cloud` from a received stream (complete, or cut by a deadline)."""
+    def answer(
+        self,
+        cloud: Cloud,
+        received: DecodedKV,
+        max_new_tokens: int,
+        timings: Timings | None = None,
+        options: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """Generate on `cloud` from a received stream (complete, or cut by a deadline). options: the
+        request's per-mode choices (e.g. scout_prefill); a mode reads the ones it knows."""
         raise ConfigError(f"mode {self.name!r} is not streamed: the cloud answers it from the text")
 
     def setup_positions(self, prompt_len: int, kept: int) -> int:

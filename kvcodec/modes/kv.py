@@ -13,7 +13,7 @@ class KVMode(Mode):
     description = "quantized KV of the kept positions from the edge (the cloud's model needs the same KV geometry)"
     carries_kv = True
 
-    def answer(self, cloud, received, max_new_tokens, timings=None):
+    def answer(self, cloud, received, max_new_tokens, timings=None, options=None):
         t = time.perf_counter()
         cache, _ = build_cache(received, cloud.loaded.dtype, cloud.loaded.device)
         if timings is not None:
