@@ -15,7 +15,16 @@ from pathlib import Path
 
 from kvwire.bench.data import load_examples, needle_set, pick
 from kvwire.bench.eval_report import markdown_table, pareto_plot
-from kvwire.bench.evaluator import TEXT, Evaluator, RecordStore, Setting, baselines, make_setting, summarize
+from kvwire.bench.evaluator import (
+    TEXT,
+    Evaluator,
+    RecordStore,
+    Setting,
+    baselines,
+    make_setting,
+    scout_setting,
+    summarize,
+)
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
 from kvwire.kvcodec.selectors import selector_names
@@ -47,6 +56,8 @@ def parse_settings(args) -> list[Setting]:
         for retention in (float(r) for r in _csv(args.retentions)):
             for selector in selector_names() if args.selectors == "all" else _csv(args.selectors):
                 settings.append(make_setting(selector, retention, profile))
+                for how in _csv(args.scout):  # the same selection sent as positions only
+                    settings.append(scout_setting(selector, retention, how))
     for spec in (s for item in args.setting for s in _csv(item)):
         parts = spec.split(":", 2)  # a profile path may itself hold a colon
         if len(parts) != 3:

@@ -45,6 +45,12 @@ def add_eval_arguments(p) -> None:
         help="comma list of profile names or profile JSON files (default mixed-int4)",
     )
     p.add_argument(
+        "--scout",
+        default="",
+        metavar="PREFILLS",
+        help="also send each grid selection in scout mode with these cloud prefills: sparse, full or sparse,full",
+    )
+    p.add_argument(
         "--setting",
         action="append",
         default=[],

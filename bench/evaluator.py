@@ -17,7 +17,9 @@ from pathlib import Path
 from kvwire.bench.data import Example
 from kvwire.bench.prefill_memo import PrefillMemo
 from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score
+from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.modes import get_mode
+from kvwire.kvcodec.modes.scout import SCOUT_PREFILLS
 from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings, fp16_kv_bytes
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile
 from kvwire.kvcodec.selectors import check_retention, get_selector
@@ -38,6 +40,7 @@ class Setting:
     selector: str
     retention: float
     profile: PrecisionProfile | None = None
+    scout_prefill: str = ""  # set: a scout-mode setting (the cloud prefills "sparse" or "full"), no profile
 
     @property
     def is_baseline(self) -> bool:
@@ -45,10 +48,14 @@ class Setting:
 
     @property
     def profile_name(self) -> str:
+        if self.scout_prefill:
+            return f"scout-{self.scout_prefill}"
         return self.profile.name if self.profile is not None else BASELINE_PROFILE
 
     @property
     def key(self) -> str:
+        if self.scout_prefill:
+            return f"{self.selector}:{self.retention:g}:scout-{self.scout_prefill}"
         if self.profile is None:
             return f"{self.selector}:{self.retention:g}:{BASELINE_PROFILE}"
         digest = hashlib.sha256(
@@ -66,6 +73,16 @@ def make_setting(selector: str, retention: float, profile: str | PrecisionProfil
     else:
         get_selector(selector)
     return Setting(selector, retention, get_profile(profile))
+
+
+def scout_setting(selector: str, retention: float, scout_prefill: str) -> Setting:
+    """A validated scout-mode setting (selector, retention; the cloud's prefill sparse or full)."""
+    if scout_prefill not in SCOUT_PREFILLS:
+        raise ConfigError(f"scout prefill {scout_prefill!r}: use one of {', '.join(SCOUT_PREFILLS)}")
+    retention = check_retention(float(retention))
+    if retention < 1.0:
+        get_selector(selector)
+    return Setting(selector if retention < 1.0 else NONE, retention, None, scout_prefill)
 
 
 def baselines() -> list[Setting]:
@@ -150,9 +167,10 @@ class Evaluator:
                 self._record_text(ex, s, full, text_bytes, ratio)
                 continue
             selector = None if s.selector == NONE else s.selector
-            req = EdgeRequest(ex.context, ex.question, "kv", selector, s.retention, s.profile)
+            mode, options = ("scout", {"scout_prefill": s.scout_prefill}) if s.scout_prefill else ("kv", None)
+            req = EdgeRequest(ex.context, ex.question, mode, selector, s.retention, s.profile or "mixed-int4")
             frames = list(memo.stream(req, timings))
-            ans = self.cloud.answer(self.cloud.receive(frames, timings), self.max_new_tokens, timings)
+            ans = self.cloud.answer(self.cloud.receive(frames, timings), self.max_new_tokens, timings, options)
             self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0)
         self.prefills += memo.runs
 
