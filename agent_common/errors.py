@@ -45,3 +45,8 @@ class UnauthenticatedError(ServiceError):
 
 class EdgeRefusedTokenError(ServiceError):
     """The edge-agent answered UNAUTHENTICATED: this cloud-agent's edge_token_file does not hold the edge's token."""
+
+
+class StartupConfigError(ServiceError):
+    """A setting's file or folder cannot serve (e.g. the edge's document store is locked or corrupt): the
+    daemon exits 2 at start-up with the message, which names the setting and the file."""
