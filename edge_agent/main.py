@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,14 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
         security.credentials is not None,
         "the gRPC port is plaintext (no tls_cert_file): the cloud's token",
     )
+    if security.token is not None and not is_loopback(settings.host):
+        log_event(
+            log,
+            "token_in_clear",
+            logging.WARNING,
+            setting="auth_token_file",
+            reason="the HTTP port (the documents API) is plain HTTP: anyone on the path can read the token",
+        )
     loaded, seconds = load_daemon_model(settings)
     metrics = Metrics("edge")
     servicer = EdgeServicer(loaded, settings, metrics)
@@ -172,6 +181,13 @@ def open_documents(settings: EdgeSettings, tokenizer, metrics: Metrics) -> Docum
     store.subscribe(lambda doc_id, version: metrics.documents.set(len(store)))
     log_event(log, "documents_opened", path=str(store.path), documents=len(store), bytes=store.total_bytes())
     return store
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main(argv: list[str] | None = None) -> int:
