@@ -564,3 +564,13 @@ def test_locked_or_corrupt_store_stops_the_edge_with_exit_2(tmp_path):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [("127.0.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True), ("0.0.0.0", False), ("10.0.0.5", False)],
+)
+def test_the_plain_http_token_warning_is_for_hosts_off_loopback(host, loopback):
+    from kvwire.edge_agent.main import is_loopback
+
+    assert is_loopback(host) is loopback
