@@ -154,8 +154,6 @@ def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
         raise DocumentStoreOpenError(
             f"data_dir: cannot create {str(path.parent)!r} ({exc.strerror}); set --data-dir to a writable folder"
         ) from None
-    if path.parent.exists() and not path.parent.is_dir():
-        raise DocumentStoreOpenError(f"data_dir: {str(path.parent)!r} is not a folder")
     conn = None
     try:
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT), never implicit
