@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from kvwire.agent_common.errors import StartupConfigError
 from kvwire.agent_common.logs import log_event, setup_logging
 from kvwire.agent_common.security import SecurityConfigError
 from kvwire.agent_common.settings import AgentSettings, DaemonSettings, apply_thread_limit, load_settings
@@ -27,17 +28,20 @@ def run_daemon(
     serve: Callable[[S, Any], Awaitable[int]],
     log: logging.Logger,
 ) -> int:
-    """Load settings (bad ones: exit 2), run `check` (TLS files and tokens; bad ones: exit 2) before the
-    model loads, then `serve(settings, checked)` until it drains; start-up failures exit 1."""
+    """Load settings (bad ones: exit 2), run `check` (TLS files, tokens, data files; bad ones: exit 2) before
+    the model loads, then `serve(settings, checked)` until it drains; a StartupConfigError while serving
+    starts exits 2 too, other start-up failures exit 1."""
     settings = load_settings(settings_cls, argv, prog, description)
     setup_logging(prog, settings.log_level)
     try:
         checked = check(settings)
-    except SecurityConfigError as exc:
+    except (SecurityConfigError, StartupConfigError) as exc:
         return _failed(prog, log, exc, 2)
     apply_thread_limit(settings.threads)
     try:
         return asyncio.run(serve(settings, checked))
+    except StartupConfigError as exc:
+        return _failed(prog, log, exc, 2)
     except (KVWireError, OSError, RuntimeError) as exc:
         return _failed(prog, log, exc, 1)
 

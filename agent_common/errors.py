@@ -53,3 +53,8 @@ class DocumentNotFoundError(ServiceError):
     def __init__(self, doc_id: str):
         super().__init__(f"no document {doc_id!r} on the edge (register it with PUT /v1/documents/{doc_id})")
         self.doc_id = doc_id
+
+
+class StartupConfigError(ServiceError):
+    """A setting's file or folder cannot serve (e.g. the edge's document store is locked or corrupt): the
+    daemon exits 2 at start-up with the message, which names the setting and the file."""

@@ -35,7 +35,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     """kvwire_* metrics for one side ("edge" or "cloud").
 
-    edge: kvwire_bytes_sent_total{mode,kind}; cloud: kvwire_bytes_received_total{mode,kind},
+    edge: kvwire_bytes_sent_total{mode,kind}, kvwire_documents (documents in the edge's store); cloud: kvwire_bytes_received_total{mode,kind},
     kvwire_frames_rejected_total{reason} and kvwire_wire_ratio{mode}; both: kvwire_stage_seconds
     {side,stage,mode}, kvwire_requests_total{mode,outcome}, kvwire_inflight_requests.
 
@@ -80,6 +80,7 @@ class Metrics:
             self.prefix_cache_bytes = Gauge(
                 "kvwire_prefix_cache_bytes", "Bytes of prefix KV kept, by tier", ["tier"], registry=r
             )
+            self.documents = Gauge("kvwire_documents", "Documents in the edge's document store", registry=r)
         else:
             self.bytes = Counter(
                 "kvwire_bytes_received", "Codec frame bytes read from the gRPC stream", ["mode", "kind"], registry=r

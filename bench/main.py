@@ -57,6 +57,11 @@ COMMANDS: dict[str, Command] = {
         "kvwire.bench.data:add_arguments",
         "kvwire.bench.data:run",
     ),
+    "docs": Command(
+        "the edge's documents: put, ls, get, rm over its HTTP port (--edge HOST:PORT)",
+        "kvwire.bench.docs:add_arguments",
+        "kvwire.bench.docs:run",
+    ),
     "netlab": Command(
         "two hosts on one machine: both daemons in network namespaces on a shaped link, "
         "the demo question asked across it (needs root)",

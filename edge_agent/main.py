@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.security import read_token, server_credentials
 from kvwire.agent_common.serve import HttpServer
 from kvwire.agent_common.settings import grpc_address
+from kvwire.edge_agent.documents import DocumentStore, check_document_store
 from kvwire.edge_agent.interceptor import RequestInterceptor, TokenInterceptor
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
@@ -31,7 +33,8 @@ log = logging.getLogger("kvwire.edge_agent")
 DESCRIPTION = """\
 KVWire edge-agent: prefills a context with the edge model, keeps the positions that matter for
 the question, quantizes their KV cache and streams checksummed frames to a cloud-agent over gRPC
-(EdgeService.Prefill; health: grpc.health.v1). HTTP: /healthz, /readyz, /metrics.
+(EdgeService.Prefill; health: grpc.health.v1). HTTP: /healthz, /readyz, /metrics, and the documents
+API /v1/documents (texts registered by id, kept in SQLite under data_dir; docs/documents.md).
 TLS, mutual TLS and a bearer token switch on with the tls_* and auth_token_file options (docs/security.md)."""
 SERVICE_NAME = kvwire_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name
 EXTRA_THREADS = 4  # gRPC workers beyond max_concurrency, for health checks and prompt refusals
@@ -49,6 +52,14 @@ class EdgeSecurity:
     def tls_mode(self) -> str:
         """off, tls or mutual (logged in the `listening` line)."""
         return "off" if self.credentials is None else "mutual" if self.mutual_tls else "tls"
+
+
+def check_startup(settings: EdgeSettings) -> EdgeSecurity:
+    """check_security, then open and check the document store's file (locked, corrupt: StartupConfigError,
+    exit 2, naming the file), all before the model loads."""
+    security = check_security(settings)
+    check_document_store(settings.documents_dir())
+    return security
 
 
 def check_security(settings: EdgeSettings) -> EdgeSecurity:
@@ -98,9 +109,18 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
         security.credentials is not None,
         "the gRPC port is plaintext (no tls_cert_file): the cloud's token",
     )
+    if security.token is not None and not is_loopback(settings.host):
+        log_event(
+            log,
+            "token_in_clear",
+            logging.WARNING,
+            setting="auth_token_file",
+            reason="the HTTP port (the documents API) is plain HTTP: anyone on the path can read the token",
+        )
     loaded, seconds = load_daemon_model(settings)
     metrics = Metrics("edge")
-    servicer = EdgeServicer(loaded, settings, metrics)
+    store = open_documents(settings, loaded.tokenizer, metrics)
+    servicer = EdgeServicer(loaded, settings, metrics, documents=store)
     log_event(
         log,
         "model_loaded",
@@ -117,7 +137,10 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
     else:
         grpc_port = server.add_secure_port(address, security.credentials)
     http = HttpServer(
-        create_app(servicer, metrics, loaded.source), settings.host, settings.http_port, settings.grace_seconds
+        create_app(servicer, metrics, loaded.source, store, security.token, cached=servicer.holds_prefix),
+        settings.host,
+        settings.http_port,
+        settings.grace_seconds,
     )
     server.start()
     for name in ("", SERVICE_NAME):
@@ -140,12 +163,34 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
     done = server.stop(settings.grace_seconds)  # refuses new RPCs; in-flight streams get the grace period
     await asyncio.to_thread(done.wait)
     await http.shutdown()
+    store.close()
     log_event(log, "stopped")
     return 0
 
 
+def open_documents(settings: EdgeSettings, tokenizer, metrics: Metrics) -> DocumentStore:
+    """The document store under data_dir, counting tokens with the edge's tokenizer (the literal count,
+    no special tokens), with kvwire_documents kept current after every committed change."""
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    store = DocumentStore(settings.documents_dir(), count_tokens, settings.document_limits())
+    metrics.documents.set(len(store))
+    store.subscribe(lambda doc_id, version: metrics.documents.set(len(store)))
+    log_event(log, "documents_opened", path=str(store.path), documents=len(store), bytes=store.total_bytes())
+    return store
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_daemon("edge-agent", EdgeSettings, DESCRIPTION, argv, check_security, serve, log)
+    return run_daemon("edge-agent", EdgeSettings, DESCRIPTION, argv, check_startup, serve, log)
 
 
 if __name__ == "__main__":

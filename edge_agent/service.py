@@ -13,6 +13,7 @@ from kvwire.agent_common.errors import OverloadedError, ShuttingDownError
 from kvwire.agent_common.grpc_status import status_of
 from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import Metrics
+from kvwire.edge_agent.documents import InvalidDocumentIdError
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.models import LoadedModel
@@ -93,7 +94,10 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         """The registered document `doc_id` (a snapshot: a later put or delete does not change it)."""
         if self.documents is None:
             raise ConfigError("this edge-agent keeps no documents: send the context itself")
-        return self.documents.get(doc_id)  # DocumentNotFoundError -> NOT_FOUND
+        try:
+            return self.documents.get(doc_id)  # DocumentNotFoundError -> NOT_FOUND
+        except InvalidDocumentIdError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _stream(self, req: PrefillRequest, context):
         started = time.perf_counter()
@@ -197,11 +201,14 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             self.metrics.requests.labels("document", outcome).inc()
             context.abort(code, message)
         self.metrics.requests.labels("document", "ok").inc()
-        cached = self.edge.prefix_cache is not None and self.edge.prefix_cache.holds_document(doc.doc_id)
-        info = DocumentInfo(doc.doc_id, doc.version, doc.etag, doc.tokens, doc.bytes, cached)
+        info = DocumentInfo(doc.id, doc.version, doc.etag, doc.tokens, doc.bytes, self.holds_prefix(doc))
         if request.include_text:
             info.text = doc.text
         return info.to_pb()
+
+    def holds_prefix(self, doc) -> bool:
+        """Whether the prefix KV of document `doc` (a Document or its meta) is cached now."""
+        return self.edge.prefix_cache is not None and self.edge.prefix_cache.holds_document(doc.id)
 
     def Confirm(self, request, context):
         """The cloud has every frame of the stream `request.stream_id` (see Prefill's `confirm`)."""

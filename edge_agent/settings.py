@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from kvwire.agent_common.settings import MIB, DaemonSettings
+from kvwire.edge_agent.documents import DocumentLimits, default_data_dir
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8081
@@ -29,7 +32,7 @@ class EdgeSettings(DaemonSettings):
         DEFAULT_HTTP_PORT,
         ge=0,
         le=65535,
-        description="HTTP port of /healthz, /readyz, /metrics (0: a free port, logged)",
+        description="HTTP port of /healthz, /readyz, /metrics and the documents API /v1/documents (0: a free port, logged)",
     )
     profile: str = Field(
         "mixed-int4",
@@ -48,6 +51,24 @@ class EdgeSettings(DaemonSettings):
         description="memory for prefix KV kept across requests (a document's or a repeated context's "
         "[template][context] prefilled once; least recently used dropped first; 0: prefill every prompt whole)",
     )
+    data_dir: str | None = Field(
+        None,
+        description="folder of the edge's persistent data (documents.sqlite3, the document store); "
+        "none: $XDG_DATA_HOME/kvwire-edge, else ~/.local/share/kvwire-edge",
+    )
+    max_document_bytes: int = Field(
+        4 * MIB,
+        ge=1,
+        le=1 << 30,
+        description="largest document in UTF-8 bytes, and the largest PUT /v1/documents body (larger: HTTP 413)",
+    )
+    max_document_tokens: int = Field(
+        32768, ge=1, description="largest document in tokens of the edge's tokenizer (larger: HTTP 413)"
+    )
+    max_documents: int = Field(1000, ge=1, description="documents the store holds at most (one more: HTTP 507)")
+    max_documents_total_bytes: int = Field(
+        256 * MIB, ge=1, description="UTF-8 bytes of all documents together at most (past it: HTTP 507)"
+    )
     tls_client_ca_file: str | None = Field(
         None,
         description="PEM CA bundle that signs cloud-agents' client certificates; switches mutual TLS on "
@@ -58,3 +79,15 @@ class EdgeSettings(DaemonSettings):
     def _mutual_tls_needs_tls(self):
         self.require_for("tls_cert_file", "tls_client_ca_file")
         return self
+
+    def documents_dir(self) -> Path:
+        """data_dir, or the XDG default when it is not set (the environment is read here, never at import)."""
+        return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+
+    def document_limits(self) -> DocumentLimits:
+        return DocumentLimits(
+            max_document_bytes=self.max_document_bytes,
+            max_document_tokens=self.max_document_tokens,
+            max_documents=self.max_documents,
+            max_total_bytes=self.max_documents_total_bytes,
+        )

@@ -80,6 +80,19 @@ def _save(path, chat_template=True, **geometry):
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def edge_data_home(tmp_path_factory):
+    """XDG_DATA_HOME in a temporary folder for the whole session: an edge-agent a test starts without
+    --data-dir keeps its documents there, never in the home folder of whoever runs the tests."""
+    before = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg_data"))
+    yield os.environ["XDG_DATA_HOME"]
+    if before is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny Llama (4 layers, 2 KV heads, head_dim 16) with a ChatML chat template."""
