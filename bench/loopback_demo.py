@@ -1,8 +1,10 @@
 """`python -m kvwire.bench.loopback_demo` (`make run`): both daemons on loopback, one question in kv, scout and text mode.
 
 Starts edge-agent and cloud-agent as child processes on free ports with the same model (the
-embedded SmolLM2-135M-Instruct unless --model), asks a question about a real passage
-(kvcodec/data/demo.json) through POST /answer, prints the answers with bytes on the wire, wire
+embedded SmolLM2-135M-Instruct unless --model), registers a real passage (kvcodec/data/demo.json)
+on the edge as a document and asks two questions about it by doc_id (the first prefills the
+document, the second only its own question), then asks the question with the passage inline in
+kv, scout and text mode through POST /answer, prints the answers with bytes on the wire, wire
 ratios and stage timings, and stops both daemons with SIGTERM.
 """
 
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from importlib import resources
 
@@ -18,6 +22,7 @@ import httpx
 
 from kvwire.agent_common.launch import Daemon
 
+DEMO_DOC = "normans"  # the id the passage is registered under on the edge
 STAGES = (
     "edge_prefill",
     "select",
@@ -52,7 +57,8 @@ def run_demo(
     common = ["--model", model, "--host", "127.0.0.1", "--http-port", "0", "--threads", str(threads)]
     started = time.perf_counter()
     log(f"starting edge-agent and cloud-agent on 127.0.0.1 (model: {model}) ...")
-    edge = Daemon("edge-agent", "kvwire.edge_agent", [*common, "--grpc-port", "0"])
+    data_dir = tempfile.mkdtemp(prefix="kvwire-demo-")  # the demo's document store, removed at the end
+    edge = Daemon("edge-agent", "kvwire.edge_agent", [*common, "--grpc-port", "0", "--data-dir", data_dir])
     cloud = None
     results: list[dict] = []
     try:
@@ -63,17 +69,34 @@ def run_demo(
             f"edge-agent: gRPC {edge.grpc_address}, HTTP {edge.http_url}; cloud-agent: {cloud.http_url} "
             f"(up in {time.perf_counter() - started:.1f} s)"
         )
+        with httpx.Client(timeout=600) as documents:
+            reply = documents.put(
+                f"{edge.http_url}/v1/documents/{DEMO_DOC}",
+                content=data["context"].encode(),
+                headers={"content-type": "text/plain; charset=utf-8"},
+            )
+            if reply.status_code not in (200, 201):
+                raise RuntimeError(f"PUT /v1/documents/{DEMO_DOC} returned {reply.status_code}: {reply.text}")
+        asked: list[dict] = []
         with httpx.Client(base_url=cloud.http_url, timeout=600) as client:
-            for body in demo_requests(question, data["context"], retention, max_new_tokens):
+            second = data["questions"][(question_index + 1) % len(data["questions"])]
+            for q in (question, second):  # the document's prefill happens once, for the first
+                body = {"question": q, "doc_id": DEMO_DOC, "mode": "kv", "retention": retention}
+                body.update(profile="mixed-int4", max_new_tokens=max_new_tokens)
+                asked.append(body)
+            asked += demo_requests(question, data["context"], retention, max_new_tokens)
+            for body in asked:
                 reply = client.post("/answer", json=body)
                 if reply.status_code != 200:
                     raise RuntimeError(f"/answer ({body['mode']}) returned {reply.status_code}: {reply.text}")
                 results.append({**reply.json(), "request": body})
+        results = results[2:] + results[:2]  # kv, scout, text first; then the two document answers
     finally:
         for daemon in (cloud, edge):
             if daemon is not None:
                 daemon.terminate()
         codes = {"cloud-agent": cloud.stop() if cloud else None, "edge-agent": edge.stop()}
+        shutil.rmtree(data_dir, ignore_errors=True)
     results.append({"exit_codes": codes})
     return results
 
@@ -81,7 +104,7 @@ def run_demo(
 def print_report(question: str, results: list[dict], log=print) -> None:
     log(f"\nQ: {question}")
     for r in results:
-        if "exit_codes" in r:
+        if "exit_codes" in r or "doc_id" in r["request"]:
             continue
         req = r["request"]
         setting = (
@@ -97,11 +120,21 @@ def print_report(question: str, results: list[dict], log=print) -> None:
             f"        {r['bytes_on_wire']:>10,} bytes on the wire, ratio {r['wire_ratio']:.4f} of FP16 KV, "
             f"kept {r['kept_positions']}/{r['prompt_tokens'] - 1} positions ({r['context_tokens']} context tokens)"
         )
+    docs = [r for r in results if "doc_id" in r.get("request", {})]
+    if docs:
+        first, second = (r["timings_ms"]["edge_prefill"] for r in docs)
+        log(f"\ndocument {DEMO_DOC!r} registered on the edge, asked by doc_id (kv, q2c, mixed-int4):")
+        for r in docs:
+            log(f"  Q: {r['request']['question']}  ->  {r['answer']!r}")
+            t = r["timings_ms"]
+            log(f"        edge prefill {t['edge_prefill']:.1f} ms (question only: {t['edge_question_prefill']:.1f} ms)")
+        log(f"  the second question came from the cached document: {first - second:.1f} ms of edge prefill saved")
     log("\nstage timings (ms)")
     log(f"  {'mode':<6}" + "".join(f"{s:>13}" for s in STAGES))
     for r in results:
         if "timings_ms" in r:
-            log(f"  {r['mode']:<6}" + "".join(f"{r['timings_ms'][s]:>13.1f}" for s in STAGES))
+            label = "doc" if "doc_id" in r["request"] else r["mode"]
+            log(f"  {label:<6}" + "".join(f"{r['timings_ms'][s]:>13.1f}" for s in STAGES))
     log("\nratio = bytes on the wire / FP16 KV bytes of the full prompt; edge_prefill/select/encode ran on the edge,")
     log("prefill is the cloud's own prefill (scout, text); generate includes first_token.")
     codes = results[-1]["exit_codes"]

@@ -14,7 +14,12 @@ DEMO = json.loads(resources.files("kvwire.kvcodec").joinpath("data/demo.json").r
 def test_demo_answers_the_passage_in_every_mode_and_stops_cleanly(capsys):
     results = run_demo("embedded", question_index=0, retention=0.5, max_new_tokens=16, threads=1, log=lambda *_: None)
     assert results[-1]["exit_codes"] == {"cloud-agent": 0, "edge-agent": 0}
-    kv, scout, text = results[:3]
+    kv, scout, text, doc_first, doc_second = results[:5]
+    assert [r["request"].get("doc_id") for r in (doc_first, doc_second)] == ["normans", "normans"]
+    assert "Rollo" in doc_first["answer"] and doc_first["answer"] == kv["answer"]  # the same question and passage
+    first, second = doc_first["timings_ms"], doc_second["timings_ms"]
+    assert first["edge_prefill"] > first["edge_question_prefill"]  # the document was prefilled for the first
+    assert second["edge_prefill"] == second["edge_question_prefill"] > 0  # the second: its own question only
     assert [r["mode"] for r in (kv, scout, text)] == ["kv", "scout", "text"]
     for r in (kv, scout, text):
         assert "Rollo" in r["answer"], r  # "Who was the leader of the Norse raiders?"
