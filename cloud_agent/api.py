@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
@@ -53,6 +53,21 @@ class AnswerRequest(BaseModel):
             "answer in text mode instead of an error, if the deadline leaves time"
         ),
     )
+    stream: bool = Field(
+        False,
+        description=(
+            "true: answer with server-sent events, one `token` event per generated token as it exists, then one "
+            "`answer` event with the whole response body (docs/daemons.md#streaming)"
+        ),
+    )
+    temperature: float = Field(0.0, ge=0, le=2, description="0: greedy (the default); above 0: sample at it")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling: draw from the smallest set of tokens of this mass")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="sampling: the same seed gives the same answer (none: a fresh one)"
+    )
+    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=4, description="up to 4 strings; the answer ends before the first one"
+    )
 
     @model_validator(mode="after")
     def _context_or_doc_id(self):
@@ -77,6 +92,7 @@ class TimingsMs(BaseModel):
     first_token: float = 0.0
     generate: float = 0.0
     total: float = 0.0
+    time_to_first_token: float = Field(0.0, description="from the request's arrival to its first generated token")
 
 
 class AnswerResponse(BaseModel):
@@ -102,4 +118,8 @@ class AnswerResponse(BaseModel):
     )
     fallback_reason: str | None = Field(
         None, description="why it fell back: the error the request would otherwise have got"
+    )
+    answer_tokens: int = Field(0, description="tokens generated (the stop token not counted)")
+    finish_reason: Literal["stop", "length", "cancelled"] = Field(
+        "stop", description="stop: a stop token or stop string; length: max_new_tokens; cancelled: the client left"
     )

@@ -1,4 +1,4 @@
-"""The cloud's HTTP API: POST /answer, /healthz, /readyz, /metrics."""
+"""The cloud's HTTP API: POST /answer, the OpenAI-compatible /v1 routes, /healthz, /readyz, /metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from kvwire.agent_common.metrics import CONTENT_TYPE, Metrics
 from kvwire.agent_common.security import bearer_matches
 from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse
 from kvwire.cloud_agent.errors import LengthRequiredError, RequestTooLargeError, classify, error_response
+from kvwire.cloud_agent.openai_api import PREFIX as OPENAI_PREFIX
+from kvwire.cloud_agent.openai_api import openai_error_response, openai_router
 from kvwire.cloud_agent.service import AnswerService
+from kvwire.cloud_agent.streaming import answer_events
 from kvwire.kvcodec.errors import KVWireError
 
 log = logging.getLogger("kvwire.cloud_agent")
@@ -23,6 +26,12 @@ log = logging.getLogger("kvwire.cloud_agent")
 # Probes and scrapers (kubelet, load balancers, Prometheus) carry no token; these pages say only whether
 # the daemon is up and how it performs. Every other path, /answer and the API docs included, needs the token.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+COUNTED_PATHS = frozenset({"/answer", "/v1/chat/completions"})  # their refusals count in kvwire_requests_total
+
+
+def is_openai(request: Request) -> bool:
+    """The request is on an OpenAI-compatible route, whose errors take OpenAI's shape."""
+    return request.url.path.startswith(OPENAI_PREFIX)
 
 
 def refusal(authorization: str | None, token: str | None) -> UnauthenticatedError | None:
@@ -75,7 +84,7 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
             refused = admission(request, auth_token, max_body_bytes)
             if refused is not None:
                 metrics.requests.labels("unknown", classify(refused)[1]).inc()  # refused before a mode was known
-                response = error_response(refused, rid)
+                response = (openai_error_response if is_openai(request) else error_response)(refused, rid)
             else:
                 response = await call_next(request)
             response.headers["X-Request-ID"] = rid
@@ -94,8 +103,10 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
             request_id_var.reset(rid_token)
 
     async def handle_error(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, RequestValidationError) and request.url.path == "/answer":
+        if isinstance(exc, RequestValidationError) and request.url.path in COUNTED_PATHS:
             metrics.requests.labels("unknown", classify(exc)[1]).inc()  # refused before a mode was known
+        if is_openai(request):
+            return openai_error_response(exc, request_id_var.get())
         return error_response(exc, request_id_var.get())
 
     for cls in (KVWireError, ServiceError, RequestValidationError, Exception):
@@ -103,8 +114,13 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
 
     @app.post("/answer", response_model=AnswerResponse)
     async def answer(body: AnswerRequest) -> AnswerResponse:
-        """Answer `question` about `context` in kv, scout or text mode; returns the answer with byte and latency figures."""
+        """Answer `question` about `context` in kv, scout or text mode; returns the answer with byte and latency
+        figures, or with `stream: true` server-sent events: a `token` event per generated token, then `answer`."""
+        if body.stream:
+            return answer_events(await service.answer_stream(body, request_id_var.get()), request_id_var.get())
         return await service.answer(body, request_id_var.get())
+
+    app.include_router(openai_router(service))
 
     @app.get("/healthz")
     async def healthz():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
@@ -25,7 +26,9 @@ from kvwire.agent_common.metrics import Metrics
 from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse, TimingsMs
 from kvwire.cloud_agent.errors import classify, message_of
 from kvwire.cloud_agent.settings import CloudSettings
+from kvwire.cloud_agent.streaming import AnswerStream, TextStream
 from kvwire.kvcodec.errors import ConfigError, FrameError, PromptTooLongError
+from kvwire.kvcodec.generate import GREEDY, Decoding
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode
 from kvwire.kvcodec.pipeline import Answer, Cloud, Timings
@@ -135,32 +138,75 @@ class AnswerService:
             "reserve_ms_for_32_tokens_256_positions": round(self.reserve.estimate("kv", 256, 32) * 1000),
         }
 
+    def _admit(self) -> None:
+        """Take a request slot, or refuse at once (shutting down, at max_concurrency). Call on the event
+        loop: no await between the check and the count, so no race."""
+        if self.draining:
+            raise ShuttingDownError("cloud-agent is shutting down; retry later")
+        if self.inflight >= self.settings.max_concurrency:
+            raise OverloadedError(
+                f"cloud-agent is at its limit of {self.settings.max_concurrency} concurrent requests; retry later"
+            )
+        self.inflight += 1
+        self.metrics.inflight.inc()
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.dec()
+
+    def _failed(self, req: AnswerRequest, exc: Exception) -> str:
+        outcome = classify(exc)[1]
+        level = logging.ERROR if outcome == "error" else logging.WARNING
+        log_event(log, "answer_failed", level, mode=req.mode, outcome=outcome, reason=str(exc))
+        return outcome
+
     async def answer(self, req: AnswerRequest, request_id: str) -> AnswerResponse:
         arrived = time.monotonic()  # deadline_ms counts from here
         outcome = "error"
         try:
-            if self.draining:
-                raise ShuttingDownError("cloud-agent is shutting down; retry later")
-            if self.inflight >= self.settings.max_concurrency:
-                raise OverloadedError(
-                    f"cloud-agent is at its limit of {self.settings.max_concurrency} concurrent requests; retry later"
-                )
-            self.inflight += 1  # no await between the check and this line: no race on the event loop
-            self.metrics.inflight.inc()
+            self._admit()
             try:
                 ctx = contextvars.copy_context()  # the request id travels into the worker thread's logs
                 loop = asyncio.get_running_loop()
                 response = await loop.run_in_executor(self._pool, ctx.run, self._answer, req, request_id, arrived)
             finally:
-                self.inflight -= 1
-                self.metrics.inflight.dec()
+                self._release()
             outcome = "ok"
             return response
         except Exception as exc:
-            outcome = classify(exc)[1]
-            level = logging.ERROR if outcome == "error" else logging.WARNING
-            log_event(log, "answer_failed", level, mode=req.mode, outcome=outcome, reason=str(exc))
+            outcome = self._failed(req, exc)
             raise
+        finally:
+            self.metrics.requests.labels(req.mode, outcome).inc()
+
+    async def answer_stream(self, req: AnswerRequest, request_id: str) -> AnswerStream:
+        """Start a streamed answer and wait for its first token; the request's errors until then raise
+        here (so they get their status code). The slot is freed when the worker ends, not when the
+        client leaves: a client that disconnects sets the stream's `cancelled`, and generation stops at
+        its next token."""
+        arrived = time.monotonic()
+        try:
+            self._admit()
+        except Exception as exc:
+            self.metrics.requests.labels(req.mode, self._failed(req, exc)).inc()
+            raise
+        loop = asyncio.get_running_loop()
+        stream = AnswerStream(loop)
+        ctx = contextvars.copy_context()
+        work = loop.run_in_executor(self._pool, ctx.run, self._answer_streamed, req, request_id, arrived, stream)
+        work.add_done_callback(lambda _: self._release())
+        await stream.first()
+        return stream
+
+    def _answer_streamed(self, req: AnswerRequest, request_id: str, arrived: float, stream: AnswerStream) -> None:
+        outcome = "error"
+        try:
+            response = self._answer(req, request_id, arrived, stream)
+            outcome = "cancelled" if response.finish_reason == "cancelled" else "ok"
+            stream.finish(response)
+        except Exception as exc:
+            outcome = self._failed(req, exc)
+            stream.fail(exc)
         finally:
             self.metrics.requests.labels(req.mode, outcome).inc()
 
@@ -206,14 +252,29 @@ class AnswerService:
     def _document(self, doc_id: str, include_text: bool, request_id: str = ""):
         return self.edge.get_document(doc_id, include_text, DOCUMENT_TIMEOUT_S, request_id)
 
-    def _answer(self, req: AnswerRequest, request_id: str, arrived: float) -> AnswerResponse:
+    def _decoding(self, req: AnswerRequest, stream: AnswerStream | None) -> tuple[Decoding, TextStream]:
+        """How this request's tokens are chosen, and the text stream that sees them (stop strings, the
+        stream's deltas). Without stop strings or a stream no callback runs: plain greedy stays plain."""
+        text = TextStream(
+            self.loaded.tokenizer,
+            req.stop,
+            emit=stream.token if stream else None,
+            cancelled=stream.cancelled if stream else None,
+        )
+        on_token = text.push if (req.stop or stream) else None
+        return Decoding(req.temperature, req.top_p, req.seed, on_token), text
+
+    def _answer(
+        self, req: AnswerRequest, request_id: str, arrived: float, stream: AnswerStream | None = None
+    ) -> AnswerResponse:
         deadline_at = arrived + (req.deadline_ms or self.settings.default_deadline_ms) / 1000
         timings = Timings()
         prompt_len, text = self.validate(req, request_id)
+        decoding, said = self._decoding(req, stream)
         edge_ms: dict[str, float] = {}
         fallback_reason = None
         if not get_mode(req.mode).streamed:
-            ans = self._answer_text(req, timings, text)
+            ans = self._answer_text(req, timings, text, decoding)
         else:
             try:
                 decoded, edge_ms = self._receive(req, request_id, timings, prompt_len, deadline_at)
@@ -222,10 +283,12 @@ class AnswerService:
                     req, exc, prompt_len, deadline_at
                 )  # re-raises without a fallback
                 timings = Timings()  # the failed stream's stages are not this answer's
-                ans = self._answer_text(req, timings, text)
+                ans = self._answer_text(req, timings, text, decoding)
             else:
                 with self._model_lock:
-                    ans = self.cloud.answer(decoded, req.max_new_tokens, timings, {"scout_prefill": req.scout_prefill})
+                    ans = self.cloud.answer(
+                        decoded, req.max_new_tokens, timings, {"scout_prefill": req.scout_prefill}, decoding
+                    )
                 self.metrics.wire_ratio.labels(req.mode).observe(ans.wire_ratio)
                 self.metrics.retention_achieved.labels(req.mode).observe(ans.retention_achieved)
                 if not ans.complete:
@@ -233,7 +296,12 @@ class AnswerService:
         timings.add("total", time.monotonic() - arrived)
         self._observe_speed(ans, timings)
         self.metrics.observe_stages(ans.mode, timings.values)
-        response = self._response(ans, request_id, timings, edge_ms, fallback_reason)
+        final = said.final(ans.text)
+        if stream is not None and said.rest(final):
+            stream.token(len(ans.tokens), said.rest(final))  # the text the last token settled
+        finish = "stop" if said.stopped else ans.generation.finish_reason
+        ans = dataclasses.replace(ans, text=final)
+        response = self._response(ans, request_id, timings, edge_ms, fallback_reason, finish)
         log_event(
             log,
             "answer",
@@ -246,16 +314,19 @@ class AnswerService:
             complete=ans.complete,
             retention_achieved=response.retention_achieved,
             fallback=response.fallback,
+            finish_reason=finish,
             timings_ms=response.timings_ms.model_dump(),
         )
         return response
 
-    def _answer_text(self, req: AnswerRequest, timings: Timings, text: str | None = None) -> Answer:
+    def _answer_text(
+        self, req: AnswerRequest, timings: Timings, text: str | None = None, decoding: Decoding = GREEDY
+    ) -> Answer:
         """Text mode: the context text (a document's is fetched from the edge, and counted as crossing)."""
         if text is None:
             text = req.context if req.doc_id is None else self._document(req.doc_id, True).text
         with self._model_lock:
-            return self.cloud.answer_text(text, req.question, req.max_new_tokens, timings)
+            return self.cloud.answer_text(text, req.question, req.max_new_tokens, timings, decoding)
 
     def _fall_back_or_raise(self, req: AnswerRequest, exc: Exception, prompt_len: int, deadline_at: float) -> str:
         """Why a failed kv/scout request is answered in text mode; re-raises `exc` when it may not be:
@@ -363,9 +434,17 @@ class AnswerService:
         return decoded, edge_ms
 
     def _response(
-        self, ans: Answer, request_id: str, timings: Timings, edge_ms: dict, fallback_reason: str | None
+        self,
+        ans: Answer,
+        request_id: str,
+        timings: Timings,
+        edge_ms: dict,
+        fallback_reason: str | None,
+        finish_reason: str = "stop",
     ) -> AnswerResponse:
         ms = timings.ms()
+        # the first token existed `generate - first_token` before generation ended, which `total` marks
+        to_first = ms.get("total", 0.0) - ms.get("generate", 0.0) + ms.get("first_token", 0.0)
         return AnswerResponse(
             answer=ans.text,
             mode=ans.mode,
@@ -379,7 +458,10 @@ class AnswerService:
             retention_achieved=round(ans.retention_achieved, 6),
             fallback="text" if fallback_reason else None,
             fallback_reason=fallback_reason,
+            answer_tokens=len(ans.tokens),
+            finish_reason=finish_reason,
             timings_ms=TimingsMs(
+                time_to_first_token=round(to_first, 3),
                 edge_prefill=edge_ms.get("prefill", 0.0) + edge_ms.get("question_prefill", 0.0),
                 edge_question_prefill=edge_ms.get("question_prefill", 0.0),
                 select=edge_ms.get("select", 0.0),

@@ -14,7 +14,7 @@ import torch
 
 from kvwire.kvcodec.errors import ConfigError, GeometryMismatchError
 from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fingerprint, tokenizer_fingerprint
-from kvwire.kvcodec.generate import Generation, eos_ids, greedy
+from kvwire.kvcodec.generate import GREEDY, Decoding, Generation, eos_ids, generate
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode, streamed_mode_names
 from kvwire.kvcodec.prefill import PrefillResult, prefill, prefill_from
@@ -291,12 +291,26 @@ class Cloud:
                 f"the {header.mode} stream does not fit this model: " + "; ".join(problems) + "." + hint
             )
 
-    def answer(self, received: DecodedKV, max_new_tokens: int, timings: Timings | None = None, options=None) -> Answer:
+    def answer(
+        self,
+        received: DecodedKV,
+        max_new_tokens: int,
+        timings: Timings | None = None,
+        options=None,
+        decoding: Decoding = GREEDY,
+    ) -> Answer:
         """Answer from a received stream (complete or cut), the way its mode does (options: its choices,
-        e.g. {"scout_prefill": "full"})."""
-        return get_mode(received.header.mode).answer(self, received, max_new_tokens, timings, options)
+        e.g. {"scout_prefill": "full"}; decoding: how tokens are chosen)."""
+        return get_mode(received.header.mode).answer(self, received, max_new_tokens, timings, options, decoding)
 
-    def answer_text(self, context: str, question: str, max_new_tokens: int, timings: Timings | None = None) -> Answer:
+    def answer_text(
+        self,
+        context: str,
+        question: str,
+        max_new_tokens: int,
+        timings: Timings | None = None,
+        decoding: Decoding = GREEDY,
+    ) -> Answer:
         """The baseline: prefill the plain text with this model."""
         prompt = build_prompt(self.loaded.tokenizer, context, question, max_len=model_window(self.loaded.model))
         t = time.perf_counter()
@@ -313,6 +327,7 @@ class Cloud:
             text.name,
             timings,
             wire_bytes=text.wire_bytes(context, question),
+            decoding=decoding,
         )
 
     def generate(
@@ -325,12 +340,13 @@ class Cloud:
         timings: Timings | None = None,
         received: DecodedKV | None = None,
         wire_bytes: int = 0,
+        decoding: Decoding = GREEDY,
     ) -> Answer:
         """Feed the last prompt token on `cache` (all prompt positions but the last, or the received ones)
-        at its absolute position and decode greedily. received: the stream the cache came from (its
+        at its absolute position and decode (greedy unless `decoding` samples). received: the stream the cache came from (its
         positions and bytes are the answer's); None: the cache holds the whole prompt."""
         prompt_len = len(prompt_ids)
-        gen = greedy(self.loaded.model, cache, prompt_ids[-1], prompt_len - 1, max_new_tokens, self.stop)
+        gen = generate(self.loaded.model, cache, prompt_ids[-1], prompt_len - 1, max_new_tokens, self.stop, decoding)
         if timings is not None:
             timings.add("first_token", gen.first_token_s)
             timings.add("generate", gen.total_s)

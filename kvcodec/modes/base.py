@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.generate import GREEDY, Decoding
 
 if TYPE_CHECKING:
     from kvwire.kvcodec.pipeline import Answer, Cloud, Timings
@@ -33,9 +34,11 @@ class Mode:
         max_new_tokens: int,
         timings: Timings | None = None,
         options: Mapping[str, str] | None = None,
+        decoding: Decoding = GREEDY,
     ) -> Answer:
-        """Generate on `cloud` from a received stream (complete, or cut by a deadline). options: the
-        request's per-mode choices (e.g. scout_prefill); a mode reads the ones it knows."""
+        """Generate on `cloud` from a received stream (complete, or cut by a deadline), choosing tokens as
+        `decoding` says (greedy by default). options: the request's per-mode choices (e.g. scout_prefill);
+        a mode reads the ones it knows."""
         raise ConfigError(f"mode {self.name!r} is not streamed: the cloud answers it from the text")
 
     def setup_positions(self, prompt_len: int, kept: int) -> int:

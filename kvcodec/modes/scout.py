@@ -13,6 +13,7 @@ import time
 import torch
 
 from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.generate import GREEDY
 from kvwire.kvcodec.modes.base import Mode
 from kvwire.kvcodec.prefill import prefill
 from kvwire.kvcodec.prompt import Prompt
@@ -25,7 +26,7 @@ class ScoutMode(Mode):
     name = "scout"
     description = "the edge's kept positions only; the cloud prefills them with its own model (same tokenizer)"
 
-    def answer(self, cloud, received, max_new_tokens, timings=None, options=None):
+    def answer(self, cloud, received, max_new_tokens, timings=None, options=None, decoding=GREEDY):
         how = (options or {}).get("scout_prefill", DEFAULT_SCOUT_PREFILL)
         if how not in SCOUT_PREFILLS:
             raise ConfigError(f"scout_prefill {how!r}: use one of {', '.join(SCOUT_PREFILLS)}")
@@ -35,7 +36,9 @@ class ScoutMode(Mode):
         cache = self._sparse(cloud, h.prompt_ids, keep) if how == "sparse" else self._full(cloud, h, keep)
         if timings is not None:
             timings.add("prefill", time.perf_counter() - t)
-        return cloud.generate(cache, h.prompt_ids, h.context_span, max_new_tokens, self.name, timings, received)
+        return cloud.generate(
+            cache, h.prompt_ids, h.context_span, max_new_tokens, self.name, timings, received, decoding=decoding
+        )
 
     def setup_positions(self, prompt_len, kept):
         return kept  # the default sparse prefill runs the kept tokens only
