@@ -25,8 +25,8 @@ import httpx
 import pytest
 import torch
 from test_daemons import CONTEXT as DAEMON_CONTEXT
+from test_daemons import EDGE_SERVER_OPTIONS, REPO, SAFETY_S, _start, metric_samples, ok, total
 from test_daemons import QUESTION as DAEMON_QUESTION
-from test_daemons import REPO, _start, metric_samples, ok, total
 
 from kvwire.agent_common.edge_client import EdgeClient
 from kvwire.agent_common.edge_messages import PrefillReply, PrefillRequest
@@ -157,8 +157,6 @@ def test_reserve_estimate_starts_conservative_then_follows_measured_speed():
 # where nothing must arrive first (the cut before the header), the real gRPC deadline cuts the stream.
 # How late answers land in real time is a benchmark figure (docs/anytime.md), not asserted here.
 
-SAFETY_S = 60.0  # the longest a test waits for something that will happen
-
 
 class FakeClock:
     """AnswerService's clock: stands still, except that a cut moves it on to the cut's moment, so the
@@ -174,8 +172,8 @@ class FakeClock:
 class SlowEdge(kvwire_pb2_grpc.EdgeServiceServicer):
     """A gRPC edge sending the real stream of a request (computed before it sends anything): every frame,
     or with `hold_after` = n only the first n and then nothing until the caller cancels the call.
-    Frame `corrupt` (an index) gets one payload bit flipped. Records whether the caller's cancel reached
-    it while it held the stream or was sending."""
+    Frame `corrupt` (an index) gets one payload bit flipped. `cancelled`: the call ended (the caller's
+    cancel, or its deadline) before this edge sent its whole stream."""
 
     def __init__(self, loaded, hold_after: int | None = None, corrupt: int | None = None):
         self.edge = Edge(loaded)
@@ -198,19 +196,25 @@ class SlowEdge(kvwire_pb2_grpc.EdgeServiceServicer):
 
     def Prefill(self, request, context):
         req = PrefillRequest.from_pb(request)
-        ended = threading.Event()
-        context.add_callback(ended.set)  # the call ended: cancelled, or past its deadline
+        ended, done = threading.Event(), threading.Event()
+
+        def on_end() -> None:  # gRPC calls it when the call ends, also when it stops this generator itself
+            ended.set()
+            if not done.is_set():
+                self.cancelled.set()
+
+        context.add_callback(on_end)
         for i, frame in enumerate(self.frames(req.mode, req.retention, req.selector, req.context, req.question)):
             if i == self.hold_after:
                 self.holding.set()
                 ended.wait(SAFETY_S)
             if not context.is_active():
-                self.cancelled.set()
                 return
             if i == self.corrupt:
                 frame = frame[:-1] + bytes([frame[-1] ^ 1])
             yield PrefillReply(req.request_id, frame=frame).to_pb()
             self.sent += 1
+        done.set()
 
 
 class CuttingClient:
@@ -245,7 +249,7 @@ class CuttingClient:
 
 def serve(servicer: SlowEdge) -> tuple[grpc.Server, str]:
     """`servicer` as a gRPC server on loopback; (server, its address)."""
-    server = grpc.server(ThreadPoolExecutor(4))
+    server = grpc.server(ThreadPoolExecutor(4), options=EDGE_SERVER_OPTIONS)
     kvwire_pb2_grpc.add_EdgeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

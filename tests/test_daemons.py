@@ -19,6 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvwire.agent_common.edge_client import KEEPALIVE_TIME_MS
 from kvwire.agent_common.edge_messages import PrefillReply, PrefillRequest
 from kvwire.agent_common.launch import Daemon
 from kvwire.cloud_agent.service import ReserveEstimator
@@ -35,6 +36,11 @@ QUESTION = "Who was the leader?"
 MAX_CONTEXT_TOKENS = 400
 COMMON = ["--host", "127.0.0.1", "--http-port", "0", "--threads", "1"]  # 1 thread: no OMP thrashing on 2 shared cores
 SAFETY_S = 60.0  # the longest a test waits for something that will happen
+# as on the real edge (edge_agent/main.py): the cloud's keepalive pings get no GOAWAY "too_many_pings"
+EDGE_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+]
 
 
 def _env() -> dict[str, str]:
@@ -65,7 +71,7 @@ class HeldEdge(kvwire_pb2_grpc.EdgeServiceServicer):
             yield PrefillReply(req.request_id, frame=frame).to_pb()
 
     def serve(self) -> tuple[grpc.Server, str]:
-        server = grpc.server(ThreadPoolExecutor(4))
+        server = grpc.server(ThreadPoolExecutor(4), options=EDGE_SERVER_OPTIONS)
         kvwire_pb2_grpc.add_EdgeServiceServicer_to_server(self, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
