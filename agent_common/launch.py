@@ -76,6 +76,21 @@ class Daemon:
     def events(self, event: str) -> list[dict]:
         return [r for r in self.records if r.get("event") == event]
 
+    def wait_events(self, event: str, timeout: float = 60.0, **fields) -> list[dict]:
+        """The `event` records whose fields match, once there is at least one: the log is read on a
+        thread of its own, so a record the daemon wrote before answering may be read after the answer.
+        RuntimeError with the log tail if none comes within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.events(event) if all(r.get(k) == v for k, v in fields.items())]
+            if found:
+                return found
+            if time.monotonic() > deadline or (self.proc.poll() is not None and not self._reader.is_alive()):
+                raise RuntimeError(
+                    f"{self.name} logged no {event} {fields}; last log lines:\n" + "\n".join(self.lines[-20:])
+                )
+            time.sleep(0.02)
+
     def terminate(self) -> None:
         """Send SIGTERM once (the daemon drains and exits; a second signal during its exit would kill it)."""
         if self.proc.poll() is None and not self._terminated:

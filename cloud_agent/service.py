@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from kvwire.agent_common.edge_client import EdgeClient
@@ -104,10 +105,22 @@ class AnswerService:
     At most max_concurrency requests are in progress; one more is refused at once (OverloadedError,
     HTTP 429), never queued. Forward passes run one at a time on a worker thread (the model lock),
     so the event loop keeps answering /healthz, /metrics and refusals while a model runs.
+
+    `clock` (seconds, monotonic) is what deadlines are counted on: a request's arrival, its cut and
+    the time left for a fallback. Tests pass their own to decide what time it is; the gRPC call's
+    timeout (the cut) is still real time, the budget this clock leaves.
     """
 
-    def __init__(self, loaded: LoadedModel, settings: CloudSettings, edge: EdgeClient, metrics: Metrics):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: CloudSettings,
+        edge: EdgeClient,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.loaded, self.settings, self.edge, self.metrics = loaded, settings, edge, metrics
+        self.clock = clock
         self.cloud = Cloud(loaded)
         self.reserve = ReserveEstimator(settings.deadline_reserve_ms)
         self.inflight = 0
@@ -161,7 +174,7 @@ class AnswerService:
         return outcome
 
     async def answer(self, req: AnswerRequest, request_id: str) -> AnswerResponse:
-        arrived = time.monotonic()  # deadline_ms counts from here
+        arrived = self.clock()  # deadline_ms counts from here
         outcome = "error"
         try:
             self._admit()
@@ -293,7 +306,7 @@ class AnswerService:
                 self.metrics.retention_achieved.labels(req.mode).observe(ans.retention_achieved)
                 if not ans.complete:
                     self.metrics.partial_answers.labels(req.mode).inc()
-        timings.add("total", time.monotonic() - arrived)
+        timings.add("total", self.clock() - arrived)
         self._observe_speed(ans, timings)
         self.metrics.observe_stages(ans.mode, timings.values)
         final = said.final(ans.text)
@@ -335,7 +348,7 @@ class AnswerService:
         if req.fallback != "text":
             raise exc
         need = self.reserve.estimate("text", prompt_len, req.max_new_tokens)
-        left = deadline_at - time.monotonic()
+        left = deadline_at - self.clock()
         if need > left:
             log_event(
                 log,
@@ -372,7 +385,7 @@ class AnswerService:
         positions = get_mode(req.mode).setup_positions(prompt_len, prompt_len - 1)
         reserve_s = self.reserve.cut_reserve(req.mode, positions, req.max_new_tokens)
         deadline_ms = req.deadline_ms or self.settings.default_deadline_ms
-        budget_s = deadline_at - reserve_s - time.monotonic()
+        budget_s = deadline_at - reserve_s - self.clock()
         if budget_s <= 0:
             raise DeadlineExceededError(
                 f"deadline_ms={deadline_ms} leaves no time for the edge stream: "

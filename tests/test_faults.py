@@ -7,7 +7,9 @@ relay replaces the old one and the cloud's gRPC channel reconnects to it). Tests
 start a new one before they end, so no test depends on another's order.
 
 Needs root and iproute2 (skips otherwise, see docs/network-tests.md); uses the tiny offline model.
-`pytest -s` prints the measured figures (docs/network-tests.md records them).
+`pytest -s` prints the measured figures (docs/network-tests.md records them); no test passes or fails
+on them: each asserts the outcome (status, error, answer, metrics) that shows what the daemons did,
+and waits for what will happen with a generous SAFETY_S.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from kvwire.bench.relay import Relay, RelayConfig
 from kvwire.kvcodec.wire import MAGIC
 
 RATE = "100mbit"  # the link between tests
-SLOW_RATE = "1mbit"  # kill tests: the ~470 KB stream takes ~4 s, so a kill lands mid-stream
+# kill tests: the ~470 KB stream takes ~15 s, so a kill made once chunks arrive (a second or two in, even on a
+# loaded host) lands mid-stream; the link keeps moving, so gRPC's pings keep the connection up meanwhile
+SLOW_RATE = "250kbit"
 # fixed, so that a new relay can take the old one's place; below the ephemeral ports (32768+), which clients use
 RELAY_PORT = 30000
 CHUNK_BYTES = 4096  # ~115 chunk frames a stream: the cloud counts bytes as frames arrive, so mid-stream is observable
@@ -49,7 +53,7 @@ CONTEXT = (
     "France. They were descended from Norse raiders under their leader Rollo. "
 ) * 12
 REQUEST = {"question": "Who was the leader?", "context": CONTEXT, "mode": "kv", "profile": "fp16", "max_new_tokens": 8}
-SLACK_S = 2.0  # answer after the deadline: generation on 2 busy cores plus the HTTP client's own start
+SAFETY_S = 60.0  # the longest a test waits for something that will happen
 REMOTE_ERRORS = {502: {"frame_error", "edge_error"}, 503: {"edge_unavailable", "edge_busy"}}
 
 lab = netlab_fixture(LinkSpec(rate=RATE), scope="module", name="lab")
@@ -119,7 +123,7 @@ def no_leaked_state(request):
     hosts.lab.shape(RATE)
     yield
     hosts.lab.shape(RATE)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + SAFETY_S
     for daemon in (hosts.edge, hosts.cloud):
         while (inflight := metrics(hosts.lab, daemon)[("kvwire_inflight_requests", ())]) != 0:
             assert time.monotonic() < deadline, f"{daemon.proc.name}: {inflight:.0f} requests still in flight"
@@ -253,12 +257,11 @@ def test_random_bit_flips_give_the_clean_answer_or_a_clean_error(hosts, clean):
 # --- delay, stalls, resets ---------------------------------------------------------------------
 
 
-def test_delay_and_stalls_answer_or_fail_cleanly_within_the_deadline(hosts, clean):
-    deadline_ms = 2000
+def test_delay_and_stalls_answer_or_fail_cleanly(hosts, clean):
+    deadline_ms = 3000  # the template/question positions need well under a second here, even with a 500 ms stall
     hosts.use_relay(delay_ms=50, stall_prob=0.05, stall_max_ms=500, seed=7)
     results = [hosts.ask(deadline_ms=deadline_ms) for _ in range(6)]
-    for res in results:
-        assert res["seconds"] <= deadline_ms / 1000 + SLACK_S, res
+    for res in results:  # how late each came is printed below (a latency figure, not a pass/fail condition)
         if res["status"] != 200:
             assert_clean_error(res, {504: {"deadline"}, **REMOTE_ERRORS})
         elif res["body"].get("complete", True):
@@ -283,8 +286,7 @@ def test_a_reset_mid_stream_fails_that_request_and_the_next_one_succeeds(hosts, 
     relay = hosts.use_relay(reset_after_bytes=200_000, faulty_connections=1)  # ~40% into the first stream
     res = hosts.ask(deadline_ms=10_000)
     assert relay_events(relay, "reset"), relay.proc.log()
-    assert_clean_error(res, REMOTE_ERRORS)
-    assert res["seconds"] < 10
+    assert_clean_error(res, REMOTE_ERRORS)  # 502/503 at the reset, not the 504 its deadline would give
     again = hosts.ask(deadline_ms=10_000)  # a new connection, which the relay leaves alone
     assert again["status"] == 200, again
     assert_same_answer(again, clean["kv"])
@@ -295,26 +297,31 @@ def test_a_reset_mid_stream_fails_that_request_and_the_next_one_succeeds(hosts, 
 
 
 def test_a_link_gone_silent_mid_stream_ends_cleanly_at_the_deadline(hosts):
-    deadline_ms = 3000
+    # 2000 ms: the cut comes before the cloud's gRPC ping timeout (3 s after the silence) drops the connection
+    deadline_ms = 2000
     relay = hosts.use_relay(silence_after_bytes=100_000, faulty_connections=1)
     res = hosts.ask(deadline_ms=deadline_ms)
     assert relay_events(relay, "silence")
-    assert deadline_ms / 1000 * 0.9 <= res["seconds"] <= deadline_ms / 1000 + SLACK_S, res
-    if res["status"] == 200:  # an anytime answer from the positions that arrived, marked as such
+    # the outcome of the cut, which only the deadline makes: an anytime answer from the positions that
+    # arrived, or a 504 saying what the cut stream lacked (not the 504 of a deadline too short to start)
+    if res["status"] == 200:
         assert res["body"]["complete"] is False and 0 < res["body"]["retention_achieved"] < 1, res
     else:
         assert_clean_error(res, {504: {"deadline"}})
+        assert "was cut" in res["body"]["detail"], res
     print(
         f"\nfaults: silent after 100000 bytes, deadline {deadline_ms} ms: {res['status']} in {res['seconds'] * 1000:.0f} ms"
     )
 
 
-def test_after_a_link_went_silent_the_cloud_drops_the_connection_and_recovers_within_10_s(hosts, clean):
+def test_after_a_link_went_silent_the_cloud_drops_the_connection_and_recovers(hosts, clean):
     relay = hosts.use_relay(silence_after_bytes=100_000, faulty_connections=1)
     hosts.ask(deadline_ms=2000)
-    silent_at = relay.proc.wait_json("silence", 5)["ts"]
+    silent_at = relay.proc.wait_json("silence", SAFETY_S)["ts"]
     try:
-        wait_ready(hosts.lab, hosts.cloud, timeout=10 - (time.time() - silent_at))
+        # the cloud's keepalive drops the silent connection within seconds (docs/network-tests.md); without it
+        # TCP would hold it for many minutes, and the relay's idle timeout (300 s) is far off: SAFETY_S tells them apart
+        wait_ready(hosts.lab, hosts.cloud, timeout=SAFETY_S)
     except TimeoutError:
         hosts.use_relay()  # a new relay closes the stuck connection: the next tests start clean
         raise
@@ -336,7 +343,9 @@ def _in_background(fn) -> tuple[threading.Thread, dict]:
     return thread, out
 
 
-def _wait_mid_stream(hosts: Hosts, before: float, thread: threading.Thread, out: dict, timeout: float = 20.0) -> None:
+def _wait_mid_stream(
+    hosts: Hosts, before: float, thread: threading.Thread, out: dict, timeout: float = SAFETY_S
+) -> None:
     """Until the cloud has counted chunk bytes beyond `before`: the stream is flowing."""
     deadline = time.monotonic() + timeout
     while metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_bytes_received_total", kind="chunk") <= before:
@@ -355,7 +364,7 @@ def _kill_edge_mid_stream(hosts: Hosts, **overrides) -> tuple[dict, float]:
     _wait_mid_stream(hosts, before, thread, out)
     kill(hosts.edge.proc)
     killed = time.monotonic()
-    thread.join(60)
+    thread.join(SAFETY_S)
     return out["res"], time.monotonic() - killed
 
 
@@ -366,7 +375,7 @@ def _restart_edge_and_recover(hosts: Hosts, clean: dict) -> float:
     hosts.restart_edge()
     started = time.monotonic()
     while (res := hosts.ask())["status"] != 200:
-        assert time.monotonic() - started < 10, res  # the cloud's channel retries the edge within 2 s
+        assert time.monotonic() - started < SAFETY_S, res  # the cloud's channel retries the edge every 2 s at most
         time.sleep(0.2)
     assert_same_answer(res, clean["kv"])
     assert http(hosts.lab, "GET", hosts.cloud.http_url + "/readyz")["status"] == 200
@@ -379,7 +388,7 @@ def test_edge_killed_mid_stream_is_503_and_the_cloud_recovers_when_it_returns(ho
     res, after_kill = _kill_edge_mid_stream(hosts)
     assert_clean_error(res, {503: {"edge_unavailable"}})
     assert "mode=text" in res["body"]["detail"]  # the message says what still works
-    assert after_kill < 8 and res["seconds"] < 30  # at most the bytes already on their way drain first
+    # 503 at the kill, not the 504 or anytime answer of its 30 s deadline: the cloud did not wait it out
     cloud = metrics(hosts.lab, hosts.cloud)
     assert (
         metric_sum(cloud, "kvwire_requests_total", mode="kv", outcome="edge_unavailable")
@@ -400,29 +409,33 @@ def test_edge_killed_mid_stream_with_fallback_text_answers_in_text_mode(hosts, c
     body = res["body"]
     assert body["fallback"] == "text" and body["fallback_reason"] and body["mode"] == "text", body
     assert body["answer"] == clean["text"]["answer"] and body["bytes_on_wire"] == clean["text"]["bytes_on_wire"] > 0
-    assert after_kill < 8
+    assert body["fallback_reason"].startswith("edge_unavailable:"), body  # the kill's outcome, not the deadline's
+    print(f"\nfaults: edge SIGKILLed mid-stream, fallback text: 200 {after_kill * 1000:.0f} ms after the kill")
     _restart_edge_and_recover(hosts, clean)
 
 
 @pytest.fixture(scope="module")
 def cloud_killed(hosts, clean) -> dict:
-    """SIGKILL the cloud while its kv stream is stuck mid-way (the relay forwards 100 KB of ~470 KB
-    and then nothing: the cloud waits for the rest); then start a new cloud. What both sides showed."""
+    """SIGKILL the cloud while its kv stream is flowing over the slow link (chunks have arrived, ~15 s of
+    the stream are still to come); then start a new cloud. What both sides showed."""
     before = metrics(hosts.lab, hosts.edge)
-    relay = hosts.use_relay(silence_after_bytes=100_000, faulty_connections=1)
-    thread, out = _in_background(lambda: hosts.ask(deadline_ms=30_000, request_id="cloud-killed"))
-    relay.proc.wait_json("silence", 20)
+    hosts.use_relay()
+    hosts.lab.shape(SLOW_RATE)
+    chunks = metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_bytes_received_total", kind="chunk")
+    thread, out = _in_background(lambda: hosts.ask(deadline_ms=120_000, request_id="cloud-killed"))
+    _wait_mid_stream(hosts, chunks, thread, out)
     cloud_inflight = metrics(hosts.lab, hosts.cloud)[("kvwire_inflight_requests", ())]
     edge_done = any(
         r.get("event") == "prefill" and r.get("request_id") == "cloud-killed" for r in hosts.edge.proc.json_lines()
     )
     kill(hosts.cloud.proc)
     killed = time.monotonic()
-    thread.join(60)
+    thread.join(SAFETY_S)
     while (edge := metrics(hosts.lab, hosts.edge))[("kvwire_inflight_requests", ())] != 0:
-        assert time.monotonic() - killed < 10, "the edge kept a stream open to a dead cloud"
+        assert time.monotonic() - killed < SAFETY_S, "the edge kept a stream open to a dead cloud"
         time.sleep(0.1)
     edge_idle_s = time.monotonic() - killed
+    hosts.lab.shape(RATE)
     hosts.restart_cloud()
     wait_ready(hosts.lab, hosts.cloud)  # a new connection: the relay leaves it alone
     outcomes = {

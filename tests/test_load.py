@@ -5,8 +5,10 @@ metrics that agree with what the clients saw. `pytest -s` prints the latency fig
 (docs/network-tests.md records them).
 
 Scaled down from the issue's 32 clients x 200 requests to 32 x 40 (1,280 answers in ~35 s) so that
-it stays under a minute on two shared cores; the loop is bounded by count and by time (TIME_BUDGET_S).
-The full size runs with KVWIRE_LOAD_REQUESTS=200 KVWIRE_LOAD_SECONDS=300 (about two minutes here).
+it stays under a minute on two shared cores. The loop is bounded by count: every request must be
+answered, however long a loaded host takes; SAFETY_S (KVWIRE_LOAD_SECONDS) only stops a hung run.
+The full size runs with KVWIRE_LOAD_REQUESTS=200 (about two minutes here). Latencies are printed,
+never asserted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from kvwire.agent_common.launch import Daemon
 
 CLIENTS = 32
 REQUESTS_PER_CLIENT = int(os.environ.get("KVWIRE_LOAD_REQUESTS", "40"))
-TIME_BUDGET_S = float(os.environ.get("KVWIRE_LOAD_SECONDS", "45"))  # clients stop starting requests after this
+SAFETY_S = float(os.environ.get("KVWIRE_LOAD_SECONDS", "900"))  # clients stop starting requests after this: a failure
 CLOUD_CONCURRENCY = 16  # half the clients: the rest get 429 with Retry-After, deliberately
 EDGE_CONCURRENCY = CLOUD_CONCURRENCY  # so that the edge never refuses a stream the cloud accepted (503 edge_busy)
 RSS_GROWTH_BOUND_MIB = 64  # per daemon, from after the warm-up to after the load
@@ -73,8 +75,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_clients(url: str, clients: int, per_client: int, budget_s: float) -> dict:
-    """`clients` concurrent clients, each sending up to per_client requests (cycling through REQUESTS)
-    until budget_s has passed. A 429 is retried after its Retry-After; anything else but 200 is an error."""
+    """`clients` concurrent clients, each sending per_client requests (cycling through REQUESTS), unless
+    budget_s (a safety bound) runs out first. A 429 is retried after its Retry-After; anything else but
+    200 is an error."""
     latencies: dict[str, list[float]] = {r["mode"]: [] for r in REQUESTS}
     refused, errors, retry_after = 0, [], set()
     stop_at = time.monotonic() + budget_s
@@ -109,12 +112,13 @@ async def run_clients(url: str, clients: int, per_client: int, budget_s: float) 
 
 
 def test_bounded_load_has_no_errors_bounded_memory_and_nothing_left_in_flight(daemons):
-    asyncio.run(run_clients(daemons.cloud.http_url, 8, 3, 30))  # warm-up: every mode, some concurrency
+    warm = asyncio.run(run_clients(daemons.cloud.http_url, 8, 3, SAFETY_S))  # warm-up: every mode, some concurrency
+    assert warm["errors"] == [] and sum(map(len, warm["latencies"].values())) == 8 * 3
     rss_before = {name: rss_mib(d) for name, d in (("edge", daemons.edge), ("cloud", daemons.cloud))}
     cloud_before, edge_before = metric_samples(daemons.cloud.http_url), metric_samples(daemons.edge_url)
 
     started = time.monotonic()
-    result = asyncio.run(run_clients(daemons.cloud.http_url, CLIENTS, REQUESTS_PER_CLIENT, TIME_BUDGET_S))
+    result = asyncio.run(run_clients(daemons.cloud.http_url, CLIENTS, REQUESTS_PER_CLIENT, SAFETY_S))
     wall = time.monotonic() - started
 
     rss_after = {name: rss_mib(d) for name, d in (("edge", daemons.edge), ("cloud", daemons.cloud))}
@@ -123,7 +127,7 @@ def test_bounded_load_has_no_errors_bounded_memory_and_nothing_left_in_flight(da
     answered = len(everything)
 
     lines = [
-        f"load: {CLIENTS} clients x up to {REQUESTS_PER_CLIENT} requests (budget {TIME_BUDGET_S:.0f} s), "
+        f"load: {CLIENTS} clients x {REQUESTS_PER_CLIENT} requests, "
         f"cloud --max-concurrency {CLOUD_CONCURRENCY}: {answered} answered in {wall:.1f} s "
         f"({answered / wall:.1f}/s), {result['refused']} deliberate 429s, {len(result['errors'])} errors"
     ]
@@ -137,8 +141,12 @@ def test_bounded_load_has_no_errors_bounded_memory_and_nothing_left_in_flight(da
     print("\n" + "\n".join(lines))
 
     assert result["errors"] == []
-    assert answered >= CLIENTS * 5, "too few requests finished within the time budget to say anything"
-    assert result["refused"] > 0 and result["retry_after"] == {"1"}  # 429s happened, each telling when to retry
+    assert answered == CLIENTS * REQUESTS_PER_CLIENT, (
+        f"{answered} answered: the run hit its {SAFETY_S:.0f} s safety bound"
+    )
+    # 429s happened, each telling when to retry: 32 clients start at once against 16 slots, and a slot is
+    # held for at least a forward pass, far longer than the 32 requests take to arrive
+    assert result["refused"] > 0 and result["retry_after"] == {"1"}
     for name in rss_before:
         assert rss_after[name] - rss_before[name] < RSS_GROWTH_BOUND_MIB, (name, rss_before, rss_after)
     assert cloud[("kvwire_inflight_requests", ())] == 0 and edge[("kvwire_inflight_requests", ())] == 0
