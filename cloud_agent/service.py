@@ -29,7 +29,7 @@ from kvwire.kvcodec.errors import ConfigError, FrameError, PromptTooLongError
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode
 from kvwire.kvcodec.pipeline import Answer, Cloud, Timings
-from kvwire.kvcodec.prompt import build_prompt, model_window
+from kvwire.kvcodec.prompt import build_prompt, model_window, user_token_ids
 from kvwire.kvcodec.receiver import NothingToAnswerError
 from kvwire.kvcodec.stream import DecodedKV
 
@@ -183,7 +183,7 @@ class AnswerService:
                 f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}"
             )
         tokenizer = self.loaded.tokenizer
-        context_tokens = len(tokenizer(req.context, add_special_tokens=False)["input_ids"])
+        context_tokens = len(user_token_ids(tokenizer, req.context))
         if context_tokens > self.settings.max_context_tokens:
             raise PromptTooLongError(
                 f"the context is {context_tokens} tokens; this cloud-agent accepts at most "
