@@ -9,12 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
 
+DEFAULT_MAX_NEW_TOKENS = 32
+
 
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    question: str = Field(min_length=1, description="the question about the context")
-    context: str = Field(min_length=1, description="the passage the question is about")
+    # pattern: at least one non-space character (an all-space context or question has nothing to ask about)
+    question: str = Field(min_length=1, pattern=r"\S", description="the question about the context")
+    context: str = Field(min_length=1, pattern=r"\S", description="the passage the question is about")
     mode: Literal[tuple(mode_names())] = Field(  # type: ignore[valid-type]  # the allowed values are the registry's
         "kv", description="; ".join(f"{name}: {get_mode(name).description}" for name in mode_names())
     )
@@ -23,7 +26,13 @@ class AnswerRequest(BaseModel):
     profile: str | None = Field(
         None, description="precision profile (kv mode); default: the edge's --profile (mixed-int4 unless configured)"
     )
-    max_new_tokens: int = Field(32, ge=1, le=4096, description="answer length cap in tokens")
+    max_new_tokens: int = Field(
+        DEFAULT_MAX_NEW_TOKENS,
+        ge=1,
+        le=4096,
+        description="answer length cap in tokens, at most the cloud's --max-new-tokens (its OpenAPI schema says "
+        "which); default 32, or that limit if lower",
+    )
     deadline_ms: int | None = Field(
         None,
         ge=1,
@@ -83,3 +92,11 @@ class AnswerResponse(BaseModel):
     fallback_reason: str | None = Field(
         None, description="why it fell back: the error the request would otherwise have got"
     )
+
+
+class ErrorBody(BaseModel):
+    """Every error's body, whatever its status (cloud_agent/errors.py maps errors to statuses)."""
+
+    detail: str = Field(description="what went wrong, in words a caller can act on")
+    error: str = Field(description="the outcome label of kvwire_requests_total: invalid, too_long, deadline, ...")
+    request_id: str | None = Field(description="the request's id (X-Request-ID), as in the cloud-agent's logs")

@@ -136,6 +136,8 @@ class AnswerService:
 
     async def answer(self, req: AnswerRequest, request_id: str) -> AnswerResponse:
         arrived = time.monotonic()  # deadline_ms counts from here
+        if "max_new_tokens" not in req.model_fields_set and req.max_new_tokens > self.settings.max_new_tokens:
+            req = req.model_copy(update={"max_new_tokens": self.settings.max_new_tokens})  # the default fits the limit
         outcome = "error"
         try:
             if self.draining:

@@ -76,3 +76,91 @@ def service_request(context: str, **fields):
     from kvwire.cloud_agent.api import AnswerRequest
 
     return AnswerRequest(**{"question": "Who?", "context": context, "mode": "text", "max_new_tokens": 4, **fields})
+
+
+# --- 5 and 6: every error in one shape, and the OpenAPI schema is the server's ----------------------
+
+
+@pytest.fixture
+def cloud_with_edge(tiny_loaded):
+    """An in-process cloud (tiny model, max_new_tokens 8) in front of a real in-process edge."""
+    from kvwire.cloud_agent.app import create_app
+    from kvwire.cloud_agent.service import AnswerService
+    from kvwire.edge_agent.main import build_grpc_server
+    from kvwire.edge_agent.service import EdgeServicer
+    from kvwire.edge_agent.settings import EdgeSettings
+
+    edge_settings = EdgeSettings(max_concurrency=4, profile="int8")
+    edge_metrics = Metrics("edge")
+    server, _ = build_grpc_server(EdgeServicer(tiny_loaded, edge_settings, edge_metrics), edge_metrics, edge_settings)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    metrics = Metrics("cloud")
+    edge = EdgeClient(f"127.0.0.1:{port}")
+    service = AnswerService(tiny_loaded, CloudSettings(max_new_tokens=8), edge, metrics)
+    try:
+        yield create_app(service, metrics, 1 << 16), metrics
+    finally:
+        service.close()
+        edge.close()
+        server.stop(None)
+
+
+def test_a_body_that_is_not_utf8_is_a_422_in_the_error_shape_and_counted(cloud_with_edge):
+    app, metrics = cloud_with_edge
+    with TestClient(app) as http:
+        reply = http.post(
+            "/answer",
+            content=b'{"question": "Who?", "context": "caf\xe9", "mode": "text"}',
+            headers={"content-type": "application/json", "x-request-id": "bad-utf8"},
+        )
+    assert reply.status_code == 422, reply.text
+    body = reply.json()
+    assert body["error"] == "invalid" and body["request_id"] == "bad-utf8"
+    assert "UTF-8" in body["detail"]
+    assert _requests(metrics, "unknown", "invalid") == 1
+
+
+def test_openapi_declares_every_status_the_server_sends_and_the_real_limits(cloud_with_edge):
+    app, _ = cloud_with_edge
+    with TestClient(app) as http:
+        spec = http.get("/openapi.json").json()
+    answer = spec["paths"]["/answer"]["post"]["responses"]
+    for status in ("401", "409", "411", "413", "422", "429", "502", "503", "504"):
+        schema = answer[status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}, status
+    assert set(spec["components"]["schemas"]["ErrorBody"]["required"]) == {"detail", "error", "request_id"}
+    assert spec["components"]["schemas"]["AnswerRequest"]["properties"]["max_new_tokens"]["maximum"] == 8
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("generation", ["positive", "negative"])
+def test_schemathesis_finds_no_schema_violation_and_no_500_on_answer(cloud_with_edge, generation):
+    """schemathesis against the ASGI app in-process: bounded examples, derandomized (the same cases every run)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    def no_internal_error(ctx, response, case):
+        # replaces not_a_server_error, which fails every 5xx: 502, 503 and 504 are this API's documented
+        # answers (the edge failed, is unavailable, the deadline passed); a 500 is a bug. positive_data_acceptance
+        # is left out too: selector and profile are free strings here because the edge owns their names
+        # (docs/architecture.md), so a schema-valid name can still be the edge's 422
+        assert response.status_code != 500, response.text
+
+    app, _ = cloud_with_edge
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operation = schema["/answer"]["POST"]
+
+    @settings(max_examples=40, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(GenerationMode(generation)))
+    def check(case):
+        case.call_and_validate(
+            excluded_checks=[not_a_server_error, positive_data_acceptance], additional_checks=[no_internal_error]
+        )
+
+    check()
