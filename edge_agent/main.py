@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -87,6 +88,21 @@ def build_grpc_server(servicer: EdgeServicer, metrics: Metrics, settings: EdgeSe
     return server, health_servicer
 
 
+def drain(servicer: EdgeServicer, server: grpc.Server, health_servicer, grace_seconds: float) -> None:
+    """Stop serving: refuse new streams, give the ones in flight the grace period, then stop the server.
+
+    The gRPC server keeps running while streams are in flight: server.stop() would refuse every new
+    RPC, the cloud's Confirm of a finished stream among them, and that stream would wait for a receipt
+    that cannot come. New Prefill calls are refused by the servicer (ShuttingDownError, UNAVAILABLE).
+    """
+    started = time.monotonic()
+    servicer.draining = True
+    health_servicer.enter_graceful_shutdown()  # health checks answer NOT_SERVING from now on
+    servicer.wait_idle(grace_seconds)
+    left = max(0.0, grace_seconds - (time.monotonic() - started))
+    server.stop(left).wait()  # streams still running after the grace period are cancelled
+
+
 async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
     from kvwire.edge_agent.http import create_app
     from kvwire.edge_agent.service import EdgeServicer
@@ -135,10 +151,7 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
     )
     await http.until_stopped()
     log_event(log, "draining", grace_seconds=settings.grace_seconds)
-    servicer.draining = True
-    health_servicer.enter_graceful_shutdown()  # health checks answer NOT_SERVING from now on
-    done = server.stop(settings.grace_seconds)  # refuses new RPCs; in-flight streams get the grace period
-    await asyncio.to_thread(done.wait)
+    await asyncio.to_thread(drain, servicer, server, health_servicer, settings.grace_seconds)
     await http.shutdown()
     log_event(log, "stopped")
     return 0

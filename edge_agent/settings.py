@@ -42,6 +42,12 @@ class EdgeSettings(DaemonSettings):
         le=256,
         description="Prefill streams served at once; more are refused with RESOURCE_EXHAUSTED (forward passes run one at a time)",
     )
+    receipt_wait_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="how long a finished stream waits for the cloud's Confirm before it is released (logged prefill_unconfirmed)",
+    )
     tls_client_ca_file: str | None = Field(
         None,
         description="PEM CA bundle that signs cloud-agents' client certificates; switches mutual TLS on "
