@@ -38,8 +38,10 @@ class AnswerRequest(BaseModel):
         ge=1,
         le=3_600_000,
         description=(
-            "deadline of the whole request, from its arrival at the cloud (kv/scout): the edge stream is cut in time to "
-            "answer from the positions that arrived; default: the cloud's --default-deadline-ms (docs/anytime.md)"
+            "when the answer is due, from the request's arrival at the cloud. kv/scout: the edge stream is cut in time "
+            "to generate max_new_tokens tokens from the positions that arrived (default: the cloud's "
+            "--default-deadline-ms); text: refused at once (504) when the answer is estimated not to fit. "
+            "Generation is not interrupted (docs/anytime.md)"
         ),
     )
     fallback: Literal["none", "text"] = Field(

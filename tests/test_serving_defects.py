@@ -295,3 +295,143 @@ def _consume(call) -> None:
             pass
     except grpc.RpcError:
         pass  # cancelled
+
+
+# --- 3 and 8: the deadline reserve against a model whose speed the test sets -----------------------
+
+FORWARD_S = 0.05  # simulated seconds of one forward pass's fixed cost (per-layer overhead)
+POSITION_S = 0.001  # and per input position
+ANSWER_TOKENS = 16
+LONG_CONTEXT = " ".join([CONTEXT] * 6)
+
+
+class _SimClock:
+    """The clock of the code under test: it advances only when the model runs, by a cost the test sets."""
+
+    def __init__(self):
+        self.now, self.forwards = 1000.0, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.forwards += 1
+        self.now += FORWARD_S + POSITION_S * ids.shape[-1]
+
+
+class _ScriptedEdge:
+    """An EdgeClient that replays a real edge's frames for one request, or fails as told."""
+
+    address = "scripted"
+
+    def __init__(self, frames, fail=None):
+        self.frames, self.fail, self.timeouts = frames, fail, []
+
+    def prefill(self, request, timeout_s):
+        from kvwire.agent_common.edge_messages import PrefillReply
+
+        self.timeouts.append(timeout_s)
+        if self.fail is not None:
+            raise self.fail
+        for frame in self.frames:
+            yield PrefillReply(request.request_id, frame=frame)
+        yield PrefillReply(request.request_id, timings_ms={"prefill": 1.0, "select": 0.1, "encode": 0.1})
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def simulated_cloud(tiny_model_dir, monkeypatch):
+    """(service, clock, edge): an AnswerService over a tiny model whose forward passes cost simulated time."""
+    from types import SimpleNamespace
+
+    import kvwire.cloud_agent.service as service_module
+    import kvwire.kvcodec.generate as generate_module
+    import kvwire.kvcodec.pipeline as pipeline_module
+    from kvwire.cloud_agent.service import AnswerService
+    from kvwire.kvcodec.models import load_model
+    from kvwire.kvcodec.pipeline import Edge, EdgeRequest
+
+    loaded = load_model(tiny_model_dir)  # its own copy: the clock's hook stays off the session's model
+    frames = list(Edge(loaded).stream(EdgeRequest(LONG_CONTEXT, "Who?", "kv", profile="int8")))
+    clock = _SimClock()
+    fake_time = SimpleNamespace(perf_counter=clock, monotonic=clock, time=clock)
+    for module in (service_module, generate_module, pipeline_module):
+        monkeypatch.setattr(module, "time", fake_time)
+    handle = loaded.model.register_forward_pre_hook(clock.hook, with_kwargs=True)
+    edge = _ScriptedEdge(frames)
+    service = AnswerService(loaded, CloudSettings(max_new_tokens=ANSWER_TOKENS), edge, Metrics("cloud"))
+    service.cloud.stop = set()  # every answer runs to max_new_tokens: its length is the test's too
+    try:
+        yield service, clock, edge
+    finally:
+        handle.remove()
+        service.close()
+
+
+def _answer(service, **fields):
+    import asyncio
+
+    req = service_request(LONG_CONTEXT, max_new_tokens=ANSWER_TOKENS, **fields)
+    return asyncio.run(service.answer(req, "sim"))
+
+
+def test_the_reserve_predicts_setup_and_generation_within_30_percent_after_warm_up(simulated_cloud):
+    service, clock, _ = simulated_cloud
+    service.warm_up()
+    prompt_len = service.validate(service_request(LONG_CONTEXT, max_new_tokens=ANSWER_TOKENS))
+    predicted = service.reserve.estimate("text", prompt_len, ANSWER_TOKENS)
+    timings = _answer(service).timings_ms
+    measured = (timings.prefill + timings.generate) / 1000
+    print(f"text reserve: predicted {predicted * 1000:.0f} ms, measured {measured * 1000:.0f} ms")
+    assert 0.7 <= predicted / measured <= 1.3
+    setup = service.reserve.setup_estimate("text", prompt_len)
+    generation = service.reserve.generation_estimate(ANSWER_TOKENS)
+    print(
+        f"setup {setup * 1000:.0f} vs {timings.prefill:.0f} ms, generation {generation * 1000:.0f} vs {timings.generate:.0f} ms"
+    )
+    assert 0.7 <= setup * 1000 / timings.prefill <= 1.3
+    assert 0.7 <= generation * 1000 / timings.generate <= 1.3
+
+
+def test_a_deadline_that_fits_a_normal_answer_is_accepted(simulated_cloud):
+    service, _, edge = simulated_cloud
+    service.warm_up()
+    normal = _answer(service, mode="kv")  # no deadline: how long a kv answer takes here
+    assert normal.complete
+    deadline_ms = int(normal.timings_ms.total * 1.3)
+    answered = _answer(service, mode="kv", deadline_ms=deadline_ms)
+    assert answered.complete and answered.answer == normal.answer, deadline_ms
+    assert edge.timeouts[-1] > 0
+
+
+def test_text_mode_with_a_deadline_it_cannot_meet_is_refused_before_the_model_runs(simulated_cloud):
+    from kvwire.agent_common.errors import DeadlineExceededError
+
+    service, clock, _ = simulated_cloud
+    service.warm_up()
+    forwards = clock.forwards
+    with pytest.raises(DeadlineExceededError, match="deadline_ms=1 is too short for a text answer: it needs about"):
+        _answer(service, mode="text", deadline_ms=1)
+    assert clock.forwards == forwards
+    fits = _answer(service, mode="text", deadline_ms=60_000)
+    assert fits.answer is not None and clock.forwards > forwards
+
+
+def test_a_refused_fallback_says_it_was_tried_and_why(simulated_cloud):
+    from kvwire.agent_common.errors import DeadlineExceededError, EdgeUnavailableError
+
+    service, _, edge = simulated_cloud
+    service.warm_up()
+    edge.fail = EdgeUnavailableError("edge-agent at scripted is unreachable")
+    prompt_len = service.validate(service_request(LONG_CONTEXT, max_new_tokens=ANSWER_TOKENS))
+    stream_reserve = service.reserve.cut_reserve("kv", prompt_len - 1, ANSWER_TOKENS)
+    text_need = service.reserve.estimate("text", prompt_len, ANSWER_TOKENS)
+    assert stream_reserve < text_need
+    between = int((stream_reserve + text_need) / 2 * 1000)  # time for the stream, not for a text answer
+    with pytest.raises(EdgeUnavailableError, match=r"text fallback was tried and refused: it needs about \d+ ms and"):
+        _answer(service, mode="kv", fallback="text", deadline_ms=between)
+    with pytest.raises(DeadlineExceededError, match="fallback was tried and refused"):
+        _answer(service, mode="kv", fallback="text", deadline_ms=1)
