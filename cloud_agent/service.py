@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -220,6 +221,13 @@ class AnswerService:
             return False, {**info, "reason": str(exc)}
         return True, info
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token of this tokenizer stands for (+1: a word-start marker decoded away)."""
+        tokenizer = self.loaded.tokenizer
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        return max(len(p.encode("utf-8", "surrogatepass")) for p in pieces) + 1
+
     def validate(self, req: AnswerRequest) -> int:
         """ConfigError (422) / PromptTooLongError (413) for what this cloud owns (its limits, its model's
         window) before any work; returns the prompt length. Names the edge owns (selector, profile) go to
@@ -229,6 +237,14 @@ class AnswerService:
                 f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}"
             )
         tokenizer = self.loaded.tokenizer
+        # no token holds more than max_token_bytes bytes: a context that long in bytes is over the limit
+        # without tokenizing it (a 4 MiB body would otherwise be tokenized in full before its 413)
+        at_least = -(-len(req.context.encode("utf-8", "surrogatepass")) // self.max_token_bytes)
+        if at_least > self.settings.max_context_tokens:
+            raise PromptTooLongError(
+                f"the context is at least {at_least} tokens; this cloud-agent accepts at most "
+                f"{self.settings.max_context_tokens} (--max-context-tokens)"
+            )
         context_tokens = len(user_token_ids(tokenizer, req.context))
         if context_tokens > self.settings.max_context_tokens:
             raise PromptTooLongError(

@@ -435,3 +435,60 @@ def test_a_refused_fallback_says_it_was_tried_and_why(simulated_cloud):
         _answer(service, mode="kv", fallback="text", deadline_ms=between)
     with pytest.raises(DeadlineExceededError, match="fallback was tried and refused"):
         _answer(service, mode="kv", fallback="text", deadline_ms=1)
+
+
+# --- rough edges ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edge", ["not an address", "host:", ":50051", "host:99999", "http://host:50051"])
+def test_an_edge_that_is_not_host_port_is_refused_with_the_settings(edge):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="HOST:PORT"):
+        CloudSettings(edge=edge)
+
+
+@pytest.mark.parametrize("edge", ["127.0.0.1:50051", "edge.example:443", "[::1]:50051", "dns:///edge:50051"])
+def test_edge_addresses_gRPC_accepts_are_accepted(edge):
+    assert CloudSettings(edge=edge).edge == edge
+
+
+def test_a_huge_context_is_refused_before_it_is_tokenized(tiny_loaded, monkeypatch):
+    from kvwire.cloud_agent.service import AnswerService
+    from kvwire.kvcodec.errors import PromptTooLongError
+
+    service = AnswerService(
+        tiny_loaded, CloudSettings(max_context_tokens=64), EdgeClient("127.0.0.1:1"), Metrics("cloud")
+    )
+    calls = []
+    real = service.loaded.tokenizer.__class__.__call__
+    monkeypatch.setattr(
+        service.loaded.tokenizer.__class__,
+        "__call__",
+        lambda self, text, **kw: calls.append(len(text)) or real(self, text, **kw),
+    )
+    try:
+        with pytest.raises(PromptTooLongError, match="at least"):
+            service.validate(service_request("x" * 200_000))
+        assert calls == []  # nothing was tokenized
+        service.validate(service_request(CONTEXT))  # a context within the limit is counted as before
+        assert calls
+    finally:
+        service.close()
+
+
+def test_head_on_the_cloud_health_routes(cloud_with_edge):
+    app, _ = cloud_with_edge
+    with TestClient(app) as http:
+        assert http.head("/healthz").status_code == 200
+        assert http.head("/metrics").status_code == 200
+
+
+def test_an_answer_cut_inside_a_character_does_not_end_in_a_broken_one(tiny_loaded):
+    from kvwire.kvcodec.pipeline import answer_text
+
+    tok = tiny_loaded.tokenizer
+    ids = tok("Normans café", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))
+    assert answer_text(tok, ids[:cut]) == tok.decode(ids[: cut - 1]).strip()
+    assert answer_text(tok, ids) == "Normans café"
