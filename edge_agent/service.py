@@ -212,7 +212,11 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         return True
 
     def Confirm(self, request, context):
-        """The cloud has every frame of the stream `request.stream_id` (see Prefill's `confirm`)."""
+        """The cloud has every frame of the stream `request.stream_id` (see Prefill's `confirm`).
+
+        An empty stream id is the cloud's readiness probe of its token: answered, nothing logged."""
+        if not request.stream_id:
+            return kvwire_pb2.ReceiptReply()
         with self._receipts_lock:
             receipt = self._receipts.get(bytes(request.stream_id))
         if receipt is None:  # the stream already ended (cancelled, or released after --receipt-wait-s)

@@ -492,3 +492,30 @@ def test_an_answer_cut_inside_a_character_does_not_end_in_a_broken_one(tiny_load
     cut = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith("\ufffd"))
     assert answer_text(tok, ids[:cut]) == tok.decode(ids[: cut - 1]).strip()
     assert answer_text(tok, ids) == "Normans café"
+
+
+@pytest.mark.parametrize("token, ready", [(None, False), ("wrong", False), ("s3cret", True)])
+def test_readyz_is_false_while_the_edge_refuses_this_clouds_token(tiny_loaded, token, ready):
+    import asyncio
+
+    from kvwire.cloud_agent.service import AnswerService
+    from kvwire.edge_agent.main import build_grpc_server
+    from kvwire.edge_agent.service import EdgeServicer
+    from kvwire.edge_agent.settings import EdgeSettings
+
+    settings = EdgeSettings(max_concurrency=1, profile="int8")
+    metrics = Metrics("edge")
+    server, _ = build_grpc_server(EdgeServicer(tiny_loaded, settings, metrics), metrics, settings, token="s3cret")
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    edge = EdgeClient(f"127.0.0.1:{port}", token=token)
+    service = AnswerService(tiny_loaded, CloudSettings(readyz_timeout_s=30), edge, Metrics("cloud"))
+    try:
+        is_ready, info = asyncio.run(service.ready())
+        assert is_ready is ready, info
+        if not ready:
+            assert "edge_token_file" in info["reason"]
+    finally:
+        service.close()
+        edge.close()
+        server.stop(None)
