@@ -122,18 +122,21 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
         """Answer `question` about `context` in kv, scout or text mode; returns the answer with byte and latency figures."""
         return await service.answer(body, request_id_var.get())
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @app.head("/healthz", include_in_schema=False)  # probes that send HEAD
+    @app.get("/healthz")
     async def healthz():
         """The process is up and serving HTTP."""
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @app.head("/readyz", include_in_schema=False)  # probes that send HEAD
+    @app.get("/readyz")
     async def readyz():
         """Ready: the model is loaded and the edge-agent answers its health check (503 otherwise)."""
         ready, info = await service.ready()
         return JSONResponse({"ready": ready, **info}, status_code=200 if ready else 503)
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @app.head("/metrics", include_in_schema=False)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route():
         """Prometheus text exposition of this daemon's metrics."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvwire.agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from kvwire.agent_common.daemon import check_ports_free, load_daemon_model, run_daemon, warn_if_exposed
 from kvwire.agent_common.edge_client import KEEPALIVE_TIME_MS
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
@@ -53,7 +53,12 @@ class EdgeSecurity:
 
 
 def check_security(settings: EdgeSettings) -> EdgeSecurity:
-    """Read the TLS files and the token file; SecurityConfigError (exit 2) names the setting at fault."""
+    """Read the TLS files and the token file, read the profile, and check that both ports are free, before
+    the model loads; SecurityConfigError or ConfigError (exit 2) names the setting at fault."""
+    from kvwire.kvcodec.profiles import get_profile
+
+    get_profile(settings.profile)  # a named profile or a JSON file; its fit to the model is checked once it loads
+    check_ports_free(settings.host, settings.grpc_port, settings.http_port)
     credentials = None
     if settings.tls_cert_file:
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)

@@ -519,3 +519,32 @@ def test_readyz_is_false_while_the_edge_refuses_this_clouds_token(tiny_loaded, t
         service.close()
         edge.close()
         server.stop(None)
+
+
+@pytest.fixture
+def restore_logging():
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
+def test_a_bad_profile_or_a_taken_port_is_found_before_the_model_loads(restore_logging, capsys):
+    import socket
+
+    from kvwire.cloud_agent.main import main as cloud_main
+    from kvwire.edge_agent.main import main as edge_main
+
+    absent = ["--model", "/nonexistent/model"]  # loading it would fail with another message, later
+    assert edge_main([*absent, "--profile", "no-such-profile", "--grpc-port", "0", "--http-port", "0"]) == 2
+    assert "unknown profile 'no-such-profile'" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert edge_main([*absent, "--grpc-port", "0", "--http-port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        assert cloud_main([*absent, "--http-port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
