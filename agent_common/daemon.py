@@ -14,7 +14,7 @@ from kvwire.agent_common.errors import StartupConfigError
 from kvwire.agent_common.logs import log_event, setup_logging
 from kvwire.agent_common.security import SecurityConfigError
 from kvwire.agent_common.settings import AgentSettings, DaemonSettings, apply_thread_limit, load_settings
-from kvwire.kvcodec.errors import KVWireError
+from kvwire.kvcodec.errors import ConfigError, KVWireError
 
 S = TypeVar("S", bound=AgentSettings)
 
@@ -28,15 +28,17 @@ def run_daemon(
     serve: Callable[[S, Any], Awaitable[int]],
     log: logging.Logger,
 ) -> int:
-    """Load settings (bad ones: exit 2), run `check` (TLS files, tokens, data files; bad ones: exit 2) before
-    the model loads, then `serve(settings, checked)` until it drains; a StartupConfigError while serving
-    starts exits 2 too, other start-up failures exit 1."""
+    """Load settings (bad ones: exit 2), run `check` (TLS files, tokens, the profile, data files: bad ones exit
+    2; ports already taken: exit 1) before the model loads, then `serve(settings, checked)` until it drains; a
+    StartupConfigError while serving starts exits 2 too, other start-up failures exit 1."""
     settings = load_settings(settings_cls, argv, prog, description)
     setup_logging(prog, settings.log_level)
     try:
         checked = check(settings)
-    except (SecurityConfigError, StartupConfigError) as exc:
+    except (SecurityConfigError, StartupConfigError, ConfigError) as exc:  # a setting at fault
         return _failed(prog, log, exc, 2)
+    except OSError as exc:  # a port already taken: found before the model loads too
+        return _failed(prog, log, exc, 1)
     apply_thread_limit(settings.threads)
     try:
         return asyncio.run(serve(settings, checked))
@@ -89,3 +91,16 @@ def warn_if_exposed(
             path=token_file,
             reason="every user on this host can read the token; chmod 0600 (or 0640 to the service's group)",
         )
+
+
+def check_ports_free(host: str, *ports: int) -> None:
+    """OSError naming the port when one of `ports` (0: any free port, not checked) cannot be bound on
+    `host`: a taken port is found in a second, not after the model has loaded."""
+    from kvwire.agent_common.serve import bind_socket
+
+    for port in ports:
+        if port:
+            try:
+                bind_socket(host, port).close()
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None

@@ -90,7 +90,21 @@ class EdgeClient:
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         if status != "SERVING":
             raise EdgeUnavailableError(f"edge-agent at {self.address} reports {status}")
+        self._check_token(timeout_s)
         return status
+
+    def _check_token(self, timeout_s: float) -> None:
+        """EdgeRefusedTokenError when the edge refuses this client's token (or its lack of one).
+
+        Health checks carry no token, so they cannot tell; an empty receipt (a Confirm of no stream,
+        which the edge ignores) goes through the same token check as Prefill.
+        """
+        try:
+            self._stub.Confirm(Receipt(), timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise self._translate(exc, timeout_s) from None
+            # anything else (an edge without Confirm, a slow answer) leaves readiness to the health check
 
     def prefill(self, request: PrefillRequest, timeout_s: float) -> Iterator[PrefillReply]:
         """The edge's stream for `request`. Closing the iterator early cancels the call on the edge.

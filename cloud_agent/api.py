@@ -10,12 +10,15 @@ from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
 
+DEFAULT_MAX_NEW_TOKENS = 32
+
 
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    question: str = Field(min_length=1, description="the question about the context")
-    context: str | None = Field(None, min_length=1, description="the passage the question is about")
+    # pattern: at least one non-space character (an all-space context or question has nothing to ask about)
+    question: str = Field(min_length=1, pattern=r"\S", description="the question about the context")
+    context: str | None = Field(None, min_length=1, pattern=r"\S", description="the passage the question is about")
     doc_id: str | None = Field(
         None,
         min_length=1,
@@ -36,14 +39,22 @@ class AnswerRequest(BaseModel):
         description="scout mode: sparse prefills only the kept tokens at their positions (the time saver); "
         "full prefills the whole prompt and drops the rest (docs/documents.md compares them)",
     )
-    max_new_tokens: int = Field(32, ge=1, le=4096, description="answer length cap in tokens")
+    max_new_tokens: int = Field(
+        DEFAULT_MAX_NEW_TOKENS,
+        ge=1,
+        le=4096,
+        description="answer length cap in tokens, at most the cloud's --max-new-tokens (its OpenAPI schema says "
+        "which); default 32, or that limit if lower",
+    )
     deadline_ms: int | None = Field(
         None,
         ge=1,
         le=3_600_000,
         description=(
-            "deadline of the whole request, from its arrival at the cloud (kv/scout): the edge stream is cut in time to "
-            "answer from the positions that arrived; default: the cloud's --default-deadline-ms (docs/anytime.md)"
+            "when the answer is due, from the request's arrival at the cloud. kv/scout: the edge stream is cut in time "
+            "to generate max_new_tokens tokens from the positions that arrived (default: the cloud's "
+            "--default-deadline-ms); text: refused at once (504) when the answer is estimated not to fit. "
+            "Generation is not interrupted (docs/anytime.md)"
         ),
     )
     fallback: Literal["none", "text"] = Field(
@@ -123,3 +134,11 @@ class AnswerResponse(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled"] = Field(
         "stop", description="stop: a stop token or stop string; length: max_new_tokens; cancelled: the client left"
     )
+
+
+class ErrorBody(BaseModel):
+    """Every error's body, whatever its status (cloud_agent/errors.py maps errors to statuses)."""
+
+    detail: str = Field(description="what went wrong, in words a caller can act on")
+    error: str = Field(description="the outcome label of kvwire_requests_total: invalid, too_long, deadline, ...")
+    request_id: str | None = Field(description="the request's id (X-Request-ID), as in the cloud-agent's logs")

@@ -7,14 +7,23 @@ import time
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
 
 from kvwire.agent_common.errors import ServiceError, UnauthenticatedError
 from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import CONTENT_TYPE, Metrics
 from kvwire.agent_common.security import bearer_matches
-from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse
-from kvwire.cloud_agent.errors import LengthRequiredError, RequestTooLargeError, classify, error_response
+from kvwire.cloud_agent.api import DEFAULT_MAX_NEW_TOKENS, AnswerRequest, AnswerResponse, ErrorBody
+from kvwire.cloud_agent.errors import (
+    BodyEncodingError,
+    LengthRequiredError,
+    RequestTooLargeError,
+    classify,
+    error_response,
+    error_statuses,
+    from_framework,
+)
 from kvwire.cloud_agent.openai_api import PREFIX as OPENAI_PREFIX
 from kvwire.cloud_agent.openai_api import openai_error_response, openai_router
 from kvwire.cloud_agent.service import AnswerService
@@ -103,16 +112,23 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
             request_id_var.reset(rid_token)
 
     async def handle_error(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, RequestValidationError) and request.url.path in COUNTED_PATHS:
-            metrics.requests.labels("unknown", classify(exc)[1]).inc()  # refused before a mode was known
+        exc = from_framework(exc)
+        # refused before the service saw the request (it counts its own): no mode known yet
+        if (
+            isinstance(exc, RequestValidationError | HTTPException | BodyEncodingError)
+            and request.url.path in COUNTED_PATHS
+        ):
+            metrics.requests.labels("unknown", classify(exc)[1]).inc()
         if is_openai(request):
             return openai_error_response(exc, request_id_var.get())
         return error_response(exc, request_id_var.get())
 
-    for cls in (KVWireError, ServiceError, RequestValidationError, Exception):
+    for cls in (KVWireError, ServiceError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(cls, handle_error)
 
-    @app.post("/answer", response_model=AnswerResponse)
+    error_responses = {status: {"model": ErrorBody, "description": words} for status, words in error_statuses().items()}
+
+    @app.post("/answer", response_model=AnswerResponse, responses=error_responses)
     async def answer(body: AnswerRequest) -> AnswerResponse:
         """Answer `question` about `context` in kv, scout or text mode; returns the answer with byte and latency
         figures, or with `stream: true` server-sent events: a `token` event per generated token, then `answer`."""
@@ -122,19 +138,35 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
 
     app.include_router(openai_router(service))
 
+    @app.head("/healthz", include_in_schema=False)  # probes that send HEAD
     @app.get("/healthz")
     async def healthz():
         """The process is up and serving HTTP."""
         return {"status": "ok"}
 
+    @app.head("/readyz", include_in_schema=False)  # probes that send HEAD
     @app.get("/readyz")
     async def readyz():
         """Ready: the model is loaded and the edge-agent answers its health check (503 otherwise)."""
         ready, info = await service.ready()
         return JSONResponse({"ready": ready, **info}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.head("/metrics", include_in_schema=False)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route():
+        """Prometheus text exposition of this daemon's metrics."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    framework_openapi = app.openapi
+
+    def openapi() -> dict:
+        """The framework's schema with the limits this cloud-agent enforces (its --max-new-tokens)."""
+        if app.openapi_schema is None:
+            spec = framework_openapi()
+            fields = spec["components"]["schemas"]["AnswerRequest"]["properties"]
+            limit = service.settings.max_new_tokens
+            fields["max_new_tokens"].update(maximum=limit, default=min(limit, DEFAULT_MAX_NEW_TOKENS))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -6,6 +6,7 @@ import logging
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from kvwire.agent_common.errors import (
     DeadlineExceededError,
@@ -32,6 +33,10 @@ class LengthRequiredError(ServiceError):
     """A chunked request body: its size is unknown until read, so --max-body-bytes could not hold."""
 
 
+class BodyEncodingError(ServiceError):
+    """The request body is not UTF-8 (a JSON body must be)."""
+
+
 # (error class, HTTP status, outcome label of kvwire_requests_total) — most specific first
 STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (UnauthenticatedError, 401, "unauthenticated"),
@@ -39,6 +44,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (RequestTooLargeError, 413, "too_long"),
     (LengthRequiredError, 411, "invalid"),
     (ConfigError, 422, "invalid"),
+    (BodyEncodingError, 422, "invalid"),
     (RequestValidationError, 422, "invalid"),
     (GeometryMismatchError, 409, "mismatch"),
     (DocumentNotFoundError, 404, "not_found"),
@@ -56,10 +62,32 @@ RETRY_LATER = {429, 503}
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, outcome label); anything unexpected is a 500."""
+    if isinstance(exc, HTTPException):  # the framework's own (404 unknown path, 405 method): its status
+        return exc.status_code, "invalid"
     for cls, status, outcome in STATUS_TABLE:
         if isinstance(exc, cls):
             return status, outcome
     return 500, "error"
+
+
+def error_statuses() -> dict[int, str]:
+    """Every status an error can get, with its outcome labels: the /answer route's declared responses."""
+    statuses: dict[int, list[str]] = {}
+    for _, status, outcome in STATUS_TABLE:
+        statuses.setdefault(status, [])
+        if outcome not in statuses[status]:
+            statuses[status].append(outcome)
+    statuses[500] = ["error"]
+    return {status: "error: " + ", ".join(outcomes) for status, outcomes in sorted(statuses.items())}
+
+
+def from_framework(exc: Exception) -> Exception:
+    """A framework error the table names better: a body that is not UTF-8 is the caller's (422), not a bare 400."""
+    if isinstance(exc, HTTPException) and exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        return BodyEncodingError(
+            f"the request body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start}); send UTF-8 JSON"
+        )
+    return exc
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -76,6 +104,8 @@ def _validation_message(exc: RequestValidationError) -> str:
 def message_of(exc: BaseException) -> str:
     if isinstance(exc, RequestValidationError):
         return _validation_message(exc)
+    if isinstance(exc, HTTPException):
+        return str(exc.detail)
     if isinstance(exc, FrameError):
         return f"the edge's stream was rejected: {exc}"
     if classify(exc)[0] == 500:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvwire.agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from kvwire.agent_common.daemon import check_ports_free, load_daemon_model, run_daemon, warn_if_exposed
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.security import channel_credentials, check_key_pair, read_token
@@ -37,7 +37,9 @@ class CloudSecurity:
 
 
 def check_security(settings: CloudSettings) -> CloudSecurity:
-    """Read the TLS files and the token files; SecurityConfigError (exit 2) names the setting at fault."""
+    """Read the TLS files and the token files and check that the port is free, before the model loads;
+    SecurityConfigError (exit 2) names the setting at fault."""
+    check_ports_free(settings.host, settings.http_port)
     if settings.tls_cert_file:  # uvicorn reads them itself; checked here so a bad pair fails before the model loads
         check_key_pair(settings.tls_cert_file, settings.tls_key_file, "tls_cert_file", "tls_key_file")
     credentials = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -33,7 +34,7 @@ from kvwire.kvcodec.generate import GREEDY, Decoding
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode
 from kvwire.kvcodec.pipeline import Answer, Cloud, Timings
-from kvwire.kvcodec.prompt import build_prompt, model_window
+from kvwire.kvcodec.prompt import build_prompt, model_window, user_token_ids
 from kvwire.kvcodec.receiver import NothingToAnswerError
 from kvwire.kvcodec.stream import DecodedKV
 
@@ -46,25 +47,55 @@ DOCUMENT_TIMEOUT_S = 10.0  # a document lookup is one small unary call (its text
 WARM_UP_CONTEXT = "KVWire warms up its model with this sentence before it serves."
 WARM_UP_QUESTION = "What does KVWire warm up?"
 WARM_UP_TOKENS = 4
+WARM_UP_LONG_POSITIONS = 192  # the second warm-up prompt: long enough to tell the per-position cost from the fixed one
+
+
+class _LineFit:
+    """An exponentially weighted least-squares line y = intercept + slope x (both kept >= 0).
+
+    The work before the first generation step has a fixed part (a forward pass's per-layer overhead)
+    and a part that grows with the prompt: a rate alone, learnt on a short prompt, would charge the
+    fixed part to every position and overstate a long prompt's cost many times over.
+    """
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        keep = 1 - self.alpha if self.w else 0.0
+        self.w, self.x, self.y = keep * self.w + 1, keep * self.x + x, keep * self.y + y
+        self.xx, self.xy = keep * self.xx + x * x, keep * self.xy + x * y
+
+    def predict(self, x: float) -> float:
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if var <= 1e-9 * max(1.0, mx * mx):  # one prompt length seen so far: its rate, through the origin
+            return my / mx * x if mx else my
+        slope = max(0.0, (self.xy / self.w - mx * my) / var)
+        intercept = my - slope * mx
+        if intercept < 0:  # cheaper than linear at small sizes: proportional is the closer bound
+            return self.xy / self.xx * x
+        return intercept + slope * x
 
 
 class ReserveEstimator:
     """How long this cloud needs, once the edge stream is cut, to inject the KV and generate the answer.
 
-    reserve = FACTOR x (step_s x (max_new_tokens + 1) + position_s[mode] x positions) + MARGIN_S, where
-    step_s is an EWMA of the seconds per generation step (one forward pass of one token) and
-    position_s[mode] an EWMA of the seconds per prompt position of the work between the stream and
-    the first step (kv: building the cache; scout and text: the cloud's own prefill plus pruning; until
-    one of these two is measured, the other's rate stands in).
-    Every answer, in any mode, updates them. Before the first measurement the priors assume a slow
-    host (a 7B model on a CPU), so a fresh cloud keeps too much time rather than too little.
-    `fixed_ms` (--deadline-reserve-ms) replaces the estimate for cutting kv/scout streams.
+    reserve = SAFETY x (setup[mode](positions) + step_s x max_new_tokens) + MARGIN_S, where setup[mode]
+    is a line fitted (weighted to recent answers) to the measured seconds of the work between the
+    stream and the first step (kv: building the cache; scout and text: the cloud's own prefill plus
+    pruning) against the positions it covered, and step_s an EWMA of the seconds per generation step
+    (one forward pass of one token). Every answer, in any mode, updates them; the warm-up measures
+    text at two prompt lengths before the cloud serves. Until a mode is measured, scout and text
+    stand in for each other and the priors assume a slow host. `fixed_ms` (--deadline-reserve-ms)
+    replaces the estimate for cutting kv/scout streams.
     """
 
-    ALPHA = 0.3  # EWMA weight of the newest measurement: follows a load change within a few requests
+    ALPHA = 0.3  # weight of the newest measurement: follows a load change within a few requests
     PRIOR_STEP_S = 0.1
     PRIOR_POSITION_S = {"kv": 2e-4, "scout": 2e-3, "text": 2e-3}
-    FACTOR = 1.5  # answers vary in length and the host in load: keep half as much again
+    SAFETY = 1.15  # answers' speed varies a little from one to the next, and the host's load with them
     MARGIN_S = 0.05  # the HTTP reply and the scheduling around the forward passes
     # scout and text both prefill the whole prompt here: one's measurement stands in for the other's
     STAND_IN = {"scout": "text", "text": "scout"}
@@ -72,27 +103,34 @@ class ReserveEstimator:
     def __init__(self, fixed_ms: int | None = None):
         self.fixed_s = None if fixed_ms is None else fixed_ms / 1000
         self.step_s: float | None = None
-        self.position_s: dict[str, float] = {}
+        self.setup: dict[str, _LineFit] = {}
         self._lock = threading.Lock()
-
-    def _ewma(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.ALPHA) * old + self.ALPHA * new
 
     def observe(self, mode: str, positions: int, setup_s: float, steps: int, generate_s: float) -> None:
         """Record one answer: `setup_s` for `positions` prompt positions, `generate_s` for `steps` forward steps."""
         with self._lock:
             if steps > 0:
-                self.step_s = self._ewma(self.step_s, generate_s / steps)
+                rate = generate_s / steps
+                self.step_s = rate if self.step_s is None else (1 - self.ALPHA) * self.step_s + self.ALPHA * rate
             if positions > 0:
-                self.position_s[mode] = self._ewma(self.position_s.get(mode), setup_s / positions)
+                self.setup.setdefault(mode, _LineFit(self.ALPHA)).add(positions, setup_s)
+
+    def setup_estimate(self, mode: str, positions: int) -> float:
+        """Predicted seconds from the stream's end (or the request, in text mode) to the first generation step."""
+        with self._lock:
+            fit = self.setup.get(mode) or self.setup.get(self.STAND_IN.get(mode, mode))
+            return fit.predict(positions) if fit is not None else self.PRIOR_POSITION_S[mode] * positions
+
+    def generation_estimate(self, max_new_tokens: int) -> float:
+        """Predicted seconds to generate an answer of max_new_tokens tokens."""
+        with self._lock:
+            step = self.step_s if self.step_s is not None else self.PRIOR_STEP_S
+        return step * max_new_tokens
 
     def estimate(self, mode: str, positions: int, max_new_tokens: int) -> float:
         """Seconds to keep free before the deadline for a `mode` answer over `positions` prompt positions."""
-        with self._lock:
-            step = self.step_s if self.step_s is not None else self.PRIOR_STEP_S
-            stand_in = self.position_s.get(self.STAND_IN.get(mode, mode), self.PRIOR_POSITION_S[mode])
-            per_position = self.position_s.get(mode, stand_in)
-        return self.FACTOR * (step * (max_new_tokens + 1) + per_position * positions) + self.MARGIN_S
+        predicted = self.setup_estimate(mode, positions) + self.generation_estimate(max_new_tokens)
+        return self.SAFETY * predicted + self.MARGIN_S
 
     def cut_reserve(self, mode: str, positions: int, max_new_tokens: int) -> float:
         """The reserve a kv/scout stream is cut with: the configured one, else the estimate."""
@@ -132,23 +170,30 @@ class AnswerService:
         self._pool.shutdown(wait=True)
 
     def warm_up(self) -> dict:
-        """One short text answer before serving: the first forward passes pay one-time costs (lazy
-        initialisation, allocator growth), and the reserve estimate starts from this host's measured
-        speed instead of its slow-host priors. A short prompt overstates the cost per position, so the
-        estimate errs on the side of keeping time."""
-        timings = Timings()
+        """Short text answers before serving: the first forward passes pay one-time costs (lazy
+        initialisation, allocator growth), so the first answer is not measured; then one over a long
+        prompt and one over a short one give the reserve estimate this host's fixed and per-position
+        prefill cost and its step time, instead of its slow-host priors."""
         started = time.monotonic()
-        ans = self._answer_text(
-            AnswerRequest(
-                question=WARM_UP_QUESTION, context=WARM_UP_CONTEXT, mode="text", max_new_tokens=WARM_UP_TOKENS
-            ),
-            timings,
-        )
-        self._observe_speed(ans, timings)
+        window = model_window(self.loaded.model) or 1 << 20
+        budget = min(WARM_UP_LONG_POSITIONS, window // 2, self.settings.max_context_tokens)
+        sentence = len(user_token_ids(self.loaded.tokenizer, WARM_UP_CONTEXT + " "))
+        long_context = " ".join([WARM_UP_CONTEXT] * max(1, budget // max(1, sentence)))
+        steps = 0
+        for context, measured in ((WARM_UP_CONTEXT, False), (long_context, True), (WARM_UP_CONTEXT, True)):
+            timings = Timings()
+            ans = self._answer_text(
+                AnswerRequest(question=WARM_UP_QUESTION, context=context, mode="text", max_new_tokens=WARM_UP_TOKENS),
+                timings,
+            )
+            steps += ans.generation.steps
+            if measured:
+                self._observe_speed(ans, timings)
         return {
             "seconds": round(time.monotonic() - started, 3),
-            "steps": ans.generation.steps,
+            "steps": steps,
             "reserve_ms_for_32_tokens_256_positions": round(self.reserve.estimate("kv", 256, 32) * 1000),
+            "text_reserve_ms_for_32_tokens_256_positions": round(self.reserve.estimate("text", 256, 32) * 1000),
         }
 
     def _admit(self) -> None:
@@ -234,6 +279,13 @@ class AnswerService:
             return False, {**info, "reason": str(exc)}
         return True, info
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token of this tokenizer stands for (+1: a word-start marker decoded away)."""
+        tokenizer = self.loaded.tokenizer
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        return max(len(p.encode("utf-8", "surrogatepass")) for p in pieces) + 1
+
     def validate(self, req: AnswerRequest, request_id: str = "") -> tuple[int, str | None]:
         """ConfigError (422) / PromptTooLongError (413) for what this cloud owns (its limits, its model's
         window) before any work; returns (prompt length, the context text). Names the edge owns (selector,
@@ -248,7 +300,15 @@ class AnswerService:
         tokenizer, window = self.loaded.tokenizer, model_window(self.loaded.model)
         if req.doc_id is None:
             text = req.context
-            context_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            # no token holds more than max_token_bytes bytes: a context that long in bytes is over the limit
+            # without tokenizing it (a 4 MiB body would otherwise be tokenized in full before its 413)
+            at_least = -(-len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes)
+            if at_least > self.settings.max_context_tokens:
+                raise PromptTooLongError(
+                    f"the context is at least {at_least} tokens; this cloud-agent accepts at most "
+                    f"{self.settings.max_context_tokens} (--max-context-tokens)"
+                )
+            context_tokens = len(user_token_ids(tokenizer, text))
         else:
             doc = self._document(req.doc_id, not get_mode(req.mode).streamed, request_id)
             text, context_tokens = doc.text, doc.tokens
@@ -280,6 +340,8 @@ class AnswerService:
     def _answer(
         self, req: AnswerRequest, request_id: str, arrived: float, stream: AnswerStream | None = None
     ) -> AnswerResponse:
+        if "max_new_tokens" not in req.model_fields_set and req.max_new_tokens > self.settings.max_new_tokens:
+            req = req.model_copy(update={"max_new_tokens": self.settings.max_new_tokens})  # the default fits the limit
         deadline_at = arrived + (req.deadline_ms or self.settings.default_deadline_ms) / 1000
         timings = Timings()
         prompt_len, text = self.validate(req, request_id)
@@ -287,6 +349,8 @@ class AnswerService:
         edge_ms: dict[str, float] = {}
         fallback_reason = None
         if not get_mode(req.mode).streamed:
+            if req.deadline_ms is not None:  # an explicit deadline bounds text mode too: refused if it cannot fit
+                self._refuse_text_unless_it_fits(req, prompt_len, deadline_at)
             ans = self._answer_text(req, timings, text, decoding)
         else:
             try:
@@ -341,6 +405,17 @@ class AnswerService:
         with self._model_lock:
             return self.cloud.answer_text(text, req.question, req.max_new_tokens, timings, decoding)
 
+    def _refuse_text_unless_it_fits(self, req: AnswerRequest, prompt_len: int, deadline_at: float) -> None:
+        """DeadlineExceededError (504) at once when a text answer is estimated not to fit before the deadline."""
+        need = self.reserve.estimate("text", prompt_len, req.max_new_tokens)
+        left = deadline_at - time.monotonic()
+        if need > left:
+            raise DeadlineExceededError(
+                f"deadline_ms={req.deadline_ms} is too short for a text answer: it needs about {need * 1000:.0f} ms "
+                f"({prompt_len} prompt positions, {req.max_new_tokens} new tokens at this cloud's measured speed) "
+                f"and {max(0.0, left) * 1000:.0f} ms are left; raise deadline_ms or lower max_new_tokens"
+            )
+
     def _fall_back_or_raise(self, req: AnswerRequest, exc: Exception, prompt_len: int, deadline_at: float) -> str:
         """Why a failed kv/scout request is answered in text mode; re-raises `exc` when it may not be:
         the request did not ask for a fallback, or the text answer would not fit before the deadline."""
@@ -358,6 +433,10 @@ class AnswerService:
                 reason=outcome,
                 needed_ms=round(need * 1000),
                 left_ms=round(left * 1000),
+            )
+            exc.args = (
+                f"{exc}; the requested text fallback was tried and refused: it needs about {need * 1000:.0f} ms "
+                f"and {max(0.0, left) * 1000:.0f} ms of the deadline are left",
             )
             raise exc
         self.metrics.fallbacks.labels(req.mode, outcome).inc()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import re
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from kvwire.agent_common.settings import MIB, DaemonSettings
+
+# HOST:PORT (a name, an IPv4 address or a bracketed IPv6 one), or a gRPC target with its scheme (dns:, unix:, ...)
+_EDGE_ADDRESS = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 
 
 class CloudSettings(DaemonSettings):
@@ -17,7 +23,10 @@ class CloudSettings(DaemonSettings):
     http_port: int = Field(
         8080, ge=0, le=65535, description="HTTP port of /answer, /healthz, /readyz, /metrics (0: a free port, logged)"
     )
-    edge: str = Field("127.0.0.1:50051", description="HOST:PORT of the edge-agent's gRPC port")
+    edge: str = Field(
+        "127.0.0.1:50051",
+        description="HOST:PORT of the edge-agent's gRPC port (or a gRPC target such as dns:///edge:50051)",
+    )
     max_concurrency: int = Field(
         4,
         ge=1,
@@ -55,6 +64,16 @@ class CloudSettings(DaemonSettings):
         None,
         description="file holding the bearer token sent to the edge-agent (its auth_token_file; may be the same file as ours)",
     )
+
+    @field_validator("edge")
+    @classmethod
+    def _edge_address(cls, value: str) -> str:
+        if value.startswith(_GRPC_SCHEMES):
+            return value
+        match = _EDGE_ADDRESS.fullmatch(value)
+        if match is None or not 1 <= int(match.group(1)) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:50051, edge.example:50051, [::1]:50051)")
+        return value
 
     @model_validator(mode="after")
     def _edge_tls(self):

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvwire.agent_common.daemon import load_daemon_model, run_daemon, warn_if_exposed
+from kvwire.agent_common.daemon import check_ports_free, load_daemon_model, run_daemon, warn_if_exposed
 from kvwire.agent_common.edge_client import KEEPALIVE_TIME_MS
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
@@ -63,7 +64,12 @@ def check_startup(settings: EdgeSettings) -> EdgeSecurity:
 
 
 def check_security(settings: EdgeSettings) -> EdgeSecurity:
-    """Read the TLS files and the token file; SecurityConfigError (exit 2) names the setting at fault."""
+    """Read the TLS files and the token file, read the profile, and check that both ports are free, before
+    the model loads; SecurityConfigError or ConfigError (exit 2) names the setting at fault."""
+    from kvwire.kvcodec.profiles import get_profile
+
+    get_profile(settings.profile)  # a named profile or a JSON file; its fit to the model is checked once it loads
+    check_ports_free(settings.host, settings.grpc_port, settings.http_port)
     credentials = None
     if settings.tls_cert_file:
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
@@ -96,6 +102,21 @@ def build_grpc_server(servicer: EdgeServicer, metrics: Metrics, settings: EdgeSe
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
+
+
+def drain(servicer: EdgeServicer, server: grpc.Server, health_servicer, grace_seconds: float) -> None:
+    """Stop serving: refuse new streams, give the ones in flight the grace period, then stop the server.
+
+    The gRPC server keeps running while streams are in flight: server.stop() would refuse every new
+    RPC, the cloud's Confirm of a finished stream among them, and that stream would wait for a receipt
+    that cannot come. New Prefill calls are refused by the servicer (ShuttingDownError, UNAVAILABLE).
+    """
+    started = time.monotonic()
+    servicer.draining = True
+    health_servicer.enter_graceful_shutdown()  # health checks answer NOT_SERVING from now on
+    servicer.wait_idle(grace_seconds)
+    left = max(0.0, grace_seconds - (time.monotonic() - started))
+    server.stop(left).wait()  # streams still running after the grace period are cancelled
 
 
 async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
@@ -158,10 +179,7 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
     )
     await http.until_stopped()
     log_event(log, "draining", grace_seconds=settings.grace_seconds)
-    servicer.draining = True
-    health_servicer.enter_graceful_shutdown()  # health checks answer NOT_SERVING from now on
-    done = server.stop(settings.grace_seconds)  # refuses new RPCs; in-flight streams get the grace period
-    await asyncio.to_thread(done.wait)
+    await asyncio.to_thread(drain, servicer, server, health_servicer, settings.grace_seconds)
     await http.shutdown()
     store.close()
     log_event(log, "stopped")

@@ -26,7 +26,25 @@ from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
 
 log = logging.getLogger("kvwire.edge_agent")
 RECEIPT_POLL_S = 0.05  # how often a stream waiting for its receipt checks that the caller is still there
-RECEIPT_MAX_WAIT_S = 30.0  # a caller that asked to confirm and never does holds a stream this long at most
+LOCK_POLL_S = 0.05  # how often a stream waiting for the model checks that the caller is still there
+
+
+class _Slot:
+    """One of the edge's max_concurrency slots, released once: by the call's end callback (at once when
+    the caller cancels, even while its prefill still runs) or by the handler, whichever comes first."""
+
+    def __init__(self, slots: threading.BoundedSemaphore):
+        self._slots, self._lock, self._held = slots, threading.Lock(), False
+
+    def acquire(self) -> bool:
+        self._held = self._slots.acquire(blocking=False)
+        return self._held
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._slots.release()
 
 
 @dataclass
@@ -60,10 +78,16 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         self.default_profile: PrecisionProfile = get_profile(settings.profile)
         self.default_profile.resolve(self.edge.geometry["num_layers"], self.edge.geometry["head_dim"])
         self._slots = threading.BoundedSemaphore(settings.max_concurrency)
+        self._streams = 0  # Prefill handlers running (a drain waits for them): guarded by _idle
+        self._idle = threading.Condition()
         self._model_lock = threading.Lock()
         self._receipts: dict[bytes, _Receipt] = {}  # stream id -> a stream waiting for its receipt
         self._receipts_lock = threading.Lock()
         self.draining = False
+
+    def free_slots(self) -> int:
+        """Streams this edge would still accept now (max_concurrency minus those holding a slot)."""
+        return self._slots._value
 
     def profile_for(self, name: str) -> PrecisionProfile | str:
         """A request names a built-in profile, the configured one by its name, or none (the configured one).
@@ -81,14 +105,29 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         req = PrefillRequest.from_pb(request)
         if self.draining:
             raise ShuttingDownError("edge-agent is shutting down; retry against another edge or later")
-        if not self._slots.acquire(blocking=False):
+        slot = _Slot(self._slots)
+        if not slot.acquire():
             raise OverloadedError(
                 f"edge-agent is at its limit of {self.settings.max_concurrency} concurrent prefill streams"
             )
+        if not context.add_callback(slot.release):  # the call already ended
+            slot.release()
+            return
+        with self._idle:
+            self._streams += 1
         try:
             yield from self._stream(req, context)
         finally:
-            self._slots.release()
+            slot.release()
+            with self._idle:
+                self._streams -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no Prefill stream runs (True) or `timeout_s` passed (False); a drain calls it while
+        new streams are refused, so that the cloud's Confirm still reaches the streams in flight."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._streams == 0, timeout_s)
 
     def document(self, doc_id: str):
         """The registered document `doc_id` (a snapshot: a later put or delete does not change it)."""
@@ -118,10 +157,15 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         )
         timings = Timings()
         frames = self.edge.stream(edge_req, timings)  # validates now (ConfigError); prefills on the first frame
-        with self._model_lock:
+        while not self._model_lock.acquire(timeout=LOCK_POLL_S):
             if not context.is_active():  # the caller gave up while this request waited for the model
                 return
+        try:
+            if not context.is_active():
+                return
             first = next(frames)  # the forward pass and selection run here; chunks are encoded lazily after
+        finally:
+            self._model_lock.release()
         stream_id = peek_stream_id(first)
         receipt = self._expect_receipt(stream_id) if req.confirm else None
         try:
@@ -164,9 +208,9 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
 
         gRPC takes every frame into its buffers within milliseconds whatever the link does, so only
         the receipt says the cloud has them. A receipt that never comes while the call stays open
-        (a caller that asked to confirm and does not) releases the stream after RECEIPT_MAX_WAIT_S.
+        (a caller that asked to confirm and does not) releases the stream after --receipt-wait-s.
         """
-        waited = 0.0
+        waited, limit = 0.0, self.settings.receipt_wait_s
         while not receipt.event.wait(RECEIPT_POLL_S):
             waited += RECEIPT_POLL_S
             if not context.is_active():
@@ -178,13 +222,13 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
                     reason="the call ended before the cloud confirmed the stream",
                 )
                 return False
-            if waited >= RECEIPT_MAX_WAIT_S:
+            if waited >= limit:
                 log_event(
                     log,
                     "prefill_unconfirmed",
                     logging.WARNING,
                     bytes=sent,
-                    reason=f"no receipt within {RECEIPT_MAX_WAIT_S:.0f} s of the last frame",
+                    reason=f"no receipt within {limit:g} s of the last frame (--receipt-wait-s)",
                 )
                 return True
         if receipt.frame_bytes != sent:
@@ -211,10 +255,14 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         return self.edge.prefix_cache is not None and self.edge.prefix_cache.holds_document(doc.id)
 
     def Confirm(self, request, context):
-        """The cloud has every frame of the stream `request.stream_id` (see Prefill's `confirm`)."""
+        """The cloud has every frame of the stream `request.stream_id` (see Prefill's `confirm`).
+
+        An empty stream id is the cloud's readiness probe of its token: answered, nothing logged."""
+        if not request.stream_id:
+            return kvwire_pb2.ReceiptReply()
         with self._receipts_lock:
             receipt = self._receipts.get(bytes(request.stream_id))
-        if receipt is None:  # the stream already ended (cancelled, or released after RECEIPT_MAX_WAIT_S)
+        if receipt is None:  # the stream already ended (cancelled, or released after --receipt-wait-s)
             log_event(log, "receipt_unknown", logging.WARNING, stream_id=bytes(request.stream_id).hex())
         else:
             receipt.frame_bytes = request.frame_bytes

@@ -69,6 +69,12 @@ class EdgeSettings(DaemonSettings):
     max_documents_total_bytes: int = Field(
         256 * MIB, ge=1, description="UTF-8 bytes of all documents together at most (past it: HTTP 507)"
     )
+    receipt_wait_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="how long a finished stream waits for the cloud's Confirm before it is released (logged prefill_unconfirmed)",
+    )
     tls_client_ca_file: str | None = Field(
         None,
         description="PEM CA bundle that signs cloud-agents' client certificates; switches mutual TLS on "

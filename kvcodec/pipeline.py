@@ -224,6 +224,17 @@ class Edge:
         timings.add("encode", time.perf_counter() - t)
 
 
+def answer_text(tokenizer, tokens: Sequence[int]) -> str:
+    """The answer's text; an answer cut at max_new_tokens inside a multi-byte character drops that
+    character's first bytes rather than end in U+FFFD (a character is at most 4 bytes: 3 tokens' worth)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for cut in range(1, min(3, len(tokens)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        text = tokenizer.decode(tokens[:-cut], skip_special_tokens=True)
+    return text.strip()
+
+
 @dataclass
 class Answer:
     text: str
@@ -357,7 +368,7 @@ class Cloud:
             kept, complete, wire_bytes = len(received.positions), received.complete, received.wire_bytes
             context_kept = int(((received.positions >= start) & (received.positions < end)).sum())
         return Answer(
-            text=self.loaded.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(),
+            text=answer_text(self.loaded.tokenizer, gen.tokens),
             tokens=gen.tokens,
             mode=mode,
             prompt_len=prompt_len,

@@ -68,7 +68,21 @@ def _template_parts(tokenizer, instruction: str) -> tuple[str, str, str]:
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    """Template text: its special-token strings (<|im_start|>, ...) become the control tokens they name."""
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def user_token_ids(tokenizer, text: str) -> list[int]:
+    """User text (a context, a question) tokenized literally: a special-token string in it stays text.
+
+    `add_special_tokens=False` only stops the tokenizer adding BOS/EOS; it still parses `<|im_end|>` in
+    the text into the control token, which would let a passage close the user turn and forge others.
+    """
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _has_special(tokenizer, text: str) -> bool:
+    return any(tok and tok in text for tok in getattr(tokenizer, "all_special_tokens", ()))
 
 
 def build_prompt(
@@ -81,7 +95,8 @@ def build_prompt(
     """Tokenize a context and question into a Prompt with exact spans.
 
     With a chat template, the template supplies any BOS token; without one, the tokenizer's own
-    special tokens are added to the prefix. Raises ConfigError for an empty context or question and
+    special tokens are added to the prefix. Context and question are user text: special-token strings
+    in them are tokenized literally (user_token_ids), never as control tokens. Raises ConfigError for an empty context or question and
     PromptTooLongError when the prompt exceeds max_len tokens.
     """
     if not context or not context.strip():
@@ -91,8 +106,12 @@ def build_prompt(
     prefix, middle, suffix = _template_parts(tokenizer, instruction)
     templated = bool(getattr(tokenizer, "chat_template", None))
     prefix_ids = _encode(tokenizer, prefix, special=not templated)
-    context_ids = _encode(tokenizer, context, special=False)
-    tail_ids = _encode(tokenizer, middle + question + suffix, special=False)
+    context_ids = user_token_ids(tokenizer, context)
+    if _has_special(tokenizer, middle):  # a template with control tokens between the slots: keep them real
+        middle_ids, question_ids = _encode(tokenizer, middle, special=False), user_token_ids(tokenizer, question)
+    else:  # plain text before the question: tokenized with it, so their boundary merges as usual
+        middle_ids, question_ids = [], user_token_ids(tokenizer, middle + question)
+    tail_ids = middle_ids + question_ids + _encode(tokenizer, suffix, special=False)
     if not context_ids:
         raise ConfigError("context tokenizes to nothing")
     ids = tuple(prefix_ids + context_ids + tail_ids)

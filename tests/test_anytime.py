@@ -135,16 +135,22 @@ def test_reserve_estimate_starts_conservative_then_follows_measured_speed():
     est = ReserveEstimator()
     prior = est.estimate("kv", 300, 32)
     assert prior > 3.0  # 0.1 s per step before anything was measured
-    est.observe("kv", 300, setup_s=0.003, steps=33, generate_s=0.066)  # 2 ms per step, 10 us per position
+    est.observe("kv", 300, setup_s=0.003, steps=32, generate_s=0.064)  # 2 ms per step, 10 us per position
     measured = est.estimate("kv", 300, 32)
-    assert measured == pytest.approx(1.5 * (0.002 * 33 + 1e-5 * 300) + 0.05)
+    assert measured == pytest.approx(ReserveEstimator.SAFETY * (0.002 * 32 + 1e-5 * 300) + 0.05)
     assert (
         est.estimate("kv", 300, 64) > measured and est.estimate("text", 300, 32) > measured
     )  # text: prior per position
     assert est.cut_reserve("kv", 300, 32) == measured
     assert ReserveEstimator(fixed_ms=250).cut_reserve("kv", 300, 32) == 0.25
-    est.observe("scout", 300, setup_s=0.3, steps=33, generate_s=0.066)  # 1 ms per position of this cloud's prefill
-    assert est.estimate("text", 300, 32) == est.estimate("scout", 300, 32) == pytest.approx(1.5 * (0.066 + 0.3) + 0.05)
+    est.observe("scout", 300, setup_s=0.3, steps=32, generate_s=0.064)  # 1 ms per position of this cloud's prefill
+    assert est.estimate("text", 300, 32) == est.estimate("scout", 300, 32)
+    assert est.estimate("scout", 300, 32) == pytest.approx(ReserveEstimator.SAFETY * (0.064 + 0.3) + 0.05)
+    # a fixed cost per prefill (20 ms) plus 1 ms per position, seen at two lengths: a long prompt is not
+    # charged the short prompt's fixed cost per position
+    est.observe("text", 20, setup_s=0.04, steps=32, generate_s=0.064)
+    est.observe("text", 200, setup_s=0.22, steps=32, generate_s=0.064)
+    assert est.setup_estimate("text", 400) == pytest.approx(0.42, rel=0.05)
 
 
 # --- the service against a real gRPC edge whose pace the test sets ---------------------------------

@@ -315,7 +315,8 @@ def test_edge_refusing_the_cloud_token_is_502_and_counted_on_the_edge(
     assert reply.status_code == 502, reply.text
     assert reply.json()["error"] == "edge_unauthenticated" and needle in reply.json()["detail"]
     assert edge_metrics(secure.edge_tls)[UNAUTHENTICATED] == before + 1
-    assert cloud.get("/readyz").status_code == 200  # grpc.health needs no token
+    ready = cloud.get("/readyz")  # grpc.health needs no token, but /readyz also probes this cloud's token
+    assert ready.status_code == 503 and "edge_token_file" in ready.json()["reason"], ready.text
 
 
 # --- TLS failures ------------------------------------------------------------------------------
