@@ -24,6 +24,7 @@ from kvwire.agent_common.settings import grpc_address
 from kvwire.edge_agent.documents import DocumentStore, check_document_store
 from kvwire.edge_agent.interceptor import RequestInterceptor, TokenInterceptor
 from kvwire.edge_agent.settings import EdgeSettings
+from kvwire.kvcodec.prompt import user_token_ids
 from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def open_documents(settings: EdgeSettings, tokenizer, metrics: Metrics) -> Docum
     no special tokens), with kvwire_documents kept current after every committed change."""
 
     def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(user_token_ids(tokenizer, text))  # as the prompt tokenizes it: special-token strings stay text
 
     store = DocumentStore(settings.documents_dir(), count_tokens, settings.document_limits())
     metrics.documents.set(len(store))
