@@ -64,7 +64,9 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 def sample(logits: torch.Tensor, decoding: Decoding, generator: torch.Generator) -> int:
     """One token drawn from `logits` ([vocab], fp32) at decoding's temperature, within its top_p nucleus."""
-    probs = torch.softmax(logits / decoding.temperature, dim=-1)
+    # shifted first: the largest logit is 0, so a tiny temperature gives 0 and -inf (probability 1 and 0),
+    # never inf - inf = nan (schemathesis found temperature=5e-324 a 500)
+    probs = torch.softmax((logits.double() - logits.max()) / decoding.temperature, dim=-1)
     if decoding.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # keep a token while the mass before it is below top_p: the first token always stays

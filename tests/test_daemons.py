@@ -214,7 +214,8 @@ def test_cloud_warms_up_before_listening_and_measures_its_speed(daemons):
     # its `seconds` (rounded to ms), so a step at most seconds/steps; kv's per-position rate keeps its
     # prior (2e-4 s) until the first kv answer. The slow-host priors would give ~5077 ms.
     step_s = (warm["seconds"] + 0.0005) / warm["steps"]
-    bound_ms = 1000 * (ReserveEstimator.FACTOR * (step_s * 33 + 2e-4 * 256) + ReserveEstimator.MARGIN_S) + 0.5
+    setup_s = ReserveEstimator.PRIOR_POSITION_S["kv"] * 256
+    bound_ms = 1000 * (ReserveEstimator.SAFETY * (step_s * 32 + setup_s) + ReserveEstimator.MARGIN_S) + 0.5
     assert 0 < warm["reserve_ms_for_32_tokens_256_positions"] <= bound_ms
 
 

@@ -408,8 +408,8 @@ def test_the_documents_gauge_follows_the_store(tmp_path):
     from kvwire.edge_agent.main import open_documents
     from kvwire.edge_agent.settings import EdgeSettings
 
-    def tokenizer(text, add_special_tokens):
-        assert add_special_tokens is False  # the literal count, no BOS
+    def tokenizer(text, add_special_tokens, split_special_tokens):
+        assert add_special_tokens is False and split_special_tokens is True  # the literal count, no BOS
         return {"input_ids": list(range(len(text.split())))}
 
     metrics = Metrics("edge")

@@ -260,10 +260,10 @@ def test_a_cancelled_call_frees_its_edge_slot_at_once_waiting_or_prefilling(edge
     entered, finish = threading.Event(), threading.Event()
     real_prefill = servicer.edge.prefill
 
-    def slow_prefill(prompt, selector):
+    def slow_prefill(prompt, selector, *args):
         entered.set()
         assert finish.wait(120)
-        return real_prefill(prompt, selector)
+        return real_prefill(prompt, selector, *args)
 
     servicer.edge.prefill = slow_prefill
     first = stub.Prefill(_prefill_pb(), timeout=120)
@@ -349,7 +349,10 @@ def simulated_cloud(tiny_model_dir, monkeypatch):
 
     import kvwire.cloud_agent.service as service_module
     import kvwire.kvcodec.generate as generate_module
+    import kvwire.kvcodec.modes.kv as kv_module
+    import kvwire.kvcodec.modes.scout as scout_module
     import kvwire.kvcodec.pipeline as pipeline_module
+    import kvwire.kvcodec.receiver as receiver_module
     from kvwire.cloud_agent.service import AnswerService
     from kvwire.kvcodec.models import load_model
     from kvwire.kvcodec.pipeline import Edge, EdgeRequest
@@ -358,11 +361,11 @@ def simulated_cloud(tiny_model_dir, monkeypatch):
     frames = list(Edge(loaded).stream(EdgeRequest(LONG_CONTEXT, "Who?", "kv", profile="int8")))
     clock = _SimClock()
     fake_time = SimpleNamespace(perf_counter=clock, monotonic=clock, time=clock)
-    for module in (service_module, generate_module, pipeline_module):
+    for module in (service_module, generate_module, pipeline_module, kv_module, scout_module, receiver_module):
         monkeypatch.setattr(module, "time", fake_time)
     handle = loaded.model.register_forward_pre_hook(clock.hook, with_kwargs=True)
     edge = _ScriptedEdge(frames)
-    service = AnswerService(loaded, CloudSettings(max_new_tokens=ANSWER_TOKENS), edge, Metrics("cloud"))
+    service = AnswerService(loaded, CloudSettings(max_new_tokens=ANSWER_TOKENS), edge, Metrics("cloud"), clock=clock)
     service.cloud.stop = set()  # every answer runs to max_new_tokens: its length is the test's too
     try:
         yield service, clock, edge
@@ -381,7 +384,7 @@ def _answer(service, **fields):
 def test_the_reserve_predicts_setup_and_generation_within_30_percent_after_warm_up(simulated_cloud):
     service, clock, _ = simulated_cloud
     service.warm_up()
-    prompt_len = service.validate(service_request(LONG_CONTEXT, max_new_tokens=ANSWER_TOKENS))
+    prompt_len, _ = service.validate(service_request(LONG_CONTEXT, max_new_tokens=ANSWER_TOKENS))
     predicted = service.reserve.estimate("text", prompt_len, ANSWER_TOKENS)
     timings = _answer(service).timings_ms
     measured = (timings.prefill + timings.generate) / 1000
@@ -426,7 +429,7 @@ def test_a_refused_fallback_says_it_was_tried_and_why(simulated_cloud):
     service, _, edge = simulated_cloud
     service.warm_up()
     edge.fail = EdgeUnavailableError("edge-agent at scripted is unreachable")
-    prompt_len = service.validate(service_request(LONG_CONTEXT, max_new_tokens=ANSWER_TOKENS))
+    prompt_len, _ = service.validate(service_request(LONG_CONTEXT, max_new_tokens=ANSWER_TOKENS))
     stream_reserve = service.reserve.cut_reserve("kv", prompt_len - 1, ANSWER_TOKENS)
     text_need = service.reserve.estimate("text", prompt_len, ANSWER_TOKENS)
     assert stream_reserve < text_need

@@ -310,3 +310,14 @@ def test_text_stream_holds_back_what_a_stop_string_may_start_and_ends_before_it(
     assert results.index(False) == text.index("END") + 2  # stopped at the token completing the stop string
     assert "".join(seen) == "yes, and" and stream.stopped
     assert stream.final("yes, and END here") == "yes, and"
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_failing():
+    """schemathesis sent temperature=5e-324: logits / temperature overflowed to inf - inf = nan (a 500)."""
+    from kvwire.kvcodec.generate import Decoding, sample
+
+    logits = torch.randn(400, generator=torch.Generator().manual_seed(1))
+    for temperature in (5e-324, 1e-300, 1e-8):
+        for top_p in (1.0, 0.5, 1e-300):
+            token = sample(logits, Decoding(temperature=temperature, top_p=top_p), torch.Generator().manual_seed(0))
+            assert token == int(logits.argmax())
