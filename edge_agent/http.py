@@ -202,16 +202,19 @@ def create_app(
     for cls in (ServiceError, Exception):
         app.add_exception_handler(cls, handle_error)
 
+    @app.head("/healthz", include_in_schema=False)  # probes that send HEAD
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
+    @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz")
     def readyz():
         if servicer.draining:
             return JSONResponse({"ready": False, "reason": "shutting down"}, status_code=503)
         return {"ready": True, "model": model_source}
 
+    @app.head("/metrics", include_in_schema=False)
     @app.get("/metrics")
     def metrics_route():
         return Response(metrics.render(), media_type=CONTENT_TYPE)

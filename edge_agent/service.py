@@ -15,11 +15,12 @@ from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import Metrics
 from kvwire.edge_agent.documents import InvalidDocumentIdError
 from kvwire.edge_agent.settings import EdgeSettings
-from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.pipeline import Edge, EdgeRequest, Timings
 from kvwire.kvcodec.prefix_cache import PrefixCache
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile, profile_names
+from kvwire.kvcodec.prompt import user_token_ids
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR
 from kvwire.kvcodec.wire import peek_stream_id, peek_type
 from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
@@ -143,6 +144,13 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         profile = self.profile_for(req.profile)
         if bool(req.doc_id) == bool(req.context):
             raise ConfigError("send exactly one of context and doc_id")
+        if req.context:
+            tokens = len(user_token_ids(self.edge.loaded.tokenizer, req.context))
+            if tokens > self.settings.max_context_tokens:
+                raise PromptTooLongError(
+                    f"the context is {tokens} tokens; this edge-agent accepts at most "
+                    f"{self.settings.max_context_tokens} (--max-context-tokens)"
+                )
         text = self.document(req.doc_id).text if req.doc_id else req.context
         edge_req = EdgeRequest(
             context=text,

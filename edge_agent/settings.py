@@ -45,6 +45,12 @@ class EdgeSettings(DaemonSettings):
         le=256,
         description="Prefill streams served at once; more are refused with RESOURCE_EXHAUSTED (forward passes run one at a time)",
     )
+    max_context_tokens: int = Field(
+        32768,
+        ge=1,
+        description="longest inline context a Prefill may carry, in tokens of this model's tokenizer, "
+        "special-token strings counted as text (longer: OUT_OF_RANGE, the cloud's 413); documents have max_document_tokens",
+    )
     prefix_cache_bytes: int = Field(
         1024 * MIB,
         ge=0,
