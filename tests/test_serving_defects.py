@@ -141,8 +141,9 @@ def test_openapi_declares_every_status_the_server_sends_and_the_real_limits(clou
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("path", ["/answer", "/v1/chat/completions"])
 @pytest.mark.parametrize("generation", ["positive", "negative"])
-def test_schemathesis_finds_no_schema_violation_and_no_500_on_answer(cloud_with_edge, generation):
+def test_schemathesis_finds_no_schema_violation_and_no_500(cloud_with_edge, generation, path):
     """schemathesis against the ASGI app in-process: bounded examples, derandomized (the same cases every run)."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
@@ -159,7 +160,7 @@ def test_schemathesis_finds_no_schema_violation_and_no_500_on_answer(cloud_with_
 
     app, _ = cloud_with_edge
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operation = schema["/answer"]["POST"]
+    operation = schema[path]["POST"]
 
     @settings(max_examples=40, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(GenerationMode(generation)))
