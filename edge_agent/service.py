@@ -18,6 +18,7 @@ from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.pipeline import Edge, EdgeRequest, Timings
+from kvwire.kvcodec.prefill import PrefillCancelled, stop_when
 from kvwire.kvcodec.prefix_cache import PrefixCache
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile, profile_names
 from kvwire.kvcodec.prompt import user_token_ids
@@ -171,7 +172,13 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         try:
             if not context.is_active():
                 return
-            first = next(frames)  # the forward pass and selection run here; chunks are encoded lazily after
+            # the forward pass and selection run here (chunks are encoded lazily after); a caller that goes
+            # away meanwhile stops the pass at the next layer and frees the model for the next request
+            with stop_when(lambda: not context.is_active()):
+                first = next(frames)
+        except PrefillCancelled:
+            log_event(log, "prefill_stopped", reason="the caller went away during the forward pass")
+            return
         finally:
             self._model_lock.release()
         stream_id = peek_stream_id(first)

@@ -12,6 +12,8 @@ capture and nothing global is switched per call.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -21,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvwire import kernels
-from kvwire.kvcodec.errors import ConfigError
+from kvwire.kvcodec.errors import ConfigError, KVWireError
 from kvwire.kvcodec.prompt import Prompt
 
 CAPTURE_ATTENTION = "kvwire_capture"  # the attention implementation name a model runs under once installed
@@ -37,10 +39,33 @@ class _Capture:
 
 # the capture of the prefill running in this context (thread or task); None outside a capturing prefill
 _capture: ContextVar[_Capture | None] = ContextVar("kvwire_capture", default=None)
+# whether the caller of the forward pass running in this context has gone (checked before every layer)
+_cancelled: ContextVar[Callable[[], bool] | None] = ContextVar("kvwire_cancelled", default=None)
+
+
+class PrefillCancelled(KVWireError):
+    """The caller went away while its forward pass ran: it stopped between two layers."""
+
+
+@contextmanager
+def stop_when(cancelled: Callable[[], bool]):
+    """Forward passes run in this context stop (PrefillCancelled) at the next layer once `cancelled()` is
+    true, so a cancelled request frees the model within one layer's time instead of the whole pass's.
+    Works on models running the capture attention function (installed by load_model)."""
+    token = _cancelled.set(cancelled)
+    try:
+        yield
+    finally:
+        _cancelled.reset(token)
+
+
 _install_lock = threading.Lock()
 
 
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
+    cancelled = _cancelled.get()
+    if cancelled is not None and cancelled():
+        raise PrefillCancelled(f"the caller left: the forward pass stopped at layer {module.layer_idx}")
     cap = _capture.get()
     if cap is not None:
         # query: [1, Hq, S, D] after RoPE, positions offset..offset+S-1; key: [1, Hkv, offset+S, D]

@@ -552,3 +552,46 @@ def test_a_bad_profile_or_a_taken_port_is_found_before_the_model_loads(restore_l
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
         assert cloud_main([*absent, "--http-port", str(port)]) == 1
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_cancelled_call_stops_its_forward_pass_at_the_next_layer(tiny_model_dir):
+    """Defect 4, the rest of it: a running prefill used to hold the model lock to its end after its caller
+    left. The pass now stops at the next layer (kvcodec/prefill.py stop_when) and frees the model."""
+    from kvwire.edge_agent.main import build_grpc_server
+    from kvwire.edge_agent.service import EdgeServicer
+    from kvwire.edge_agent.settings import EdgeSettings
+    from kvwire.kvcodec.models import load_model
+    from kvwire.proto import kvwire_pb2_grpc
+
+    loaded = load_model(tiny_model_dir)  # its own copy: the hooks stay off the session's model
+    layers = loaded.model.model.layers
+    entered, release, last_layer_ran = threading.Event(), threading.Event(), []
+    hooks = [
+        layers[1].register_forward_pre_hook(lambda *_: entered.set() or release.wait(60)),
+        layers[-1].register_forward_pre_hook(lambda *_: last_layer_ran.append(True)),
+    ]
+    settings = EdgeSettings(max_concurrency=1, profile="int8", prefix_cache_bytes=0)
+    metrics = Metrics("edge")
+    servicer = EdgeServicer(loaded, settings, metrics)
+    server, _ = build_grpc_server(servicer, metrics, settings)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = kvwire_pb2_grpc.EdgeServiceStub(channel).Prefill(_prefill_pb(), timeout=120)
+        reader = threading.Thread(target=lambda: _consume(call))
+        reader.start()
+        _wait_for(entered.is_set, "the forward pass reaches layer 1")
+        call.cancel()
+        _wait_for(lambda: servicer.free_slots() == 1, "the edge sees the cancel")
+        release.set()  # layer 1 runs on; layer 2's attention sees the cancel
+        _wait_for(lambda: servicer._model_lock.acquire(blocking=False), "the model is free again")
+        servicer._model_lock.release()
+        reader.join(60)
+        assert not last_layer_ran  # the pass stopped before its last layer
+    finally:
+        release.set()
+        for hook in hooks:
+            hook.remove()
+        channel.close()
+        server.stop(None)
