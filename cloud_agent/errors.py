@@ -70,6 +70,11 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return 500, "error"
 
 
+def outcome_labels() -> list[str]:
+    """Every outcome label of kvwire_requests_total on the cloud: its series start at 0 (agent_common/metrics.py)."""
+    return ["ok", "cancelled", *dict.fromkeys(outcome for _, _, outcome in STATUS_TABLE), "error"]
+
+
 def error_statuses() -> dict[int, str]:
     """Every status an error can get, with its outcome labels: the /answer route's declared responses."""
     statuses: dict[int, list[str]] = {}

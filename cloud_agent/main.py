@@ -14,6 +14,7 @@ from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.security import channel_credentials, check_key_pair, read_token
 from kvwire.agent_common.serve import HttpServer
+from kvwire.cloud_agent.errors import outcome_labels
 from kvwire.cloud_agent.settings import CloudSettings
 
 log = logging.getLogger("kvwire.cloud_agent")
@@ -85,7 +86,7 @@ async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
     )
     loaded, seconds = load_daemon_model(settings)
     log_event(log, "model_loaded", model=loaded.source, seconds=seconds)
-    metrics = Metrics("cloud")
+    metrics = Metrics("cloud", outcomes=outcome_labels())
     edge = edge_client(settings, security)
     service = AnswerService(loaded, settings, edge, metrics)
     log_event(log, "warmed_up", **await asyncio.to_thread(service.warm_up))

@@ -339,7 +339,7 @@ def test_cut_stream_gives_a_partial_answer_from_what_arrived_and_cancels_the_edg
     assert edge.cancelled.wait(SAFETY_S), "the edge never saw the cut"
     assert edge.sent == sent
     assert sample(metrics, "kvwire_partial_answers_total", mode="kv") == 1
-    assert sample(metrics, "kvwire_retention_achieved_count", mode="kv") == 1
+    assert sample(metrics, "kvwire_retention_achieved_ratio_count", mode="kv") == 1
     assert sample(metrics, "kvwire_requests_total", mode="kv", outcome="ok") == 1
 
 
@@ -518,7 +518,7 @@ def test_daemons_tight_deadline_partial_then_generous_deadline_complete(anytime_
     assert cut["reserve_ms"] == 500 and cut["kept_positions"] == body["kept_positions"]
     samples = metric_samples(cloud.http_url)
     assert samples[("kvwire_partial_answers_total", (("mode", "kv"),))] == 1
-    assert samples[("kvwire_retention_achieved_count", (("mode", "kv"),))] == 1
+    assert samples[("kvwire_retention_achieved_ratio_count", (("mode", "kv"),))] == 1
     assert samples[("kvwire_requests_total", (("mode", "kv"), ("outcome", "ok")))] == 1
     # the same request over a slow but working link, with a deadline the stream fits in many times over
     cloud = anytime_daemons.slow
@@ -527,7 +527,7 @@ def test_daemons_tight_deadline_partial_then_generous_deadline_complete(anytime_
     assert full["kept_positions"] > body["kept_positions"] and full["bytes_on_wire"] > body["bytes_on_wire"]
     samples = metric_samples(cloud.http_url)
     assert samples.get(("kvwire_partial_answers_total", (("mode", "kv"),)), 0) == 0
-    assert samples[("kvwire_retention_achieved_count", (("mode", "kv"),))] == 1
+    assert samples[("kvwire_retention_achieved_ratio_count", (("mode", "kv"),))] == 1
     assert samples[("kvwire_requests_total", (("mode", "kv"), ("outcome", "ok")))] == 1
 
 
@@ -553,7 +553,7 @@ def test_daemons_edge_killed_mid_stream_is_503_not_a_wait_for_the_deadline_or_th
     # not wait for the deadline once the link died
     reply = post(cloud, mode="kv", deadline_ms=60_000)
     assert reply.status_code == 503 and reply.json()["error"] == "edge_unavailable", reply.text
-    assert total(metric_samples(cloud.http_url), "kvwire_bytes_received_total") > 0  # the stream had begun
+    assert total(metric_samples(cloud.http_url), "kvwire_received_bytes_total") > 0  # the stream had begun
     body = ok(post(cloud, mode="kv", fallback="text"))
     assert body["fallback"] == "text" and body["fallback_reason"].startswith("edge_unavailable:")
     assert total(metric_samples(cloud.http_url), "kvwire_fallbacks_total") == 1

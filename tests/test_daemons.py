@@ -310,8 +310,8 @@ def test_metrics_parse_and_byte_counters_agree_on_both_sides(daemons):
         metric_samples(f"http://127.0.0.1:{daemons.edge.listening['http_port']}"),
         metric_samples(daemons.cloud.http_url),
     )
-    sent = total(edge, "kvwire_bytes_sent_total") - total(before_edge, "kvwire_bytes_sent_total")
-    received = total(cloud, "kvwire_bytes_received_total") - total(before_cloud, "kvwire_bytes_received_total")
+    sent = total(edge, "kvwire_sent_bytes_total") - total(before_edge, "kvwire_sent_bytes_total")
+    received = total(cloud, "kvwire_received_bytes_total") - total(before_cloud, "kvwire_received_bytes_total")
     assert sent == received == sum(r["bytes_on_wire"] for r in replies) > 0
     for samples, side in ((edge, "edge"), (cloud, "cloud")):
         names = {n for n, _ in samples}
@@ -319,7 +319,7 @@ def test_metrics_parse_and_byte_counters_agree_on_both_sides(daemons):
         assert samples[("kvwire_stage_seconds_count", (("mode", "kv"), ("side", side), ("stage", "total")))] >= 2
         assert samples[("kvwire_requests_total", (("mode", "kv"), ("outcome", "ok")))] >= 2
     assert cloud[("kvwire_wire_ratio_count", (("mode", "scout"),))] >= 1
-    assert edge[("kvwire_bytes_sent_total", (("kind", "chunk"), ("mode", "kv")))] > 0
+    assert edge[("kvwire_sent_bytes_total", (("kind", "chunk"), ("mode", "kv")))] > 0
     assert ("kvwire_stage_seconds_sum", (("mode", "kv"), ("side", "edge"), ("stage", "prefill"))) in edge
     assert ("kvwire_stage_seconds_sum", (("mode", "kv"), ("side", "cloud"), ("stage", "inject"))) in cloud
 

@@ -4,6 +4,7 @@ the edge's gRPC refusals through the real client, and frame rejection on the clo
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -277,6 +278,114 @@ def test_deploy_files_parse_and_name_only_real_metrics_and_settings():
         keys = re.findall(r"^#? ?(KVWIRE_\w+)=", (deploy / "env" / env).read_text(), re.M)
         prefix = cls.model_config["env_prefix"]
         assert {k.removeprefix(prefix).lower() for k in keys} == set(cls.model_fields)
+
+
+# Prometheus naming (prometheus.io/docs/practices/naming): base units, the unit as the last word of the
+# name (before `_total` on a counter), ratios as `_ratio`, `_total` on counters only.
+_UNITS = ("seconds", "bytes", "ratio")
+_NON_BASE_UNITS = ("milliseconds", "ms", "kilobytes", "kb", "mb", "percent", "minutes", "hours")
+
+
+@pytest.mark.parametrize("side", ["edge", "cloud"])
+def test_every_metric_name_follows_the_prometheus_conventions(side):
+    import re
+
+    families = list(Metrics(side).registry.collect())
+    assert families
+    for family in families:
+        name, words = family.name, family.name.split("_")
+        assert re.fullmatch(r"kvwire_[a-z][a-z0-9_]*[a-z0-9]", name), name
+        assert not set(words) & set(_NON_BASE_UNITS), f"{name}: use base units (seconds, bytes, ratio)"
+        assert "total" not in words, f"{name}: only a counter's sample ends in _total"
+        for unit in _UNITS:
+            if unit in words[1:]:
+                assert words[-1] == unit, f"{name}: the unit {unit!r} goes last (before a counter's _total)"
+        if family.type == "counter":
+            assert {sample.name for sample in family.samples} <= {f"{name}_total", f"{name}_created"}, name
+        if " / " in family.documentation:  # a quotient of like quantities is a ratio
+            assert name.endswith("_ratio"), f"{name}: a ratio ends in _ratio"
+
+
+def test_renamed_metrics_are_gone_from_code_deploy_and_docs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    old = ("kvwire_bytes_sent", "kvwire_bytes_received")
+    files = [*root.glob("deploy/**/*.yml"), *root.glob("deploy/**/*.json"), root / "README.md"]
+    files += [f for f in (*root.glob("*_agent/*.py"), *root.glob("agent_common/*.py"))]
+    files += [f for f in root.glob("docs/*.md") if f.name != "daemons.md"]  # daemons.md has the rename table
+    for f in files:
+        text = f.read_text()
+        for name in old:
+            assert name not in text, f"{f.relative_to(root)} still names {name}"
+        assert not re.search(r"kvwire_retention_achieved(?!_ratio)", text), f"{f.relative_to(root)}"
+    table = (root / "docs/daemons.md").read_text()
+    for before, after in (
+        ("kvwire_bytes_sent_total", "kvwire_sent_bytes_total"),
+        ("kvwire_bytes_received_total", "kvwire_received_bytes_total"),
+        ("kvwire_retention_achieved", "kvwire_retention_achieved_ratio"),
+    ):
+        assert f"| `{before}` | `{after}` |" in table, before
+
+
+def test_stage_buckets_resolve_a_p50_from_sub_millisecond_to_minutes():
+    from kvwire.agent_common.metrics import STAGE_BUCKETS
+
+    assert STAGE_BUCKETS[0] <= 0.0005 and STAGE_BUCKETS[-1] >= 300
+    steps = [(lo, hi / lo) for lo, hi in zip(STAGE_BUCKETS, STAGE_BUCKETS[1:])]
+    assert all(step <= 2.5 for _, step in steps), steps
+    # answers on these hosts take 1-30 s: there a quantile is read to within a ×1.7 step, not 5-10 s
+    assert all(step <= 5 / 3 + 1e-9 for lo, step in steps if 1 <= lo < 30), steps
+
+
+def test_request_counters_have_a_zero_series_for_known_labels_before_any_request():
+    from kvwire.cloud_agent.errors import outcome_labels
+    from kvwire.kvcodec.modes import mode_names, streamed_mode_names
+
+    cloud, edge = Metrics("cloud", outcomes=outcome_labels()), Metrics("edge")
+    for mode in [*mode_names(), "unknown"]:
+        for outcome in outcome_labels():
+            assert _requests(cloud, mode, outcome) == 0, (mode, outcome)
+    for mode in [*streamed_mode_names(), "invalid", "unknown", "document"]:
+        for outcome in ("ok", "cancelled", "error", "overloaded", "unauthenticated", "not_found"):
+            assert _requests(edge, mode, outcome) == 0, (mode, outcome)
+    sample = cloud.registry.get_sample_value
+    assert sample("kvwire_received_bytes_total", {"mode": "kv", "kind": "chunk"}) == 0
+    assert sample("kvwire_partial_answers_total", {"mode": "scout"}) == 0
+    assert sample("kvwire_fallbacks_total", {"mode": "kv", "reason": "edge_unavailable"}) == 0
+    assert sample("kvwire_fallbacks_total", {"mode": "kv", "reason": "ok"}) is None  # an answer, not a fallback
+    assert edge.registry.get_sample_value("kvwire_sent_bytes_total", {"mode": "kv", "kind": "header"}) == 0
+    assert _requests(cloud, "nonsense", "ok") is None  # only the bounded label values
+    cloud.requests.labels("kv", "deadline").inc()
+    assert _requests(cloud, "kv", "deadline") == 1 and _requests(cloud, "kv", "ok") == 0
+    assert b'kvwire_requests_total{mode="text",outcome="ok"} 0.0' in cloud.render()
+
+
+# Outcomes the caller causes (or that are the answer itself): no alert on the server's error rate counts them.
+_CLIENT_OUTCOMES = {"ok", "cancelled", "invalid", "too_long", "deadline", "unauthenticated", "mismatch", "not_found"}
+_CLIENT_OUTCOMES |= {"overloaded"}  # the cloud's own concurrency limit has its own alert (KVWireOverloaded)
+
+
+def test_error_rate_alert_counts_every_server_side_outcome_and_no_client_one():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from kvwire.cloud_agent.errors import outcome_labels
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    rules = yaml.safe_load((deploy / "prometheus/kvwire-alerts.yml").read_text())
+    rules = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    dashboard = json.loads((deploy / "grafana/kvwire-dashboard.json").read_text())
+    panel = next(p for p in dashboard["panels"] if p["title"] == "Server-side error ratio")
+    assert _CLIENT_OUTCOMES <= set(outcome_labels())
+    server_side = set(outcome_labels()) - _CLIENT_OUTCOMES
+    for expr in (rules["KVWireHighErrorRate"]["expr"], panel["targets"][0]["expr"]):
+        (counted,) = re.findall(r'outcome=~\\?"([a-z_|]+)\\?"', expr)
+        assert set(counted.split("|")) == server_side, expr
+    auth = rules["KVWireAuthRejected"]["expr"]
+    assert 'outcome=~"unauthenticated|edge_unauthenticated"' in auth and "job=" not in auth  # both daemons
 
 
 def test_operator_docs_list_every_option():

@@ -348,7 +348,7 @@ def _wait_mid_stream(
 ) -> None:
     """Until the cloud has counted chunk bytes beyond `before`: the stream is flowing."""
     deadline = time.monotonic() + timeout
-    while metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_bytes_received_total", kind="chunk") <= before:
+    while metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_received_bytes_total", kind="chunk") <= before:
         thread.join(0.05)
         assert thread.is_alive(), f"the request ended before its stream started: {out['res']}"
         assert time.monotonic() < deadline, "the stream never started"
@@ -359,7 +359,7 @@ def _kill_edge_mid_stream(hosts: Hosts, **overrides) -> tuple[dict, float]:
     from the kill to the response)."""
     hosts.use_relay()
     hosts.lab.shape(SLOW_RATE)
-    before = metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_bytes_received_total", kind="chunk")
+    before = metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_received_bytes_total", kind="chunk")
     thread, out = _in_background(lambda: hosts.ask(deadline_ms=30_000, **overrides))
     _wait_mid_stream(hosts, before, thread, out)
     kill(hosts.edge.proc)
@@ -421,7 +421,7 @@ def cloud_killed(hosts, clean) -> dict:
     before = metrics(hosts.lab, hosts.edge)
     hosts.use_relay()
     hosts.lab.shape(SLOW_RATE)
-    chunks = metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_bytes_received_total", kind="chunk")
+    chunks = metric_sum(metrics(hosts.lab, hosts.cloud), "kvwire_received_bytes_total", kind="chunk")
     thread, out = _in_background(lambda: hosts.ask(deadline_ms=120_000, request_id="cloud-killed"))
     _wait_mid_stream(hosts, chunks, thread, out)
     cloud_inflight = metrics(hosts.lab, hosts.cloud)[("kvwire_inflight_requests", ())]
