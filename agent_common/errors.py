@@ -58,3 +58,7 @@ class DocumentNotFoundError(ServiceError):
 class StartupConfigError(ServiceError):
     """A setting's file or folder cannot serve (e.g. the edge's document store is locked or corrupt): the
     daemon exits 2 at start-up with the message, which names the setting and the file."""
+
+
+class LengthRequiredError(ServiceError):
+    """A chunked request body: its size is unknown until read, so a size limit could not hold before reading it (411)."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from kvwire.agent_common.errors import UnauthenticatedError
+
 # RFC 6750 b64token characters: a token must fit an HTTP header and gRPC metadata unchanged.
 TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~+/=")
 # 16 characters of secrets.token_urlsafe carry 96 bits: below that a token can be guessed.
@@ -70,6 +72,25 @@ def bearer_matches(header: str | None, token: str) -> bool:
         return False
     scheme, _, value = header.strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def bearer_refusal(authorization: str | None, token: str | None, daemon: str) -> UnauthenticatedError | None:
+    """Why an HTTP request to a protected path of `daemon` is refused (None: let it in). No token
+    configured: nothing is asked."""
+    if token is None or bearer_matches(authorization, token):
+        return None
+    if authorization is None:
+        return UnauthenticatedError(
+            f"this {daemon} requires the header 'Authorization: Bearer <token>' (the token in its auth_token_file)"
+        )
+    return UnauthenticatedError(
+        f"the bearer token in the Authorization header is not the one this {daemon} accepts", token_sent=True
+    )
+
+
+def www_authenticate(exc: UnauthenticatedError) -> dict[str, str]:
+    """RFC 6750: the scheme, and error="invalid_token" when a token was sent but wrong."""
+    return {"WWW-Authenticate": 'Bearer realm="kvwire"' + (', error="invalid_token"' if exc.token_sent else "")}
 
 
 def _no_password() -> bytes:

@@ -10,10 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from kvwire.agent_common.errors import ServiceError, UnauthenticatedError
+from kvwire.agent_common.errors import ServiceError
 from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import CONTENT_TYPE, Metrics
-from kvwire.agent_common.security import bearer_matches
+from kvwire.agent_common.security import bearer_refusal
 from kvwire.cloud_agent.api import DEFAULT_MAX_NEW_TOKENS, AnswerRequest, AnswerResponse, ErrorBody
 from kvwire.cloud_agent.errors import (
     BodyEncodingError,
@@ -43,25 +43,12 @@ def is_openai(request: Request) -> bool:
     return request.url.path.startswith(OPENAI_PREFIX)
 
 
-def refusal(authorization: str | None, token: str | None) -> UnauthenticatedError | None:
-    """Why a request to a protected path is refused (None: let it in). No token configured: nothing is asked."""
-    if token is None or bearer_matches(authorization, token):
-        return None
-    if authorization is None:
-        return UnauthenticatedError(
-            "this cloud-agent requires the header 'Authorization: Bearer <token>' (the token in its auth_token_file)"
-        )
-    return UnauthenticatedError(
-        "the bearer token in the Authorization header is not the one this cloud-agent accepts", token_sent=True
-    )
-
-
 def admission(request: Request, auth_token: str | None, max_body_bytes: int) -> ServiceError | None:
     """Why a request is refused before any handler reads it (None: it goes on). The token comes first: a
     caller without it learns nothing about limits. Bodies must declare their length so that the limit
     holds before a byte is read (a chunked body could otherwise grow without bound)."""
     if request.url.path not in OPEN_PATHS:
-        refused = refusal(request.headers.get("authorization"), auth_token)
+        refused = bearer_refusal(request.headers.get("authorization"), auth_token, "cloud-agent")
         if refused is not None:
             return refused
     if "transfer-encoding" in request.headers:

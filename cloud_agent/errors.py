@@ -15,11 +15,13 @@ from kvwire.agent_common.errors import (
     EdgeFailedError,
     EdgeRefusedTokenError,
     EdgeUnavailableError,
+    LengthRequiredError,
     OverloadedError,
     ServiceError,
     ShuttingDownError,
     UnauthenticatedError,
 )
+from kvwire.agent_common.security import www_authenticate
 from kvwire.kvcodec.errors import ConfigError, FrameError, GeometryMismatchError, PromptTooLongError
 
 log = logging.getLogger("kvwire.cloud_agent")
@@ -27,10 +29,6 @@ log = logging.getLogger("kvwire.cloud_agent")
 
 class RequestTooLargeError(ServiceError):
     """The request body is larger than --max-body-bytes."""
-
-
-class LengthRequiredError(ServiceError):
-    """A chunked request body: its size is unknown until read, so --max-body-bytes could not hold."""
 
 
 class BodyEncodingError(ServiceError):
@@ -125,7 +123,7 @@ def error_response(exc: BaseException, request_id: str | None) -> JSONResponse:
         log.error("internal_error", exc_info=exc)
     headers = {"Retry-After": "1"} if status in RETRY_LATER else None
     if isinstance(exc, UnauthenticatedError):  # RFC 6750: the scheme, and invalid_token when a token was sent but wrong
-        headers = {"WWW-Authenticate": 'Bearer realm="kvwire"' + (', error="invalid_token"' if exc.token_sent else "")}
+        headers = www_authenticate(exc)
     return JSONResponse(
         {"detail": message_of(exc), "error": outcome, "request_id": request_id}, status_code=status, headers=headers
     )

@@ -13,10 +13,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.convertors import Convertor, register_url_convertor
 
-from kvwire.agent_common.errors import ServiceError, UnauthenticatedError
+from kvwire.agent_common.errors import LengthRequiredError, ServiceError, UnauthenticatedError
 from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import CONTENT_TYPE, Metrics
-from kvwire.agent_common.security import bearer_matches
+from kvwire.agent_common.security import bearer_refusal, www_authenticate
 from kvwire.edge_agent.documents import (
     DocumentMeta,
     DocumentNotFoundError,
@@ -34,10 +34,6 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 DOCUMENTS = "/v1/documents"
 # A PUT body is the document itself, as UTF-8 text; JSON would be stored as a document that is JSON.
 TEXT_TYPES = frozenset({"text/plain", "application/octet-stream"})
-
-
-class LengthRequiredError(ServiceError):
-    """A PUT without Content-Length (chunked): max_document_bytes could not hold before reading it."""
 
 
 class BodyTooLargeError(ServiceError):
@@ -95,23 +91,10 @@ def error_response(exc: BaseException, request_id: str | None) -> JSONResponse:
     else:
         message = str(exc)
     headers = None
-    if isinstance(exc, UnauthenticatedError):  # RFC 6750, as on the cloud
-        headers = {"WWW-Authenticate": 'Bearer realm="kvwire"' + (', error="invalid_token"' if exc.token_sent else "")}
+    if isinstance(exc, UnauthenticatedError):
+        headers = www_authenticate(exc)
     return JSONResponse(
         {"detail": message, "error": label, "request_id": request_id}, status_code=status, headers=headers
-    )
-
-
-def refusal(authorization: str | None, token: str | None) -> UnauthenticatedError | None:
-    """Why a request to a protected path is refused (None: let it in). No token configured: nothing is asked."""
-    if token is None or bearer_matches(authorization, token):
-        return None
-    if authorization is None:
-        return UnauthenticatedError(
-            "this edge-agent requires the header 'Authorization: Bearer <token>' (the token in its auth_token_file)"
-        )
-    return UnauthenticatedError(
-        "the bearer token in the Authorization header is not the one this edge-agent accepts", token_sent=True
     )
 
 
@@ -119,7 +102,7 @@ def admission(request: Request, token: str | None, max_body_bytes: int) -> Servi
     """Why a request is refused before its body is read (None: it goes on). The token comes first."""
     if request.url.path in OPEN_PATHS:
         return None
-    refused = refusal(request.headers.get("authorization"), token)
+    refused = bearer_refusal(request.headers.get("authorization"), token, "edge-agent")
     if refused is not None or request.method != "PUT":
         return refused
     length = request.headers.get("content-length")
