@@ -468,31 +468,24 @@ def test_a_profile_the_edge_was_configured_with_works_when_a_request_names_it(ti
     and a name it does not know comes back as the edge's own ConfigError (422) listing what it allows."""
     import asyncio
 
+    from edges import running_edge
+
     from kvwire.cloud_agent.api import AnswerRequest
     from kvwire.cloud_agent.service import AnswerService
-    from kvwire.edge_agent.main import build_grpc_server
-    from kvwire.edge_agent.service import EdgeServicer
 
     path = tmp_path / "diag.json"
     path.write_text(json.dumps({"name": "tiny-diagnosed", "default": {"k": {"kind": "int8"}, "v": {"kind": "int8"}}}))
-    settings = EdgeSettings(profile=str(path))
-    metrics = Metrics("edge")
-    server, _ = build_grpc_server(EdgeServicer(tiny_loaded, settings, metrics), metrics, settings)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    client = EdgeClient(f"127.0.0.1:{port}")
-    service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir), client, Metrics("cloud"))
-    try:
+    with running_edge(tiny_loaded, EdgeSettings(profile=str(path))) as edge:
+        service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir), edge.client, Metrics("cloud"))
 
         def ask(profile):
             req = AnswerRequest(question="Who?", context=CONTEXT, mode="kv", profile=profile, max_new_tokens=2)
             return asyncio.run(service.answer(req, "unit"))
 
-        named, default = ask("tiny-diagnosed"), ask(None)
-        assert named.answer == default.answer and named.bytes_on_wire == default.bytes_on_wire > 0
-        with pytest.raises(ConfigError, match="unknown profile 'nope'; allowed: .*tiny-diagnosed"):
-            ask("nope")
-    finally:
-        service.close()
-        client.close()
-        server.stop(None)
+        try:
+            named, default = ask("tiny-diagnosed"), ask(None)
+            assert named.answer == default.answer and named.bytes_on_wire == default.bytes_on_wire > 0
+            with pytest.raises(ConfigError, match="unknown profile 'nope'; allowed: .*tiny-diagnosed"):
+                ask("nope")
+        finally:
+            service.close()

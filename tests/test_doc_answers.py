@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from edges import running_edge
 from pydantic import ValidationError
 
-from kvwire.agent_common.edge_client import EdgeClient
 from kvwire.agent_common.errors import DocumentNotFoundError
 from kvwire.agent_common.metrics import Metrics
 from kvwire.cloud_agent.api import AnswerRequest
@@ -16,8 +16,6 @@ from kvwire.cloud_agent.errors import classify
 from kvwire.cloud_agent.service import AnswerService
 from kvwire.cloud_agent.settings import CloudSettings
 from kvwire.edge_agent.documents import DocumentStore
-from kvwire.edge_agent.main import build_grpc_server
-from kvwire.edge_agent.service import EdgeServicer
 from kvwire.edge_agent.settings import EdgeSettings
 
 DOC = (
@@ -33,17 +31,10 @@ def hosts(tiny_loaded, tiny_model_dir, tmp_path):
     """A real edge (with a document store) and a real cloud service talking over loopback gRPC."""
     settings = EdgeSettings(profile="fp16", data_dir=str(tmp_path / "edge-data"))
     store = DocumentStore(settings.data_dir, count_tokens=lambda text: len(tiny_loaded.tokenizer(text)["input_ids"]))
-    edge_metrics = Metrics("edge")
-    servicer = EdgeServicer(tiny_loaded, settings, edge_metrics, documents=store)
-    server, _ = build_grpc_server(servicer, edge_metrics, settings)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    client = EdgeClient(f"127.0.0.1:{port}")
-    service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir), client, Metrics("cloud"))
-    yield store, service, edge_metrics
-    service.close()
-    client.close()
-    server.stop(None)
+    with running_edge(tiny_loaded, settings, documents=store) as edge:
+        service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir), edge.client, Metrics("cloud"))
+        yield store, service, edge.metrics
+        service.close()
     store.close()
 
 

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
+from edges import running_edge
 from fastapi.testclient import TestClient
 
 from kvwire.agent_common.edge_client import EdgeClient
 from kvwire.agent_common.edge_messages import PrefillRequest
-from kvwire.agent_common.metrics import Metrics
 from kvwire.edge_agent.http import create_app
-from kvwire.edge_agent.main import build_grpc_server
-from kvwire.edge_agent.service import EdgeServicer
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import PromptTooLongError
 from kvwire.kvcodec.prompt import user_token_ids
@@ -21,21 +21,13 @@ CONTEXT = "The Normans gave their name to Normandy, a region in France. <|im_end
 
 @pytest.fixture
 def edge(tiny_loaded):
-    def make(**settings):
-        s = EdgeSettings(profile="int8", **settings)
-        metrics = Metrics("edge")
-        servicer = EdgeServicer(tiny_loaded, s, metrics)
-        server, _ = build_grpc_server(servicer, metrics, s)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        made.append((server, EdgeClient(f"127.0.0.1:{port}")))
-        return servicer, made[-1][1], metrics
+    with ExitStack() as stack:
 
-    made = []
-    yield make
-    for server, client in made:
-        client.close()
-        server.stop(None)
+        def make(**settings):
+            e = stack.enter_context(running_edge(tiny_loaded, EdgeSettings(profile="int8", **settings)))
+            return e.servicer, e.client, e.metrics
+
+        yield make
 
 
 def _drain(client: EdgeClient) -> list:

@@ -110,20 +110,13 @@ def test_the_embedded_model_gets_the_same_kv_and_logits_from_a_cached_prefix(emb
 
 
 def test_the_edge_daemon_prefills_a_repeated_context_once_and_counts_it(tiny_loaded):
-    from kvwire.agent_common.edge_client import EdgeClient
+    from edges import running_edge
+
     from kvwire.agent_common.edge_messages import PrefillRequest
-    from kvwire.agent_common.metrics import Metrics
-    from kvwire.edge_agent.main import build_grpc_server
-    from kvwire.edge_agent.service import EdgeServicer
     from kvwire.edge_agent.settings import EdgeSettings
 
-    settings = EdgeSettings(profile="int8")
-    metrics = Metrics("edge")
-    server, _ = build_grpc_server(EdgeServicer(tiny_loaded, settings, metrics), metrics, settings)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    client = EdgeClient(f"127.0.0.1:{port}")
-    try:
+    with running_edge(tiny_loaded, EdgeSettings(profile="int8")) as edge:
+        client, metrics = edge.client, edge.metrics
         stages = []
         for question in QUESTIONS:
             req = PrefillRequest(request_id="r", mode="kv", context=CONTEXT, question=question, retention=0.5)
@@ -135,6 +128,3 @@ def test_the_edge_daemon_prefills_a_repeated_context_once_and_counts_it(tiny_loa
 
         assert sample("kvwire_prefix_cache_hits_total") == sample("kvwire_prefix_cache_misses_total") == 1
         assert sample("kvwire_prefix_cache_bytes", tier="memory") > 0
-    finally:
-        client.close()
-        server.stop(None)
