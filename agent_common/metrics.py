@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from kvwire.agent_common.grpc_status import STATUS_TABLE as GRPC_STATUS_TABLE
 from kvwire.kvcodec.modes import mode_names, streamed_mode_names
+from kvwire.kvcodec.prefix_disk import ERROR_REASONS as DISK_ERROR_REASONS
 from kvwire.kvcodec.wire import FRAME_TYPES
 
 # Stage latencies span sub-millisecond (select on a short prompt) to minutes (a long CPU prefill); 1-2-5
@@ -62,6 +63,9 @@ def request_outcomes(side: str, extra: Iterable[str] = ()) -> list[str]:
     return list(dict.fromkeys([*labels, *extra]))
 
 
+DOCUMENT_PREFILL_OUTCOMES = ("done", "cached", "cancelled", "failed")
+
+
 class Metrics:
     """kvwire_* metrics for one side ("edge" or "cloud").
 
@@ -73,8 +77,9 @@ class Metrics:
     stream a deadline cut (still outcome "ok"), kvwire_fallbacks_total{mode,reason} kv/scout requests
     answered in text mode instead (reason: the error outcome label that caused it), and
     kvwire_retention_achieved_ratio{mode} the context share each kv/scout answer actually used.
-    Prefix cache (edge, docs/documents.md): kvwire_prefix_cache_{hits,misses,evictions}_total and
-    kvwire_prefix_cache_bytes{tier}.
+    Prefix cache (edge, docs/documents.md): kvwire_prefix_cache_{hits,misses,evictions,disk_hits}_total,
+    kvwire_prefix_cache_bytes{tier} (memory, disk), kvwire_prefix_cache_disk_errors_total{reason} and
+    kvwire_document_prefills_total{outcome} (documents prefilled in the background when put or at start).
     Label values are bounded: modes, stages, frame kinds, and the outcome labels of cloud_agent/errors.py.
 
     Counters whose label values are known start at 0 for every combination, so a dashboard shows 0, not
@@ -112,8 +117,21 @@ class Metrics:
                     ("hits", "Prompts whose [template][context] KV came from the prefix cache"),
                     ("misses", "Prompts whose [template][context] was prefilled (and then kept)"),
                     ("evictions", "Prefix KV entries dropped to stay within --prefix-cache-bytes"),
+                    ("disk_hits", "Hits whose entry was read from the disk tier (and promoted to memory)"),
                 )
             }
+            self.prefix_cache_disk_errors = Counter(
+                "kvwire_prefix_cache_disk_errors",
+                "Disk-tier files dropped (corrupt, truncated, mismatch, missing, read) or writes failed (disk_full, write)",
+                ["reason"],
+                registry=r,
+            )
+            self.document_prefills = Counter(
+                "kvwire_document_prefills",
+                "Documents prefilled in the background (when put, or at start), by outcome",
+                ["outcome"],
+                registry=r,
+            )
             self.prefix_cache_bytes = Gauge(
                 "kvwire_prefix_cache_bytes", "Bytes of prefix KV kept, by tier", ["tier"], registry=r
             )
@@ -169,12 +187,23 @@ class Metrics:
                 for outcome in self.outcomes:
                     if outcome not in ("ok", "cancelled"):  # a fallback's reason is the failure that caused it
                         self.fallbacks.labels(mode, outcome)
+        if self.side == "edge":
+            for reason in DISK_ERROR_REASONS:
+                self.prefix_cache_disk_errors.labels(reason)
+            for outcome in DOCUMENT_PREFILL_OUTCOMES:
+                self.document_prefills.labels(outcome)
 
     def watch_prefix_cache(self, cache) -> None:
-        """Count the cache's hits, misses and evictions and report its size (edge only)."""
-        plural = {"hit": "hits", "miss": "misses", "eviction": "evictions"}
+        """Count the cache's hits, misses and evictions and report its size per tier (edge only); the disk
+        tier's errors are counted through its on_error (`count_disk_error`), set when it is built."""
+        plural = {"hit": "hits", "miss": "misses", "eviction": "evictions", "disk_hit": "disk_hits"}
         cache.on_event = lambda kind: self.prefix_cache_events[plural[kind]].inc()
         self.prefix_cache_bytes.labels("memory").set_function(lambda: cache.bytes)
+        if cache.disk is not None:
+            self.prefix_cache_bytes.labels("disk").set_function(lambda: cache.disk.bytes)
+
+    def count_disk_error(self, reason: str) -> None:
+        self.prefix_cache_disk_errors.labels(reason).inc()
 
     def observe_stages(self, mode: str, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():

@@ -182,6 +182,7 @@ async def serve(settings: EdgeSettings, security: EdgeSecurity) -> int:
     log_event(log, "draining", grace_seconds=settings.grace_seconds)
     await asyncio.to_thread(drain, servicer, server, health_servicer, settings.grace_seconds)
     await http.shutdown()
+    servicer.close()
     store.close()
     log_event(log, "stopped")
     return 0

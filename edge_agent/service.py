@@ -14,12 +14,14 @@ from kvwire.agent_common.grpc_status import status_of
 from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import Metrics
 from kvwire.edge_agent.documents import InvalidDocumentIdError
+from kvwire.edge_agent.prefiller import DocumentPrefiller, ModelGate
 from kvwire.edge_agent.settings import EdgeSettings
 from kvwire.kvcodec.errors import ConfigError, PromptTooLongError
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.pipeline import Edge, EdgeRequest, Timings
 from kvwire.kvcodec.prefill import PrefillCancelled, stop_when
 from kvwire.kvcodec.prefix_cache import PrefixCache
+from kvwire.kvcodec.prefix_disk import DiskTier
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile, profile_names
 from kvwire.kvcodec.prompt import user_token_ids
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR
@@ -60,21 +62,36 @@ class _Receipt:
 class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
     """Serves Prefill streams from one loaded model.
 
-    Forward passes run one at a time (the model lock): concurrent prefills on one model gain nothing
+    Forward passes run one at a time (the model gate, edge_agent/prefiller.py; background prefills of
+    documents take it only while no request waits): concurrent prefills on one model gain nothing
     on a CPU (the attention capture itself is per call, kvcodec/prefill.py, and would allow them). Up to max_concurrency streams may be in
     progress (waiting for the lock or streaming); more are refused at once.
     """
 
     def __init__(self, loaded: LoadedModel, settings: EdgeSettings, metrics: Metrics, documents=None):
-        """documents: the edge's DocumentStore (edge_agent/documents.py); None: requests name no doc_id."""
-        cache = PrefixCache(settings.prefix_cache_bytes) if settings.prefix_cache_bytes else None
-        if cache is not None:
-            metrics.watch_prefix_cache(cache)
-        self.edge = Edge(loaded, cache)
+        """documents: the edge's DocumentStore (edge_agent/documents.py); None: requests name no doc_id.
+
+        With a prefix cache and documents, documents are prefilled in the background when put and at start
+        (settings.prefill_documents: `self.prefiller`); with prefix_cache_disk_bytes, the cache has a disk
+        tier under data_dir. close() stops both."""
+        self.edge = Edge(loaded)
+        self.edge.prefix_cache = cache = self._prefix_cache(loaded, self.edge.model_fp, settings, metrics)
         self.documents = documents
+        self.gate = ModelGate(LOCK_POLL_S)
+        self._model_lock = self.gate.lock
+        self.prefiller: DocumentPrefiller | None = None
+        self._unsubscribe = None
         if documents is not None and cache is not None:
+            if cache.disk is not None:  # entries of documents deleted or changed while the edge was down go
+                cache.disk.drop_stale({meta.id: meta.version for meta in documents.list()})
             # a changed or deleted document's prefix KV goes at once (a running stream keeps its snapshot)
-            documents.subscribe(lambda doc_id, _version: cache.drop_document(doc_id))
+            self._unsubscribe = documents.subscribe(cache.document_changed)
+            if settings.prefill_documents:
+                self.prefiller = DocumentPrefiller(
+                    self.edge, documents, self.gate, lambda outcome: metrics.document_prefills.labels(outcome).inc()
+                )
+                budget = max(settings.prefix_cache_bytes, settings.prefix_cache_disk_bytes)
+                self.prefiller.enqueue_uncached(budget, self._kv_bytes_per_token(loaded))
         self.settings, self.metrics = settings, metrics
         # the configured profile is read once, and must fit the model: a start-up error, not a per-request one
         self.default_profile: PrecisionProfile = get_profile(settings.profile)
@@ -86,6 +103,38 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         self._receipts: dict[bytes, _Receipt] = {}  # stream id -> a stream waiting for its receipt
         self._receipts_lock = threading.Lock()
         self.draining = False
+
+    @staticmethod
+    def _prefix_cache(loaded: LoadedModel, fp: str, settings: EdgeSettings, metrics: Metrics) -> PrefixCache | None:
+        if not settings.prefix_cache_bytes:
+            return None
+        disk = None
+        if settings.prefix_cache_disk_bytes:
+            disk = DiskTier(
+                settings.prefix_disk_dir(fp),
+                settings.prefix_cache_disk_bytes,
+                fp,
+                loaded.dtype,
+                on_error=metrics.count_disk_error,
+            )
+            log_event(log, "prefix_disk_opened", path=str(disk.folder), entries=len(disk), bytes=disk.bytes)
+        cache = PrefixCache(settings.prefix_cache_bytes, disk=disk)
+        metrics.watch_prefix_cache(cache)
+        return cache
+
+    def _kv_bytes_per_token(self, loaded: LoadedModel) -> int:
+        g = self.edge.geometry
+        return 2 * g["num_layers"] * g["kv_heads"] * g["head_dim"] * loaded.dtype.itemsize
+
+    def close(self) -> None:
+        """Stop the background prefiller and finish the disk tier's queued writes (after a drain)."""
+        if self.prefiller is not None:
+            self.prefiller.close()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        cache = self.edge.prefix_cache
+        if cache is not None and cache.disk is not None:
+            cache.disk.close()
 
     def free_slots(self) -> int:
         """Streams this edge would still accept now (max_concurrency minus those holding a slot)."""
@@ -152,10 +201,11 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
                     f"the context is {tokens} tokens; this edge-agent accepts at most "
                     f"{self.settings.max_context_tokens} (--max-context-tokens)"
                 )
-        text = self.document(req.doc_id).text if req.doc_id else req.context
+        doc = self.document(req.doc_id) if req.doc_id else None  # a snapshot: the stream finishes on it
         edge_req = EdgeRequest(
-            context=text,
+            context=doc.text if doc is not None else req.context,
             doc_id=req.doc_id or None,
+            doc_version=doc.version if doc is not None else None,
             question=req.question,
             mode=req.mode,
             selector=req.selector or DEFAULT_SELECTOR,
@@ -166,9 +216,8 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         )
         timings = Timings()
         frames = self.edge.stream(edge_req, timings)  # validates now (ConfigError); prefills on the first frame
-        while not self._model_lock.acquire(timeout=LOCK_POLL_S):
-            if not context.is_active():  # the caller gave up while this request waited for the model
-                return
+        if not self.gate.acquire(context.is_active):  # the caller gave up while this request waited for the model
+            return
         try:
             if not context.is_active():
                 return
@@ -180,7 +229,7 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             log_event(log, "prefill_stopped", reason="the caller went away during the forward pass")
             return
         finally:
-            self._model_lock.release()
+            self.gate.release()
         stream_id = peek_stream_id(first)
         receipt = self._expect_receipt(stream_id) if req.confirm else None
         try:

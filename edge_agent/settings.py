@@ -57,6 +57,17 @@ class EdgeSettings(DaemonSettings):
         description="memory for prefix KV kept across requests (a document's or a repeated context's "
         "[template][context] prefilled once; least recently used dropped first; 0: prefill every prompt whole)",
     )
+    prefix_cache_disk_bytes: int = Field(
+        0,
+        ge=0,
+        description="disk for prefix KV under data_dir/prefix-cache (the model's own precision, checksummed "
+        "frames; least recently used dropped first), so a restarted edge starts warm; 0: off. Needs prefix_cache_bytes",
+    )
+    prefill_documents: bool = Field(
+        True,
+        description="prefill a document's [template][document] in the background when it is put, and at start "
+        "those without a cached entry (newest first, as many as the prefix cache holds); requests always go first",
+    )
     data_dir: str | None = Field(
         None,
         description="folder of the edge's persistent data (documents.sqlite3, the document store); "
@@ -90,11 +101,19 @@ class EdgeSettings(DaemonSettings):
     @model_validator(mode="after")
     def _mutual_tls_needs_tls(self):
         self.require_for("tls_cert_file", "tls_client_ca_file")
+        if self.prefix_cache_disk_bytes and not self.prefix_cache_bytes:
+            raise ValueError(
+                "prefix_cache_disk_bytes needs prefix_cache_bytes > 0 (the disk tier backs the memory tier)"
+            )
         return self
 
     def documents_dir(self) -> Path:
         """data_dir, or the XDG default when it is not set (the environment is read here, never at import)."""
         return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+
+    def prefix_disk_dir(self, model_fp: str) -> Path:
+        """The disk tier's folder for one model (another model's entries sit beside it, untouched)."""
+        return self.documents_dir() / "prefix-cache" / model_fp[:16]
 
     def document_limits(self) -> DocumentLimits:
         return DocumentLimits(

@@ -50,6 +50,7 @@ class EdgeRequest:
     compress: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     doc_id: str | None = None  # the document `context` is the text of (tags its prefix-cache entries)
+    doc_version: int | None = None  # that document's version (a cache refuses entries of versions it knows are old)
 
 
 @dataclass
@@ -100,12 +101,17 @@ class Edge:
         return None if req.selector is None else get_selector(req.selector)
 
     def prefill(
-        self, prompt: Prompt, selector: Selector | None, timings: Timings | None = None, doc_id: str | None = None
+        self,
+        prompt: Prompt,
+        selector: Selector | None,
+        timings: Timings | None = None,
+        doc_id: str | None = None,
+        doc_version: int | None = None,
     ) -> PrefillResult:
         """Prefill the prompt, capturing the attention rows the selector asks for (none without one).
 
         With a prefix cache, [template prefix][context] comes from the cache (computed and kept on a
-        miss, tagged with `doc_id`) and only the question and template suffix run through the model
+        miss, tagged with `doc_id` and `doc_version`) and only the question and template suffix run through the model
         ("question_prefill"); the KV and the captured attention are those of a full prefill.
         """
         timings = timings if timings is not None else Timings()
@@ -115,7 +121,7 @@ class Edge:
             pre = prefill(self.loaded.model, prompt, rows)
             timings.add("prefill", time.perf_counter() - t)
             return pre
-        entry = self.prefix_entry(prompt, timings, doc_id)
+        entry = self.prefix_entry(prompt, timings, doc_id, doc_version)
         inner = outer = None
         if rows is not None and len(rows):
             inner, outer = rows[rows < prompt.context_end], rows[rows >= prompt.context_end]
@@ -129,17 +135,39 @@ class Edge:
             parts.append(self._prefix_attention(entry, prompt, inner, timings))
         return PrefillResult(pre.cache, sum(parts[1:], parts[0]), rows.long().cpu())
 
-    def prefix_entry(self, prompt: Prompt, timings: Timings, doc_id: str | None = None) -> PrefixEntry:
-        """The cached KV of the prompt's [template prefix][context]; prefilled ("prefill") and kept on a miss."""
-        key = prefix_key(self.model_fp, prompt.ids[: prompt.context_end])
-        entry = self.prefix_cache.get(key)
+    def prefix_entry(
+        self, prompt: Prompt, timings: Timings, doc_id: str | None = None, doc_version: int | None = None
+    ) -> PrefixEntry:
+        """The cached KV of the prompt's [template prefix][context] (memory, else disk); prefilled ("prefill")
+        and kept on a miss."""
+        ids = prompt.ids[: prompt.context_end]
+        key = prefix_key(self.model_fp, ids)
+        entry = self.prefix_cache.get(key, ids)
         if entry is None:
-            t = time.perf_counter()
-            pre = prefill(self.loaded.model, self._prefix_prompt(prompt))
-            seconds = time.perf_counter() - t
-            timings.add("prefill", seconds)
-            entry = PrefixEntry(prompt.ids[: prompt.context_end], pre.keys, pre.values, seconds, doc_id)
-            self.prefix_cache.put(key, entry)
+            entry = self._compute_prefix(prompt, key, timings, doc_id, doc_version)
+        return entry
+
+    def warm_prefix(self, context: str, doc_id: str | None = None, doc_version: int | None = None) -> bool:
+        """Prefill and keep [template prefix][context] unless the cache holds it already (True: prefilled now).
+
+        For background work (a document prefilled when it is put): counts no hit or miss; the forward pass
+        stops at the next layer when the surrounding `stop_when` says so (PrefillCancelled)."""
+        prompt = build_prompt(self.loaded.tokenizer, context, "?", max_len=model_window(self.loaded.model))
+        ids = prompt.ids[: prompt.context_end]
+        key = prefix_key(self.model_fp, ids)
+        if self.prefix_cache.peek(key, ids) is not None:
+            return False
+        self._compute_prefix(prompt, key, Timings(), doc_id, doc_version)
+        return True
+
+    def _compute_prefix(self, prompt, key, timings, doc_id, doc_version) -> PrefixEntry:
+        t = time.perf_counter()
+        pre = prefill(self.loaded.model, self._prefix_prompt(prompt))
+        seconds = time.perf_counter() - t
+        timings.add("prefill", seconds)
+        ids = prompt.ids[: prompt.context_end]
+        entry = PrefixEntry(ids, pre.keys, pre.values, seconds, doc_id, doc_version)
+        self.prefix_cache.put(key, entry)
         return entry
 
     @staticmethod
@@ -193,7 +221,7 @@ class Edge:
         selector = self.selector(req)
         if prefilled is None:
             # scored even at retention 1.0: the score decides the order chunks are sent in (anytime streaming)
-            pre = self.prefill(prompt, selector, timings, req.doc_id)
+            pre = self.prefill(prompt, selector, timings, req.doc_id, req.doc_version)
         else:
             pre = prefilled
         t = time.perf_counter()

@@ -26,3 +26,4 @@ def running_edge(loaded, settings: EdgeSettings, documents=None):
     finally:
         client.close()
         server.stop(None)
+        servicer.close()

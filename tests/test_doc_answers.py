@@ -29,7 +29,8 @@ QUESTION = "Who was the leader of the Norse raiders?"
 @pytest.fixture
 def hosts(tiny_loaded, tiny_model_dir, tmp_path):
     """A real edge (with a document store) and a real cloud service talking over loopback gRPC."""
-    settings = EdgeSettings(profile="fp16", data_dir=str(tmp_path / "edge-data"))
+    # prefill_documents off: these tests are about the request path (test_prefix_disk.py covers put-time prefill)
+    settings = EdgeSettings(profile="fp16", data_dir=str(tmp_path / "edge-data"), prefill_documents=False)
     store = DocumentStore(settings.data_dir, count_tokens=lambda text: len(tiny_loaded.tokenizer(text)["input_ids"]))
     with running_edge(tiny_loaded, settings, documents=store) as edge:
         service = AnswerService(tiny_loaded, CloudSettings(model=tiny_model_dir), edge.client, Metrics("cloud"))

@@ -484,7 +484,9 @@ def _auth() -> dict[str, str]:
 def test_documents_survive_an_edge_restart(restarted):
     after = httpx.get(restarted.edge.http_url + "/v1/documents/normans", headers=_auth(), timeout=60)
     assert after.status_code == 200
-    assert after.json() == restarted.before
+    # `cached` is the prefix cache's state, not the document's: the new edge prefills it in the background
+    unchanged = {k: v for k, v in after.json().items() if k != "cached"}
+    assert unchanged == {k: v for k, v in restarted.before.items() if k != "cached"}
     text = httpx.get(restarted.edge.http_url + "/v1/documents/normans/text", headers=_auth(), timeout=60)
     assert text.text == TEXT
     assert restarted.edge.events("documents_opened")[0]["documents"] >= 1
