@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvwire.agent_common.daemon import check_ports_free, load_daemon_model, run_daemon, warn_if_exposed
 from kvwire.agent_common.edge_client import KEEPALIVE_TIME_MS
+from kvwire.agent_common.errors import StartupConfigError
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.security import read_token, server_credentials
@@ -61,7 +63,24 @@ def check_startup(settings: EdgeSettings) -> EdgeSecurity:
     exit 2, naming the file), all before the model loads."""
     security = check_security(settings)
     check_document_store(settings.documents_dir())
+    if settings.prefix_cache_disk_bytes:
+        check_prefix_disk(settings)
     return security
+
+
+def check_prefix_disk(settings: EdgeSettings) -> None:
+    """The disk tier's folder (data_dir/prefix-cache) can be created and written, or StartupConfigError (exit 2)."""
+    folder = settings.prefix_disk_dir("")
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = folder / f".probe.tmp{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupConfigError(
+            f"prefix_cache_disk_bytes: cannot write to {str(folder)!r} ({exc.strerror}); "
+            "set --data-dir to a writable folder, or --prefix-cache-disk-bytes 0"
+        ) from None
 
 
 def check_security(settings: EdgeSettings) -> EdgeSecurity:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from kvwire.agent_common.edge_messages import DocumentInfo, PrefillReply, PrefillRequest
-from kvwire.agent_common.errors import OverloadedError, ShuttingDownError
+from kvwire.agent_common.errors import OverloadedError, ShuttingDownError, StartupConfigError
 from kvwire.agent_common.grpc_status import status_of
 from kvwire.agent_common.logs import clean_request_id, log_event, request_id_var
 from kvwire.agent_common.metrics import Metrics
@@ -110,13 +110,13 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             return None
         disk = None
         if settings.prefix_cache_disk_bytes:
-            disk = DiskTier(
-                settings.prefix_disk_dir(fp),
-                settings.prefix_cache_disk_bytes,
-                fp,
-                loaded.dtype,
-                on_error=metrics.count_disk_error,
-            )
+            folder = settings.prefix_disk_dir(fp)
+            try:
+                disk = DiskTier(
+                    folder, settings.prefix_cache_disk_bytes, fp, loaded.dtype, on_error=metrics.count_disk_error
+                )
+            except OSError as exc:  # checked before the model loaded (main.check_prefix_disk); changed since
+                raise StartupConfigError(f"prefix cache disk tier: cannot use {str(folder)!r} ({exc})") from None
             log_event(log, "prefix_disk_opened", path=str(disk.folder), entries=len(disk), bytes=disk.bytes)
         cache = PrefixCache(settings.prefix_cache_bytes, disk=disk)
         metrics.watch_prefix_cache(cache)

@@ -112,7 +112,8 @@ class EdgeSettings(DaemonSettings):
         return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
 
     def prefix_disk_dir(self, model_fp: str) -> Path:
-        """The disk tier's folder for one model (another model's entries sit beside it, untouched)."""
+        """The disk tier's folder for one model (another model's entries sit beside it, untouched); "": the
+        folder of all models' folders."""
         return self.documents_dir() / "prefix-cache" / model_fp[:16]
 
     def document_limits(self) -> DocumentLimits:

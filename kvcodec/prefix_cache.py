@@ -145,13 +145,14 @@ class PrefixCache:
         return self.drop_document(doc_id)
 
     def drop_document(self, doc_id: str) -> int:
-        """Forget every entry computed from document `doc_id`, in memory and on disk; returns how many."""
+        """Forget every entry computed from document `doc_id`, in memory and on disk; returns how many were
+        dropped (memory entries plus disk files and queued writes)."""
         with self._lock:
             keys = [k for k, e in self._entries.items() if e.doc_id == doc_id]
             for k in keys:
                 self.bytes -= self._entries.pop(k).nbytes
             on_disk = self.disk.drop_document(doc_id) if self.disk is not None else 0
-        return max(len(keys), on_disk)
+        return len(keys) + on_disk
 
     def holds_document(self, doc_id: str) -> bool:
         """Whether an entry computed from document `doc_id` is kept, in memory or on disk."""

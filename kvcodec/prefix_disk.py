@@ -22,6 +22,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -53,6 +54,7 @@ FORMAT = "kvwire-prefix-entry"
 FORMAT_VERSION = 1
 FRAME_PAYLOAD = 1 << 20  # positions per chunk frame are chosen to keep a frame's payload near 1 MiB (cap: 3 MiB)
 _BLOCK = struct.Struct("<HBII")  # layer, tensor (0: keys, 1: values), first position, positions
+_KEY = re.compile(r"[0-9a-f]{64}")
 # the reasons kvwire_prefix_cache_disk_errors_total counts (started at 0)
 ERROR_REASONS = ("corrupt", "truncated", "mismatch", "missing", "read", "disk_full", "write")
 
@@ -89,7 +91,7 @@ def encode_entry(key: str, model_fp: str, entry: PrefixEntry) -> list[bytes]:
     k0 = entry.keys[0]  # [kv_heads, P, head_dim]
     heads, positions, head_dim = k0.shape
     enc = passthrough_for(k0.dtype)
-    stream_id = bytes.fromhex(key)[:16]
+    stream_id = hashlib.sha256(key.encode()).digest()[:16]  # names the file's frames as one stream
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -223,6 +225,8 @@ class DiskTier:
     # --- index -----------------------------------------------------------------------------------
 
     def _path(self, key: str) -> Path:
+        if not _KEY.fullmatch(key):  # keys are prefix_key digests: nothing else becomes a file name
+            raise ValueError(f"a disk-tier key is 64 hex digits, not {key!r}")
         return self.folder / f"{key}{SUFFIX}"
 
     def _scan(self) -> None:
@@ -235,6 +239,8 @@ class DiskTier:
             if not path.name.endswith(SUFFIX):
                 continue
             key = path.name[: -len(SUFFIX)]
+            if not _KEY.fullmatch(key):
+                continue  # not a file of this tier's: left alone
             try:
                 with open(path, "rb") as f:
                     meta = _read_meta(f)
@@ -359,6 +365,7 @@ class DiskTier:
 
     def store(self, key: str, entry: PrefixEntry) -> None:
         """Queue `entry` for the writer thread (a file already on disk for `key` is kept as is)."""
+        self._path(key)  # ValueError now for a key that cannot be a file name, not in the writer thread
         with self._lock:
             if self._closed or key in self._index:
                 return

@@ -221,6 +221,22 @@ def test_an_update_or_delete_removes_the_documents_disk_entries(tiny_loaded, tmp
     assert len(cache.disk) == 0 and list((tmp_path / "cache").iterdir()) == [] and cache.disk.bytes == 0
 
 
+def test_a_disk_tier_folder_that_cannot_be_written_stops_the_edge_with_exit_2(tmp_path, capsys):
+    """Before any model loads (the model path does not exist): one line naming the folder."""
+    from kvwire.edge_agent.main import main
+
+    (tmp_path / "prefix-cache").write_text("a file where the folder belongs")
+    argv = ["--model", "/nonexistent/model", "--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--prefix-cache-disk-bytes", "1000000"]) == 2
+    err = capsys.readouterr().err
+    assert f"prefix_cache_disk_bytes: cannot write to {str(tmp_path / 'prefix-cache')!r}" in err
+    assert "--prefix-cache-disk-bytes 0" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exited:  # bad settings exit from the parser
+        main([*argv, "--prefix-cache-disk-bytes", "1000", "--prefix-cache-bytes", "0"])
+    assert exited.value.code == 2
+    assert "prefix_cache_disk_bytes needs prefix_cache_bytes > 0" in capsys.readouterr().err
+
+
 # --- the edge daemon: restart warm, put-time prefill, metrics --------------------------------------
 
 
@@ -410,4 +426,22 @@ def test_a_stream_finishes_on_its_snapshot_while_its_document_changes(held_model
             assert "prefill" in replies[-1].timings_ms  # the new text is prefilled anew
             new = cloud.receive(Edge(loaded).stream(EdgeRequest(new_text, QUESTION, "kv", "q2c", 0.5, "fp32")))
             assert cloud.receive(frames).header.prompt_ids == new.header.prompt_ids
+    store.close()
+
+
+def test_a_background_prefill_is_cancelled_when_its_document_changes(held_model, tmp_path):
+    loaded = held_model.loaded
+    store = _store(loaded, str(tmp_path / "edge"))
+    with running_edge(loaded, EdgeSettings(profile="fp32", data_dir=str(tmp_path / "edge")), store) as edge:
+        held_model.arm.set()
+        store.put("normans", DOC)
+        _wait(held_model.entered, "the background prefill of the first version reaches layer 1")
+        new_text = DOC.replace("Rollo", "Hrolfr")
+        store.put("normans", new_text)  # the held pass is cancelled; the new version is queued
+        held_model.release.set()
+        assert edge.servicer.prefiller.wait_settled(120)
+        assert _sample(edge.metrics, "kvwire_document_prefills_total", outcome="cancelled") == 1
+        assert _sample(edge.metrics, "kvwire_document_prefills_total", outcome="done") == 1
+        cache, ids = edge.servicer.edge.prefix_cache, _ids(edge.servicer.edge, new_text)
+        assert len(cache) == 1 and cache.peek(prefix_key(edge.servicer.edge.model_fp, ids)).doc_version == 2
     store.close()
