@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -155,7 +155,10 @@ class Edge:
         prompt = build_prompt(self.loaded.tokenizer, context, "?", max_len=model_window(self.loaded.model))
         ids = prompt.ids[: prompt.context_end]
         key = prefix_key(self.model_fp, ids)
-        if self.prefix_cache.peek(key, ids) is not None:
+        found = self.prefix_cache.peek(key, ids)
+        if found is not None:
+            if doc_id is not None and found.doc_id is None:  # an inline context's entry: now the document's too
+                self.prefix_cache.put(key, replace(found, doc_id=doc_id, doc_version=doc_version))
             return False
         self._compute_prefix(prompt, key, Timings(), doc_id, doc_version)
         return True

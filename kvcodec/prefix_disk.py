@@ -26,7 +26,7 @@ import re
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +86,9 @@ class _Indexed:
     doc_version: int | None
 
 
-def encode_entry(key: str, model_fp: str, entry: PrefixEntry) -> list[bytes]:
-    """The frames of one entry's file: header, chunks (each layer's K then V, blocks of positions), trailer."""
+def encode_entry(key: str, model_fp: str, entry: PrefixEntry) -> Iterator[bytes]:
+    """The frames of one entry's file, one at a time (a long document's KV is never copied whole): header,
+    chunks (each layer's K then V, in blocks of positions), trailer."""
     k0 = entry.keys[0]  # [kv_heads, P, head_dim]
     heads, positions, head_dim = k0.shape
     enc = passthrough_for(k0.dtype)
@@ -108,17 +109,17 @@ def encode_entry(key: str, model_fp: str, entry: PrefixEntry) -> list[bytes]:
         "doc_version": entry.doc_version,
         "prefill_s": entry.prefill_s,
     }
-    frames = [pack_frame(HEADER, stream_id, 0, pack_json(meta))]
+    yield pack_frame(HEADER, stream_id, 0, pack_json(meta))
     step = max(1, FRAME_PAYLOAD // (heads * head_dim * k0.element_size()))
+    seq = 1
     for layer, pair in enumerate(zip(entry.keys, entry.values, strict=True)):
         for which, tensor in enumerate(pair):
             for start in range(0, positions, step):
                 n = min(step, positions - start)
                 _, payload = enc.encode(tensor[:, start : start + n], "token", 0)
-                body = _BLOCK.pack(layer, which, start, n) + payload
-                frames.append(pack_frame(CHUNK, stream_id, len(frames), body))
-    frames.append(pack_frame(TRAILER, stream_id, len(frames), pack_json({"chunks": len(frames) - 1})))
-    return frames
+                yield pack_frame(CHUNK, stream_id, seq, _BLOCK.pack(layer, which, start, n) + payload)
+                seq += 1
+    yield pack_frame(TRAILER, stream_id, seq, pack_json({"chunks": seq - 1}))
 
 
 def _read_meta(f) -> dict:
@@ -406,16 +407,16 @@ class DiskTier:
                     self._wake.notify_all()
 
     def _write(self, key: str, entry: PrefixEntry) -> None:
-        frames = encode_entry(key, self.model_fp, entry)
-        size = sum(len(f) for f in frames)
-        if size > self.max_bytes:
-            return  # larger than the whole tier: kept in memory only
+        if entry.nbytes > self.max_bytes:
+            return  # larger than the whole tier (its file is a little larger still): kept in memory only
         path = self._path(key)
         tmp = self.folder / f".{key}.tmp{os.getpid()}"
+        size = 0
         try:
             with open(tmp, "wb") as f:
-                for frame in frames:
+                for frame in encode_entry(key, self.model_fp, entry):
                     self._write_bytes(f, frame)
+                    size += len(frame)
                 f.flush()
                 os.fsync(f.fileno())
             with self._lock:

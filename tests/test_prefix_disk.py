@@ -71,7 +71,7 @@ def test_an_entry_reads_back_bit_identical_at_its_own_dtype(dtype, tmp_path, mon
     ids = tuple(range(37))
     key = prefix_key("model-fp", ids)
     entry = PrefixEntry(ids, keys, values, 0.25, "doc", 7)
-    frames = encode_entry(key, "model-fp", entry)
+    frames = list(encode_entry(key, "model-fp", entry))
     assert len(frames) > 2 + 2 * 3  # header, more than one chunk per tensor, trailer
     path = tmp_path / "entry"
     path.write_bytes(b"".join(frames))
@@ -444,4 +444,17 @@ def test_a_background_prefill_is_cancelled_when_its_document_changes(held_model,
         assert _sample(edge.metrics, "kvwire_document_prefills_total", outcome="done") == 1
         cache, ids = edge.servicer.edge.prefix_cache, _ids(edge.servicer.edge, new_text)
         assert len(cache) == 1 and cache.peek(prefix_key(edge.servicer.edge.model_fp, ids)).doc_version == 2
+    store.close()
+
+
+def test_a_document_whose_text_was_sent_inline_before_is_reported_cached(tiny_loaded, tmp_path):
+    store = _store(tiny_loaded, str(tmp_path / "edge"))
+    with running_edge(tiny_loaded, EdgeSettings(profile="fp32", data_dir=str(tmp_path / "edge")), store) as edge:
+        req = PrefillRequest(request_id="r", mode="kv", context=DOC, question=QUESTION, retention=0.5)
+        list(edge.client.prefill(req, timeout_s=120))  # the inline context's entry, tagged with no document
+        store.put("normans", DOC)
+        assert edge.servicer.prefiller.wait_settled(120)
+        assert _sample(edge.metrics, "kvwire_document_prefills_total", outcome="cached") == 1
+        assert edge.servicer.holds_prefix(store.meta("normans"))  # the shared entry is the document's now
+        assert "prefill" not in _ask(edge.client)[-1].timings_ms
     store.close()
