@@ -85,25 +85,30 @@ class PrefixCache:
     def get(self, key: str, ids=None) -> PrefixEntry | None:
         """The entry (now the most recently used), or None; counts a hit or a miss. With a disk tier and the
         prefix's `ids`, a memory miss is looked up on disk, and an entry found there is kept in memory."""
-        entry = self.peek(key, ids)
+        entry, tier = self._lookup(key, ids)
         self._event("hit" if entry is not None else "miss")
+        if tier == "disk":
+            self._event("disk_hit")
         return entry
 
     def peek(self, key: str, ids=None) -> PrefixEntry | None:
-        """get() without counting a hit or a miss (background work asking whether an entry exists)."""
+        """get() without counting anything (background work asking whether an entry exists)."""
+        return self._lookup(key, ids)[0]
+
+    def _lookup(self, key: str, ids) -> tuple[PrefixEntry | None, str | None]:
+        """(the entry, the tier it came from: "memory" or "disk"), or (None, None)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-                return entry
+                return entry, "memory"
         if self.disk is None or ids is None:
-            return None
+            return None, None
         entry = self.disk.load(key, tuple(ids))
         if entry is None:
-            return None
-        self._event("disk_hit")
+            return None, None
         self._keep(key, entry, to_disk=False)
-        return entry
+        return entry, "disk"
 
     def put(self, key: str, entry: PrefixEntry) -> bool:
         """Keep `entry` (and write it to the disk tier), evicting least recently used entries to stay within

@@ -88,7 +88,7 @@ def test_kv_served_from_disk_is_bit_identical_and_a_question_on_it_answers_as_a_
     events = []
     restarted = _cached_edge(tiny_loaded, tmp_path, errors, events=events)  # a new process on the same folder
     loaded = restarted.prefix_cache.get(key, _ids(restarted))
-    assert loaded is not None and events == ["disk_hit", "hit"]
+    assert loaded is not None and events == ["hit", "disk_hit"]
     for a, b in zip(stored.keys + stored.values, loaded.keys + loaded.values, strict=True):
         assert torch.equal(a, b)
     assert len(restarted.prefix_cache) == 1  # promoted to memory
