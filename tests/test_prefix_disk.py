@@ -281,6 +281,20 @@ def test_a_restarted_edge_answers_its_first_question_from_disk(tiny_loaded, tmp_
     store.close()
 
 
+def test_the_edge_counts_a_corrupt_disk_entry_and_answers_from_a_fresh_prefill(tiny_loaded, tmp_path):
+    quiet, store = _edge_that_stored_a_document(tiny_loaded, str(tmp_path / "edge"))
+    with running_edge(tiny_loaded, quiet, documents=store) as edge:
+        (path,) = edge.servicer.edge.prefix_cache.disk.folder.glob(f"*{SUFFIX}")
+        _flip_a_byte(path)  # while the edge runs
+        replies = _ask(edge.client)
+        assert "prefill" in replies[-1].timings_ms  # recomputed, not served
+        assert _sample(edge.metrics, "kvwire_prefix_cache_disk_errors_total", reason="corrupt") == 1
+        assert _sample(edge.metrics, "kvwire_prefix_cache_misses_total") == 1
+        assert edge.servicer.edge.prefix_cache.disk.wait_written(120)
+        assert _sample(edge.metrics, "kvwire_prefix_cache_bytes", tier="disk") == path.stat().st_size  # anew
+    store.close()
+
+
 def test_a_document_changed_while_the_edge_was_down_loses_its_disk_entry_at_start(tiny_loaded, tmp_path):
     quiet, store = _edge_that_stored_a_document(tiny_loaded, str(tmp_path / "edge"))
     store.put("normans", DOC + " Rollo was baptised in 912.")  # no edge is listening
