@@ -657,3 +657,20 @@ def test_q2c_rejects_bad_arguments():
     with pytest.raises(ValueError, match="head_dim"):
         kernels.q2c_scores(q, k[..., :8], pos, 0, 10)
     assert kernels.q2c_scores(q, k, pos, 3, 3).shape == (0,)
+
+
+@pytest.mark.parametrize("head_dim", [128, 96])
+def test_kernels_bench_cases_run_on_the_triton_path(head_dim):
+    """Every kernel `kvwire bench kernels` times on a GPU runs here through the same launcher calls
+    (bench/kernels_bench.run_case), interpreted, and gives the reference's bytes and values."""
+    from kvwire.bench import kernels_bench
+
+    x = make_x(2, 9, head_dim, torch.bfloat16, "strided", seed=head_dim)
+    cases = kernels_bench.quantize_cases(head_dim)
+    assert {c["rotate"] for _, c in cases} == {0, layout.rotation_block(head_dim)}
+    assert {(c["bits"], c["asymmetric"]) for _, c in cases if c["rotate"]} == {
+        (b, a) for b in (4, 3, 2) for a in (False, True)
+    }
+    for _, case in cases:
+        for got, want in zip(kernels_bench.run_case(tk, x, case), kernels_bench.run_case(reference, x, case)):
+            assert torch.equal(got, want)
