@@ -105,9 +105,9 @@ def _kivi(bits: int) -> PrecisionProfile:
     )
 
 
-# KIVI's group of 32 positions: measured on SmolLM2 (docs/codec.md, "Encodings"), 32 positions keep
-# the keys' error near the whole-chunk scales' at 2-3 bits while the fp16 (scale, zero) pairs add
-# 1 bit per key value.
+# KIVI's group of 32 positions. Measured on SmolLM2 (docs/codec.md, "Encodings"): the encoder's
+# chunks of a channel-axis profile hold ~32 positions there, so 32 is one group per chunk; groups
+# of 16 cut the KL of kivi-2 from 0.53 to 0.38 for +14% bytes, kivi-4's from 0.019 to 0.015 for +10%.
 KIVI_GROUP = 32
 
 # Every registered encoding is also the uniform profile of its name (K and V of every layer, token
