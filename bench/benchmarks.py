@@ -1,4 +1,4 @@
-"""`kvwire bench`: the benchmark subcommands (wire-size, codec, kernels, link). They print figures; they never pass or fail.
+"""`kvwire bench`: the benchmark subcommands (wire-size, codec, encodings, kernels, link). They print figures; they never pass or fail.
 
 Each benchmark is one entry of BENCHES: its help line, its arguments, and a runner that imports
 the benchmark module only when that benchmark runs, so `kvwire bench --help` loads no torch.
@@ -124,6 +124,36 @@ def _codec_run(args) -> int:
     return 0
 
 
+# ---- encodings ------------------------------------------------------------------------------
+
+
+def _encodings_args(p) -> None:
+    p.add_argument("--examples", type=int, default=8, help="SQuAD sample questions to prefill (default 8)")
+    p.add_argument(
+        "--answer-tokens", type=int, default=16, help="full-KV answer tokens teacher-forced per question (default 16)"
+    )
+    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady on a shared machine)")
+    p.add_argument(
+        "--profile",
+        action="append",
+        dest="profiles",
+        metavar="NAME",
+        help="only this precision profile or profile file (repeatable; default: every integer encoding's "
+        "uniform profile, mixed-int4 and kivi-4/3/2)",
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
+
+def _encodings_run(args) -> int:
+    from kvwire.bench import encoding_error as ee
+
+    rows, note = ee.measure(args.examples, args.answer_tokens, args.profiles, args.model, args.threads)
+    _emit(rows, args.json, ee.format_rows(rows))
+    _note("\n" + note + "; mean ± standard error over the questions", args.json)
+    return 0
+
+
 # ---- kernels --------------------------------------------------------------------------------
 
 
@@ -218,6 +248,11 @@ BENCHES: dict[str, tuple[str, Callable, Callable]] = {
         _wire_size_run,
     ),
     "codec": ("encode/decode time per MB of FP16 KV per profile, against torch.clone", _codec_args, _codec_run),
+    "encodings": (
+        "K/V reconstruction error, teacher-forced KL and top-1 agreement per profile on a real model's KV",
+        _encodings_args,
+        _encodings_run,
+    ),
     "kernels": (
         "quantize/pack, unpack/dequantize and q2c kernel timings (bench/kernels_bench.py)",
         _kernels_args,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvwire.kernels import reference
+from kvwire.kernels import layout, reference
 
 # Qwen2.5-7B-Instruct attention geometry; one layer's K (or V) for a 4096-token prompt.
 KV_HEADS, HEAD_DIM, Q_HEADS, TOKENS = 4, 128, 28, 4096
@@ -43,6 +43,31 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object], int], tuple[
         return statistics.median(times), min(times)
 
     return measure
+
+
+def quantize_cases(head_dim: int = HEAD_DIM) -> list[tuple[str, dict]]:
+    """(label, keyword arguments of quantize_pack/unpack_dequantize) of every timed encoding kernel:
+    symmetric int8/int4 with per-row and GROUP scales, and every width symmetric and asymmetric,
+    unrotated and with the per-head Hadamard rotation (whose cost the rot_vs_plain figures give)."""
+    rot = layout.rotation_block(head_dim)
+
+    def case(bits, group=head_dim, asymmetric=False, rotate=0):
+        return dict(bits=bits, group_size=group, asymmetric=asymmetric, rotate=rotate)
+
+    cases = [(f"int{bits} g{group}", case(bits, group)) for bits in (8, 4) for group in (head_dim, GROUP)]
+    for bits in (4, 3, 2):
+        for asym in (False, True):
+            kind = f"{'asym' if asym else 'int'}{bits}"
+            if asym or bits != 4:  # int4 per row is above
+                cases.append((f"{kind} g{head_dim}", case(bits, asymmetric=asym)))
+            cases.append((f"{kind} rot{rot}", case(bits, asymmetric=asym, rotate=rot)))
+    return cases
+
+
+def run_case(impl, x: torch.Tensor, case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(payload, scales, decoded) of one quantize_cases case on a kernel module (reference or triton)."""
+    payload, scales = impl.quantize_pack(x, None, **case)
+    return payload, scales, impl.unpack_dequantize(payload, scales, out=torch.empty_like(x), **case)
 
 
 def _eager_attention_scores(q, k, q_pos, ctx_start, ctx_end):
@@ -95,16 +120,21 @@ def run(json_out: bool) -> dict:
         )
 
     for name, impl in backends.items():
-        for bits in (8, 4):
-            for group in (HEAD_DIM, GROUP):
-                label = f"int{bits} g{group}"
-                payload, scales = impl.quantize_pack(x, None, bits, group)
-                packed = payload.numel() + scales.numel() * 2
-                ms = measure(lambda: impl.quantize_pack(x, None, bits, group), reps)
-                record(f"quantize_pack {label}", name, ms, x_bytes + packed)
-                out = torch.empty_like(x)
-                ms = measure(lambda: impl.unpack_dequantize(payload, scales, bits, group, out), reps)
-                record(f"unpack_dequantize {label}", name, ms, x_bytes + packed)
+        plain_ms: dict[tuple[str, str], float] = {}  # (op, codes) -> fastest unrotated per-row time
+        for label, case in quantize_cases():
+            payload, scales, out = run_case(impl, x, case)
+            packed = payload.numel() + scales.numel() * 2
+            codes = label.split(" ")[0]
+            for op, fn in (
+                ("quantize_pack", lambda: impl.quantize_pack(x, None, **case)),
+                ("unpack_dequantize", lambda: impl.unpack_dequantize(payload, scales, out=out, **case)),
+            ):
+                times = measure(fn, reps)
+                record(f"{op} {label}", name, times, x_bytes + packed)
+                if case["rotate"]:  # the rotation's cost: this time / the same codes unrotated
+                    rows[-1]["rot_vs_plain"] = round(times[1] / plain_ms[(op, codes)], 2)
+                elif case["group_size"] == HEAD_DIM:
+                    plain_ms[(op, codes)] = times[1]
         ms = measure(lambda: impl.q2c_scores(q, x, q_pos, *ctx), reps)
         record(f"q2c_scores {QUESTION_ROWS} rows", name, ms, 0)
     ms = measure(lambda: _eager_attention_scores(q, x, q_pos, *ctx), reps)
@@ -133,7 +163,7 @@ def run(json_out: bool) -> dict:
         "note": (
             "ms is the median, best_ms the fastest of the repetitions; gb_per_s (bytes read + written) and"
             " x_clone (time / torch.clone time of the same K tensor) use the fastest, which is steadier"
-            " on a shared machine"
+            " on a shared machine; rot_vs_plain: a rotated kernel's fastest time / the same codes unrotated"
             + (
                 ""
                 if cuda
@@ -151,9 +181,10 @@ def run(json_out: bool) -> dict:
         )
         for r in rows:
             bw = f"{r['gb_per_s']:8.2f} GB/s" if r["gb_per_s"] is not None else " " * 13
+            rot = f"  {r['rot_vs_plain']:5.2f}x unrotated" if "rot_vs_plain" in r else ""
             print(
-                f"  {r['op']:<28} {r['backend']:<16} {r['ms']:9.3f} ms (best {r['best_ms']:8.3f}) {bw}"
-                f"  {r['x_clone']:7.2f}x clone"
+                f"  {r['op']:<32} {r['backend']:<16} {r['ms']:9.3f} ms (best {r['best_ms']:8.3f}) {bw}"
+                f"  {r['x_clone']:7.2f}x clone{rot}"
             )
         print(f"  q2c max |diff| vs eager: {agreement}")
         print(f"  {result['note']}")

@@ -27,7 +27,7 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _ROWS, _HEAD_DIM, _LONG_ROW = 4096, 128, 4096
 
 
-def _quantize(dtype, bits, group, head_dim, index):
+def _quantize(dtype, bits, group, head_dim, index, asym=False, rotate=0):
     block_k, block_c = tk.row_blocks(_ROWS, head_dim, interpret=False)
     sig = {
         "x_ptr": _PTR[dtype],
@@ -42,13 +42,15 @@ def _quantize(dtype, bits, group, head_dim, index):
         GS=0 if group == head_dim else group,
         ROW_GROUP=group == head_dim,
         ONE_CHUNK=head_dim <= block_c,
+        ASYM=asym,
+        **tk._rotation_consts(rotate),
         BLOCK_K=block_k,
         BLOCK_C=block_c,
     )
     return tk._quantize_pack_kernel, sig, consts, {}
 
 
-def _unpack(dtype, bits, group, head_dim):
+def _unpack(dtype, bits, group, head_dim, asym=False, rotate=0):
     block_k, block_c = tk.row_blocks(_ROWS, head_dim, interpret=False)
     sig = {
         "p_ptr": "*u8",
@@ -61,6 +63,8 @@ def _unpack(dtype, bits, group, head_dim):
         GS=0 if group == head_dim else group,
         ROW_GROUP=group == head_dim,
         OUT_BF16=dtype == torch.bfloat16,
+        ASYM=asym,
+        **tk._rotation_consts(rotate),
         BLOCK_K=block_k,
         BLOCK_C=block_c,
     )
@@ -94,6 +98,29 @@ def variants(quick: bool) -> dict[str, tuple]:
                 out[f"quantize {name} int{bits} g{group}"] = _quantize(dtype, bits, group, _HEAD_DIM, index=True)
                 out[f"unpack {name} int{bits} g{group}"] = _unpack(dtype, bits, group, _HEAD_DIM)
             out[f"quantize {name} int{bits} long row"] = _quantize(dtype, bits, _LONG_ROW, _LONG_ROW, index=False)
+            # asymmetric codes, and both kinds rotated (a whole 128-channel Hadamard block, and the
+            # 32-channel blocks of a head_dim of 96)
+            if quick and bits not in (4, 2):  # the quick subset: the common width and the new one
+                continue
+            for asym in (True, False):
+                kind = "asym" if asym else "int"
+                if asym:
+                    for group in (_HEAD_DIM, 32):
+                        out[f"quantize {name} {kind}{bits} g{group}"] = _quantize(
+                            dtype, bits, group, _HEAD_DIM, index=True, asym=True
+                        )
+                        out[f"unpack {name} {kind}{bits} g{group}"] = _unpack(dtype, bits, group, _HEAD_DIM, asym=True)
+                    out[f"quantize {name} {kind}{bits} long row"] = _quantize(
+                        dtype, bits, _LONG_ROW, _LONG_ROW, index=False, asym=True
+                    )
+                for head_dim in (_HEAD_DIM, 96):
+                    rot = head_dim & -head_dim
+                    out[f"quantize {name} {kind}{bits} rot{rot} d{head_dim}"] = _quantize(
+                        dtype, bits, head_dim, head_dim, index=True, asym=asym, rotate=rot
+                    )
+                    out[f"unpack {name} {kind}{bits} rot{rot} d{head_dim}"] = _unpack(
+                        dtype, bits, head_dim, head_dim, asym=asym, rotate=rot
+                    )
     for dtype in (torch.bfloat16, torch.float32) if quick else (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in (128,) if quick else (64, 128, 256):
             for kernel in ("stats", "colsum"):

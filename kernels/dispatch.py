@@ -92,28 +92,43 @@ register_backend("triton", _load_triton)
 
 
 def quantize_pack(
-    x: torch.Tensor, index: torch.Tensor | None, bits: int, group_size: int
+    x: torch.Tensor,
+    index: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    asymmetric: bool = False,
+    rotate: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather positions `index` (None: all, in order) of x: [H, S, D] and quantize them to `bits`.
 
-    Symmetric, one fp16 scale = absmax / (2**(bits-1) - 1) per (head, position, group of
-    `group_size` channels); codes rounded half to even. Returns (payload uint8 [H, K,
-    packed_row_bytes(bits, D)], scales fp16 [H, K, D // group_size]), identical on every backend.
+    Symmetric: one fp16 scale = absmax / (2**(bits-1) - 1) per (head, position, group of
+    `group_size` channels). asymmetric: a fp16 (scale, zero) pair per group, zero = min and scale =
+    (max - zero) / (2**bits - 1), unsigned codes. rotate: 0, or a power-of-two block
+    (layout.rotation_block) of the normalized Hadamard transform applied to each row before
+    quantizing. Codes rounded half to even. Returns (payload uint8 [H, K, packed_row_bytes(bits,
+    D)], scales fp16 layout.scale_shape(H, K, D // group_size, asymmetric)), identical on every backend.
     """
-    layout.check_quantize_args(x, index, bits, group_size)
-    return select_backend(x.device).quantize_pack(x, index, bits, group_size)
+    layout.check_quantize_args(x, index, bits, group_size, rotate)
+    return select_backend(x.device).quantize_pack(x, index, bits, group_size, asymmetric, rotate)
 
 
 def unpack_dequantize(
-    payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, out: torch.Tensor
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor,
+    asymmetric: bool = False,
+    rotate: int = 0,
 ) -> torch.Tensor:
-    """Write code * scale (fp32, then cast) into the preallocated out: [H, K, D] and return it.
+    """Write code * scale (+ zero), rotated back if `rotate`, (fp32, then cast) into the preallocated
+    out: [H, K, D] and return it.
 
     payload and scales must have the shapes quantize_pack gives for out's shape; ValueError
     otherwise.
     """
-    layout.check_unpack_args(payload, scales, bits, group_size, out)
-    return select_backend(out.device).unpack_dequantize(payload, scales, bits, group_size, out)
+    layout.check_unpack_args(payload, scales, bits, group_size, out, asymmetric, rotate)
+    return select_backend(out.device).unpack_dequantize(payload, scales, bits, group_size, out, asymmetric, rotate)
 
 
 def q2c_scores(

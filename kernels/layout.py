@@ -13,21 +13,45 @@ import torch
 # The code widths the kernels implement: reference._pack/_unpack and triton_kernels'
 # _store_packed/_unpack_chunk have one branch each. The codec's integer encodings name a width
 # from this tuple (kvcodec/encodings/); a new width starts here.
-SUPPORTED_BITS = (8, 4, 3)
+SUPPORTED_BITS = (8, 4, 3, 2)
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def qrange(bits: int) -> tuple[int, int]:
-    """(lowest, highest) signed integer of a `bits`-wide two's complement code."""
+def qrange(bits: int, asymmetric: bool = False) -> tuple[int, int]:
+    """(lowest, highest) code of a `bits`-wide integer: two's complement, or unsigned when asymmetric."""
+    if asymmetric:
+        return 0, (1 << bits) - 1
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def rotation_block(head_dim: int) -> int:
+    """The Hadamard block of a head_dim: its largest power-of-two divisor (64 -> 64, 80 -> 16, 96 -> 32).
+
+    A power-of-two head_dim is rotated whole; any other is rotated block-diagonally, one normalized
+    Hadamard transform per block of this many channels.
+    """
+    if head_dim <= 0:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    return head_dim & -head_dim
+
+
+def rotation_gain(block: int) -> float:
+    """1 / sqrt(block) rounded to fp32: the normalization both backends multiply by after the butterflies
+    (exact for blocks that are even powers of two)."""
+    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+
+
+def scale_shape(heads: int, n: int, groups: int, asymmetric: bool) -> tuple[int, ...]:
+    """Shape of the fp16 scales of quantize_pack: [H, K, G], or [H, K, G, 2] (scale, zero) when asymmetric."""
+    return (heads, n, groups, 2) if asymmetric else (heads, n, groups)
+
+
 def unit_values(bits: int) -> int:
-    """Codes per packed unit: the fewest `bits`-wide codes that fill whole bytes (8: 1, 4: 2, 3: 8).
+    """Codes per packed unit: the fewest `bits`-wide codes that fill whole bytes (8: 1, 4: 2, 3: 8, 2: 4).
 
     Every width packs the same way: code j of a unit sits at bits j*bits.. of a little-endian word
     of unit_values * bits / 8 bytes (one int8; two int4, the first in the low nibble; eight int3
-    in three bytes). ValueError for a width the kernels do not implement.
+    in three bytes; four int2 in a byte, the first in bits 0-1). ValueError for a width the kernels do not implement.
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -38,7 +62,7 @@ def packed_row_bytes(bits: int, head_dim: int) -> int:
     """Bytes of one packed row of `head_dim` values at `bits` bits each.
 
     8 bits: head_dim bytes; 4 bits: head_dim / 2 (head_dim even); 3 bits: 3 * head_dim / 8
-    (head_dim a multiple of 8). Raises ValueError for other widths or a head_dim that does not
+    (head_dim a multiple of 8); 2 bits: head_dim / 4 (head_dim a multiple of 4). Raises ValueError for other widths or a head_dim that does not
     fill whole packed units.
     """
     unit = unit_values(bits)
@@ -59,7 +83,17 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(n) for n in t.shape) + "]"
 
 
-def check_quantize_args(x: torch.Tensor, index: torch.Tensor | None, bits: int, group_size: int) -> None:
+def _check_rotate(rotate: int, head_dim: int) -> None:
+    if rotate and (rotate < 2 or rotate & (rotate - 1) or head_dim % rotate):
+        raise ValueError(
+            f"rotate must be 0 (none) or a power of two >= 2 dividing head_dim {head_dim}, got {rotate} "
+            f"(rotation_block gives {rotation_block(head_dim)})"
+        )
+
+
+def check_quantize_args(
+    x: torch.Tensor, index: torch.Tensor | None, bits: int, group_size: int, rotate: int = 0
+) -> None:
     """Validate quantize_pack arguments; raise ValueError naming the offending one."""
     if x.dim() != 3:
         raise ValueError(f"x must be [heads, seq, head_dim], got shape {_shape(x)}")
@@ -67,6 +101,7 @@ def check_quantize_args(x: torch.Tensor, index: torch.Tensor | None, bits: int, 
         raise ValueError(f"x dtype must be float32, float16 or bfloat16, got {x.dtype}")
     packed_row_bytes(bits, x.shape[2])
     _check_group(group_size, x.shape[2])
+    _check_rotate(rotate, x.shape[2])
     if index is not None:
         if index.dim() != 1 or index.dtype != torch.int64:
             raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} of shape {_shape(index)}")
@@ -75,7 +110,13 @@ def check_quantize_args(x: torch.Tensor, index: torch.Tensor | None, bits: int, 
 
 
 def check_unpack_args(
-    payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, out: torch.Tensor
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor,
+    asymmetric: bool = False,
+    rotate: int = 0,
 ) -> None:
     """Validate unpack_dequantize arguments against the shape of `out`; raise ValueError on mismatch."""
     if out.dim() != 3:
@@ -85,15 +126,17 @@ def check_unpack_args(
     heads, n, head_dim = out.shape
     row = packed_row_bytes(bits, head_dim)
     groups = _check_group(group_size, head_dim)
+    _check_rotate(rotate, head_dim)
     if payload.dtype != torch.uint8 or tuple(payload.shape) != (heads, n, row):
         raise ValueError(
             f"payload must be uint8 [{heads}, {n}, {row}] for {bits}-bit rows of head_dim {head_dim}, "
             f"got {payload.dtype} {_shape(payload)}"
         )
-    if scales.dtype != torch.float16 or tuple(scales.shape) != (heads, n, groups):
+    want = scale_shape(heads, n, groups, asymmetric)
+    if scales.dtype != torch.float16 or tuple(scales.shape) != want:
         raise ValueError(
-            f"scales must be float16 [{heads}, {n}, {groups}] for group_size {group_size}, "
-            f"got {scales.dtype} {_shape(scales)}"
+            f"scales must be float16 [{', '.join(map(str, want))}] for group_size {group_size}"
+            f"{' (scale, zero pairs)' if asymmetric else ''}, got {scales.dtype} {_shape(scales)}"
         )
     for name, t in (("payload", payload), ("scales", scales)):
         if t.device != out.device:

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import reference
-from .layout import packed_row_bytes, q2c_prologue
+from .layout import packed_row_bytes, q2c_prologue, rotation_gain, scale_shape
 
 # GPU tiles of quantize/unpack hold at most this many values: 8 per thread at 4 warps keeps every
 # variant under ~64 registers with no spills (ptxas, sm_90); 4x larger tiles spill in unpack.
@@ -91,6 +91,44 @@ def _codes(x, divisor, BITS: tl.constexpr):
 
 
 @triton.jit
+def _affine_of(mn, mx, QMAX: tl.constexpr):
+    # The asymmetric (scale, zero) of groups with minimum mn and maximum mx, as in
+    # reference._quantize_asym: zero = fp16(mn), scale = fp16((mx - zero) / qmax); also the fp32
+    # divisor (1 where the scale is not positive) and the fp32 zero.
+    zero16 = mn.to(tl.float16)
+    z = zero16.to(tl.float32)
+    scale16 = tl.math.div_rn(mx - z, tl.full(mx.shape, QMAX, tl.float32)).to(tl.float16)
+    s = scale16.to(tl.float32)
+    return scale16, zero16, tl.where(s > 0.0, s, 1.0), z
+
+
+@triton.jit
+def _codes_asym(x, divisor, zero, BITS: tl.constexpr):
+    hi: tl.constexpr = (1 << BITS) - 1
+    y = tl.math.div_rn(x - zero, divisor)
+    y = tl.minimum(tl.maximum(y, 0.0), hi)
+    return _round_half_even(y).to(tl.int32)
+
+
+@triton.jit
+def _butterfly(x, H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One Hadamard stage: channel i pairs with i + H inside blocks of 2H, (a, b) -> (a + b, a - b).
+    v = tl.permute(tl.reshape(x, [BLOCK_K, BLOCK_C // (2 * H), 2, H]), (0, 1, 3, 2))  # [.., H, 2]
+    a, b = tl.split(v)
+    y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
+    return tl.reshape(y, [BLOCK_K, BLOCK_C])
+
+
+@triton.jit
+def _hadamard(x, STAGES: tl.constexpr, GAIN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    # reference.hadamard (block 2**STAGES) on a [BLOCK_K, BLOCK_C] fp32 tile whose chunk starts on a
+    # block boundary: the same stages in the same order, then one multiplication by the fp32 gain.
+    for s in tl.static_range(STAGES):
+        x = _butterfly(x, 1 << s, BLOCK_K, BLOCK_C)
+    return x * GAIN
+
+
+@triton.jit
 def _to_bf16(x):
     # Round fp32 to nearest-even bf16 by bit arithmetic: the interpreter's own conversion
     # truncates, and this is exact on GPU too (finite inputs).
@@ -120,6 +158,12 @@ def _store_packed(q, p_rows, row_ok, c0, D, BITS: tl.constexpr, BLOCK_K: tl.cons
         cols = c0 // 2 + tl.arange(0, BLOCK_C // 2)
         mask = row_ok[:, None] & (cols < D // 2)[None, :]
         tl.store(p_rows[:, None] + cols[None, :], byte.to(tl.uint8), mask=mask)
+    elif BITS == 2:
+        u = tl.reshape(q & 0x3, [BLOCK_K, BLOCK_C // 4, 4])
+        byte = _sum(u << (tl.arange(0, 4) * 2)[None, None, :], axis=2)  # code j at bits 2j
+        cols = c0 // 4 + tl.arange(0, BLOCK_C // 4)
+        mask = row_ok[:, None] & (cols < D // 4)[None, :]
+        tl.store(p_rows[:, None] + cols[None, :], byte.to(tl.uint8), mask=mask)
     else:
         u = tl.reshape(q & 0x7, [BLOCK_K, BLOCK_C // 8, 8])
         word = _sum(u << (tl.arange(0, 8) * 3)[None, None, :], axis=2)  # code j at bit 3j
@@ -132,6 +176,14 @@ def _store_packed(q, p_rows, row_ok, c0, D, BITS: tl.constexpr, BLOCK_K: tl.cons
 
 
 # ----------------------------------------------------------------------------- quantize + pack
+
+
+@triton.jit
+def _load_rows(x_rows, row_ok, c0, D, sxd, STAGES: tl.constexpr, GAIN: tl.constexpr, BLOCK_K, BLOCK_C: tl.constexpr):
+    x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
+    if STAGES > 0:
+        x = _hadamard(x, STAGES, GAIN, BLOCK_K, BLOCK_C)
+    return x
 
 
 @triton.jit
@@ -152,11 +204,16 @@ def _quantize_pack_kernel(
     GS: tl.constexpr,
     ROW_GROUP: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
+    ASYM: tl.constexpr,
+    STAGES: tl.constexpr,
+    GAIN: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # grid: (cdiv(K, BLOCK_K), H). One program quantizes BLOCK_K gathered rows of one head.
-    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    # grid: (cdiv(K, BLOCK_K), H). One program quantizes BLOCK_K gathered rows of one head, rotated
+    # first when STAGES > 0 (a Hadamard block of 2**STAGES channels). Asymmetric scales are
+    # (scale, zero) pairs: scale at 2 * i, zero at 2 * i + 1.
+    QMAX: tl.constexpr = (1 << BITS) - 1 if ASYM else (1 << (BITS - 1)) - 1
     h = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < K
@@ -168,33 +225,79 @@ def _quantize_pack_kernel(
     out_rows = h * K + rows.to(tl.int64)
     p_rows = p_ptr + out_rows * RB
     if ROW_GROUP:
-        # One scale per row (group_size == D): absmax first, then codes.
+        # One scale per row (group_size == D): the row's range first, then codes. Columns past D
+        # are loaded as 0: they never change an absmax, but are kept out of a min and a max.
         if ONE_CHUNK:
-            x = _load_chunk(x_rows, row_ok, 0, D, sxd, BLOCK_C)
-            scale16, div = _scale_of(_max(tl.abs(x), axis=1), QMAX)
-            tl.store(s_ptr + out_rows, scale16, mask=row_ok)
-            _store_packed(_codes(x, div[:, None], BITS), p_rows, row_ok, 0, D, BITS, BLOCK_K, BLOCK_C)
+            x = _load_rows(x_rows, row_ok, 0, D, sxd, STAGES, GAIN, BLOCK_K, BLOCK_C)
+            if ASYM:
+                col_ok = (tl.arange(0, BLOCK_C) < D)[None, :]
+                mn = -_max(tl.where(col_ok, -x, float("-inf")), axis=1)
+                mx = _max(tl.where(col_ok, x, float("-inf")), axis=1)
+                scale16, zero16, div, z = _affine_of(mn, mx, QMAX)
+                tl.store(s_ptr + 2 * out_rows, scale16, mask=row_ok)
+                tl.store(s_ptr + 2 * out_rows + 1, zero16, mask=row_ok)
+                q = _codes_asym(x, div[:, None], z[:, None], BITS)
+            else:
+                scale16, div = _scale_of(_max(tl.abs(x), axis=1), QMAX)
+                tl.store(s_ptr + out_rows, scale16, mask=row_ok)
+                q = _codes(x, div[:, None], BITS)
+            _store_packed(q, p_rows, row_ok, 0, D, BITS, BLOCK_K, BLOCK_C)
         else:
-            absmax = tl.full([BLOCK_K], 0.0, tl.float32)
+            if ASYM:
+                neg_min = tl.full([BLOCK_K], float("-inf"), tl.float32)
+                top = tl.full([BLOCK_K], float("-inf"), tl.float32)
+            else:
+                absmax = tl.full([BLOCK_K], 0.0, tl.float32)
             for c0 in range(0, D, BLOCK_C):
-                x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
-                absmax = tl.maximum(absmax, _max(tl.abs(x), axis=1))
-            scale16, div = _scale_of(absmax, QMAX)
-            tl.store(s_ptr + out_rows, scale16, mask=row_ok)
+                x = _load_rows(x_rows, row_ok, c0, D, sxd, STAGES, GAIN, BLOCK_K, BLOCK_C)
+                if ASYM:
+                    col_ok = (c0 + tl.arange(0, BLOCK_C) < D)[None, :]
+                    neg_min = tl.maximum(neg_min, _max(tl.where(col_ok, -x, float("-inf")), axis=1))
+                    top = tl.maximum(top, _max(tl.where(col_ok, x, float("-inf")), axis=1))
+                else:
+                    absmax = tl.maximum(absmax, _max(tl.abs(x), axis=1))
+            if ASYM:
+                scale16, zero16, div, z = _affine_of(-neg_min, top, QMAX)
+                tl.store(s_ptr + 2 * out_rows, scale16, mask=row_ok)
+                tl.store(s_ptr + 2 * out_rows + 1, zero16, mask=row_ok)
+            else:
+                scale16, div = _scale_of(absmax, QMAX)
+                tl.store(s_ptr + out_rows, scale16, mask=row_ok)
             for c0 in range(0, D, BLOCK_C):
-                x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
-                _store_packed(_codes(x, div[:, None], BITS), p_rows, row_ok, c0, D, BITS, BLOCK_K, BLOCK_C)
+                x = _load_rows(x_rows, row_ok, c0, D, sxd, STAGES, GAIN, BLOCK_K, BLOCK_C)
+                if ASYM:
+                    q = _codes_asym(x, div[:, None], z[:, None], BITS)
+                else:
+                    q = _codes(x, div[:, None], BITS)
+                _store_packed(q, p_rows, row_ok, c0, D, BITS, BLOCK_K, BLOCK_C)
     else:
-        # GS is a power of two dividing BLOCK_C, so groups never straddle a chunk.
+        # GS is a power of two dividing BLOCK_C, so groups never straddle a chunk (and groups past
+        # D are whole padding groups, never stored).
         NG: tl.constexpr = BLOCK_C // GS
         for c0 in range(0, D, BLOCK_C):
-            x = _load_chunk(x_rows, row_ok, c0, D, sxd, BLOCK_C)
-            absmax = _max(tl.reshape(tl.abs(x), [BLOCK_K, NG, GS]), axis=2)
-            scale16, div = _scale_of(absmax, QMAX)
+            x = _load_rows(x_rows, row_ok, c0, D, sxd, STAGES, GAIN, BLOCK_K, BLOCK_C)
+            x3 = tl.reshape(x, [BLOCK_K, NG, GS])
             g = c0 // GS + tl.arange(0, NG)
-            tl.store(s_ptr + out_rows[:, None] * G + g[None, :], scale16, mask=row_ok[:, None] & (g < G)[None, :])
-            div = tl.reshape(tl.broadcast_to(div[:, :, None], [BLOCK_K, NG, GS]), [BLOCK_K, BLOCK_C])
-            _store_packed(_codes(x, div, BITS), p_rows, row_ok, c0, D, BITS, BLOCK_K, BLOCK_C)
+            s_at = out_rows[:, None] * G + g[None, :]
+            s_ok = row_ok[:, None] & (g < G)[None, :]
+            if ASYM:
+                scale16, zero16, div, z = _affine_of(-_max(-x3, axis=2), _max(x3, axis=2), QMAX)
+                tl.store(s_ptr + 2 * s_at, scale16, mask=s_ok)
+                tl.store(s_ptr + 2 * s_at + 1, zero16, mask=s_ok)
+                div = tl.reshape(tl.broadcast_to(div[:, :, None], [BLOCK_K, NG, GS]), [BLOCK_K, BLOCK_C])
+                z = tl.reshape(tl.broadcast_to(z[:, :, None], [BLOCK_K, NG, GS]), [BLOCK_K, BLOCK_C])
+                q = _codes_asym(x, div, z, BITS)
+            else:
+                scale16, div = _scale_of(_max(tl.abs(x3), axis=2), QMAX)
+                tl.store(s_ptr + s_at, scale16, mask=s_ok)
+                div = tl.reshape(tl.broadcast_to(div[:, :, None], [BLOCK_K, NG, GS]), [BLOCK_K, BLOCK_C])
+                q = _codes(x, div, BITS)
+            _store_packed(q, p_rows, row_ok, c0, D, BITS, BLOCK_K, BLOCK_C)
+
+
+def _rotation_consts(rotate: int) -> dict:
+    """The rotation constexprs of both kernels: butterfly stages and the fp32 gain (0 and 1.0: none)."""
+    return {"STAGES": rotate.bit_length() - 1 if rotate else 0, "GAIN": rotation_gain(rotate) if rotate else 1.0}
 
 
 def _next_pow2(n: int) -> int:
@@ -211,20 +314,26 @@ def row_blocks(rows: int, head_dim: int, interpret: bool) -> tuple[int, int]:
 
 
 def quantize_pack(
-    x: torch.Tensor, index: torch.Tensor | None, bits: int, group_size: int
+    x: torch.Tensor,
+    index: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    asymmetric: bool = False,
+    rotate: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of reference.quantize_pack (same arguments, same bytes)."""
     heads, seq, head_dim = x.shape
     n = seq if index is None else index.shape[0]
     block_k, block_c = row_blocks(n, head_dim, interpreted())
     row_group = group_size == head_dim
-    if not row_group and (group_size & (group_size - 1) or group_size > block_c):
-        # Groups that are not a power of two would straddle chunks; the reference runs on the
-        # same device and yields the same bytes.
-        return reference.quantize_pack(x, index, bits, group_size)
+    if (not row_group and (group_size & (group_size - 1) or group_size > block_c)) or rotate > block_c:
+        # Groups that are not a power of two would straddle chunks, and a rotation block wider
+        # than a chunk cannot be done in registers; the reference runs on the same device and
+        # yields the same bytes.
+        return reference.quantize_pack(x, index, bits, group_size, asymmetric, rotate)
     groups = head_dim // group_size
     payload = torch.empty(heads, n, packed_row_bytes(bits, head_dim), dtype=torch.uint8, device=x.device)
-    scales = torch.empty(heads, n, groups, dtype=torch.float16, device=x.device)
+    scales = torch.empty(scale_shape(heads, n, groups, asymmetric), dtype=torch.float16, device=x.device)
     if n == 0 or heads == 0:
         return payload, scales
     grid = (triton.cdiv(n, block_k), heads)
@@ -245,6 +354,8 @@ def quantize_pack(
         GS=0 if row_group else group_size,
         ROW_GROUP=row_group,
         ONE_CHUNK=head_dim <= block_c,
+        ASYM=asymmetric,
+        **_rotation_consts(rotate),
         BLOCK_K=block_k,
         BLOCK_C=block_c,
     )
@@ -255,22 +366,26 @@ def quantize_pack(
 
 
 @triton.jit
-def _unpack_chunk(p_rows, cols, mask, BITS: tl.constexpr):
-    # Returns the sign-extended int32 codes of channels `cols` (a gather: neighbours share bytes).
+def _unpack_chunk(p_rows, cols, mask, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    # Returns the int32 codes of channels `cols` (a gather: neighbours share bytes), sign-extended
+    # when SIGNED (symmetric codes), the raw unsigned code otherwise (asymmetric codes).
     if BITS == 8:
         u = tl.load(p_rows[:, None] + cols[None, :], mask=mask, other=0).to(tl.int32)
-        return u - ((u & 0x80) << 1)
     elif BITS == 4:
         b = tl.load(p_rows[:, None] + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
         u = (b >> ((cols & 1) * 4)[None, :]) & 0xF
-        return u - ((u & 0x8) << 1)
+    elif BITS == 2:
+        b = tl.load(p_rows[:, None] + (cols // 4)[None, :], mask=mask, other=0).to(tl.int32)
+        u = (b >> ((cols & 3) * 2)[None, :]) & 0x3
     else:
         base = p_rows[:, None] + ((cols // 8) * 3)[None, :]
         b0 = tl.load(base, mask=mask, other=0).to(tl.int32)
         b1 = tl.load(base + 1, mask=mask, other=0).to(tl.int32)
         b2 = tl.load(base + 2, mask=mask, other=0).to(tl.int32)
         u = ((b0 | (b1 << 8) | (b2 << 16)) >> ((cols & 7) * 3)[None, :]) & 0x7
-        return u - ((u & 0x4) << 1)
+    if SIGNED:
+        u = u - ((u & (1 << (BITS - 1))) << 1)
+    return u
 
 
 @triton.jit
@@ -289,10 +404,14 @@ def _unpack_dequantize_kernel(
     GS: tl.constexpr,
     ROW_GROUP: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    ASYM: tl.constexpr,
+    STAGES: tl.constexpr,
+    GAIN: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # grid: (cdiv(K, BLOCK_K), H). payload and scales are contiguous; out may be strided.
+    # grid: (cdiv(K, BLOCK_K), H). payload and scales are contiguous; out may be strided. With
+    # STAGES > 0 each chunk is rotated back (the transform is its own inverse) before the store.
     h = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < K
@@ -300,16 +419,30 @@ def _unpack_dequantize_kernel(
     p_rows = p_ptr + in_rows * RB
     o_rows = o_ptr + h * soh + rows.to(tl.int64) * sok
     if ROW_GROUP:
-        row_scale = tl.load(s_ptr + in_rows, mask=row_ok, other=0.0).to(tl.float32)
+        if ASYM:
+            row_scale = tl.load(s_ptr + 2 * in_rows, mask=row_ok, other=0.0).to(tl.float32)
+            row_zero = tl.load(s_ptr + 2 * in_rows + 1, mask=row_ok, other=0.0).to(tl.float32)
+        else:
+            row_scale = tl.load(s_ptr + in_rows, mask=row_ok, other=0.0).to(tl.float32)
     for c0 in range(0, D, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < D)[None, :]
-        q = _unpack_chunk(p_rows, cols, mask, BITS).to(tl.float32)
+        q = _unpack_chunk(p_rows, cols, mask, BITS, not ASYM).to(tl.float32)
+        # q * scale is exact in fp32 (an 8-bit code times an fp16 value), so adding the zero
+        # rounds once, fused or not.
         if ROW_GROUP:
             x = q * row_scale[:, None]
+            if ASYM:
+                x = x + row_zero[:, None]
         else:
-            s = tl.load(s_ptr + in_rows[:, None] * G + (cols // GS)[None, :], mask=mask, other=0.0)
-            x = q * s.to(tl.float32)
+            at = in_rows[:, None] * G + (cols // GS)[None, :]
+            if ASYM:
+                s = tl.load(s_ptr + 2 * at, mask=mask, other=0.0).to(tl.float32)
+                x = q * s + tl.load(s_ptr + 2 * at + 1, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = q * tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if STAGES > 0:
+            x = _hadamard(x, STAGES, GAIN, BLOCK_K, BLOCK_C)
         if OUT_BF16:
             y = _to_bf16(x)
         else:
@@ -318,14 +451,22 @@ def _unpack_dequantize_kernel(
 
 
 def unpack_dequantize(
-    payload: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, out: torch.Tensor
+    payload: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor,
+    asymmetric: bool = False,
+    rotate: int = 0,
 ) -> torch.Tensor:
     """Triton version of reference.unpack_dequantize; `out` may be a strided view."""
     heads, n, head_dim = out.shape
     if n == 0 or heads == 0:
         return out
-    payload, scales = payload.contiguous(), scales.contiguous()
     block_k, block_c = row_blocks(n, head_dim, interpreted())
+    if rotate > block_c:  # see quantize_pack
+        return reference.unpack_dequantize(payload, scales, bits, group_size, out, asymmetric, rotate)
+    payload, scales = payload.contiguous(), scales.contiguous()
     row_group = group_size == head_dim
     grid = (triton.cdiv(n, block_k), heads)
     _unpack_dequantize_kernel[grid](
@@ -343,6 +484,8 @@ def unpack_dequantize(
         GS=0 if row_group else group_size,
         ROW_GROUP=row_group,
         OUT_BF16=out.dtype == torch.bfloat16,
+        ASYM=asymmetric,
+        **_rotation_consts(rotate),
         BLOCK_K=block_k,
         BLOCK_C=block_c,
     )

@@ -4,8 +4,9 @@ JSON format (every key but "default" optional; layer overrides are by absolute l
   {"name": "qwen2.5-7b-diagnosed",
    "default": {"k": {"kind": "int4"}, "v": {"kind": "int4"}},
    "layers": {"0": {"k": {"kind": "fp16"}, "v": {"kind": "fp16"}}}}
-A tensor spec is {"kind": a registered encoding (fp32|fp16|bf16|int8|int4|int3; kvcodec/encodings/),
-"axis": token|channel, "group": N}.
+A tensor spec is {"kind": a registered encoding (kvcodec/encodings/: fp32|fp16|bf16 passthrough,
+int8|int4|int3|int2 symmetric, asym4|asym3|asym2 asymmetric, a `_rot` suffix for the
+Hadamard-rotated forms), "axis": token|channel, "group": N}.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvwire.kvcodec.encodings import encodings
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.quant import Quantizer
 
@@ -95,20 +97,32 @@ def _uniform(name: str, kind: str) -> PrecisionProfile:
     return PrecisionProfile(name, (q, q))
 
 
-# mixed-int4: the research found one sensitive layer (layer 0 on Qwen2.5-7B) whose INT4 error costs
-# 23% F1; keeping it at FP16 costs +2.7% bytes and recovers full quality. `kvwire diagnose` finds the
-# sensitive layer of other models and writes a profile file.
+def _kivi(bits: int) -> PrecisionProfile:
+    # KIVI's split: keys per channel over groups of KIVI_GROUP positions of a chunk (their outlier
+    # channels get their own range), values per token (whole head_dim rows), both asymmetric.
+    return PrecisionProfile(
+        f"kivi-{bits}", (Quantizer(f"asym{bits}", "channel", KIVI_GROUP), Quantizer(f"asym{bits}", "token"))
+    )
+
+
+# KIVI's group of 32 positions. Measured on SmolLM2 (docs/codec.md, "Encodings"): the encoder's
+# chunks of a channel-axis profile hold ~32 positions there, so 32 is one group per chunk; groups
+# of 16 cut the KL of kivi-2 from 0.53 to 0.38 for +14% bytes, kivi-4's from 0.019 to 0.015 for +10%.
+KIVI_GROUP = 32
+
+# Every registered encoding is also the uniform profile of its name (K and V of every layer, token
+# axis, one scale per row). mixed-int4: the research found one sensitive layer (layer 0 on
+# Qwen2.5-7B) whose INT4 error costs 23% F1; keeping it at FP16 costs +2.7% bytes and recovers full
+# quality. `kvwire diagnose` finds the sensitive layer of other models and writes a profile file.
 NAMED_PROFILES: dict[str, PrecisionProfile] = {
     p.name: p
     for p in (
-        _uniform("fp32", "fp32"),  # exact passthrough of an fp32 model's KV: for checking the codec path
-        _uniform("fp16", "fp16"),
-        _uniform("bf16", "bf16"),
-        _uniform("int8", "int8"),
-        _uniform("int4", "int4"),
+        *(_uniform(name, name) for name in ("fp32", "fp16", "bf16", "int8", "int4")),  # the first names listed
         PrecisionProfile(
             "mixed-int4", (Quantizer("int4"), Quantizer("int4")), {0: (Quantizer("fp16"), Quantizer("fp16"))}
         ),
+        *(_uniform(e.name, e.name) for e in encodings()),
+        *(_kivi(bits) for bits in (4, 3, 2)),
     )
 }
 

@@ -24,10 +24,12 @@ class Quantizer:
     """How one tensor (a layer's K or V) is encoded.
 
     kind: a registered encoding (kvcodec.encodings.encoding_names(): fp32 | fp16 | bf16 passthrough,
-    int8 | int4 | int3 symmetric). axis: "token" — one scale per (head, position, group of `group`
-    channels; 0 = the whole head_dim); "channel" — one scale per (head, channel) over the chunk's
-    positions (KIVI-style, for keys with outlier channels; group must be 0). Every field is checked
-    here, so a Quantizer that exists can be encoded, framed and decoded.
+    int8 | int4 | int3 | int2 symmetric, asym4 | asym3 | asym2 asymmetric, `_rot` for their
+    Hadamard-rotated forms). axis: "token" — one scale per (head, position, group of `group`
+    channels; 0 = the whole head_dim); "channel" — one scale per (head, channel, group of `group`
+    positions of a chunk; 0 = all of them; KIVI-style, for keys with outlier channels; not for
+    rotated kinds). Every field is checked here, so a Quantizer that exists can be encoded, framed
+    and decoded.
     """
 
     kind: str

@@ -154,3 +154,28 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "--tokens must be at least 71" in capsys.readouterr().err
     assert main(["bench", "wire-size", "--tokens", "128", "--entropy-tokens", "0", "--profile", "int5"]) == 2
     assert "unknown profile 'int5'" in capsys.readouterr().err
+
+
+def test_encodings_bench_is_exact_for_a_passthrough_and_sees_int2_damage(capsys, tiny_model_dir):
+    """`kvwire bench encodings` measures through the real stream: the fp32 passthrough of an fp32
+    model's KV is exact (no error, no KL, every top-1 token the same), 2-bit codes are not."""
+    rows, err = run_json(
+        capsys,
+        "encodings",
+        "--model",
+        tiny_model_dir,
+        "--examples",
+        "2",
+        "--answer-tokens",
+        "3",
+        "--profile",
+        "fp32",
+        "--profile",
+        "int2",
+    )
+    fp32, int2 = rows
+    assert (fp32["profile"], int2["profile"]) == ("fp32", "int2") and fp32["examples"] == 2
+    assert fp32["k_rel_mse"] == fp32["v_rel_mse"] == fp32["kl"] == 0.0 and fp32["top1"] == 1.0
+    assert int2["k_rel_mse"] > 0.01 and int2["v_rel_mse"] > 0.01 and int2["kl"] > 0.0
+    assert 1.9 < fp32["ratio"] < 2.1 and int2["ratio"] < 0.25 * fp32["ratio"]
+    assert "2 SQuAD sample questions" in err

@@ -16,7 +16,7 @@ def _names_on(line_start: str) -> set[str]:
     """The `code` names of the README bullet that starts with `line_start` (the bullet may wrap)."""
     match = re.search(rf"^- {re.escape(line_start)}(.*?)(?=^\S|^- |\Z)", README, re.M | re.S)
     assert match, f"README has no bullet '- {line_start}'"
-    return set(re.findall(r"`([a-z0-9][a-z0-9.-]*)`", match.group(1)))
+    return set(re.findall(r"`([a-z0-9][a-z0-9._-]*)`", match.group(1)))
 
 
 def test_readme_lists_every_selector():

@@ -97,20 +97,21 @@ def group_for(kind: str, head_dim: int) -> int:
     return head_dim if kind == "row" else (32 if head_dim % 32 == 0 else 16)
 
 
-def assert_same_quantization(x, index, bits, group):
+def assert_same_quantization(x, index, bits, group, asym=False, rotate=0):
     """Triton and reference agree on payload, scales, and the dequantized tensor."""
-    p_ref, s_ref = reference.quantize_pack(x, index, bits, group)
-    p_tri, s_tri = tk.quantize_pack(x, index, bits, group)
+    p_ref, s_ref = reference.quantize_pack(x, index, bits, group, asym, rotate)
+    p_tri, s_tri = tk.quantize_pack(x, index, bits, group, asym, rotate)
     assert p_ref.dtype == torch.uint8 and s_ref.dtype == torch.float16
     assert p_tri.shape == p_ref.shape == (x.shape[0], p_ref.shape[1], kernels.packed_row_bytes(bits, x.shape[2]))
-    assert s_tri.shape == s_ref.shape == (x.shape[0], p_ref.shape[1], x.shape[2] // group)
+    want_scales = layout.scale_shape(x.shape[0], p_ref.shape[1], x.shape[2] // group, asym)
+    assert s_tri.shape == s_ref.shape == want_scales
     assert p_tri.is_contiguous() and s_tri.is_contiguous()
     assert torch.equal(s_tri, s_ref), "scales differ"
     assert torch.equal(p_tri, p_ref), "packed bytes differ"
     out_ref = torch.empty(x.shape[0], p_ref.shape[1], x.shape[2], dtype=x.dtype)
     out_tri = torch.full_like(out_ref, float("nan"))
-    reference.unpack_dequantize(p_ref, s_ref, bits, group, out_ref)
-    assert tk.unpack_dequantize(p_ref, s_ref, bits, group, out_tri) is out_tri
+    reference.unpack_dequantize(p_ref, s_ref, bits, group, out_ref, asym, rotate)
+    assert tk.unpack_dequantize(p_ref, s_ref, bits, group, out_tri, asym, rotate) is out_tri
     assert torch.equal(out_tri, out_ref), "dequantized values differ"
     return p_ref, s_ref, out_ref
 
@@ -193,7 +194,8 @@ def test_exact_half_ties_round_to_even(bits, dtype):
     assert torch.all(scales.float() == s)
     expected = torch.tensor([round(v) for v in row.tolist()], dtype=torch.int32)  # Python rounds half to even
     assert torch.equal(reference._unpack(p, bits, 64).to(torch.int32), expected.expand(2, 3, 64))
-    assert set(expected.tolist()) >= {0, 2, -2}
+    # qmax 1 (int2): the only ties are +-0.5, both to 0
+    assert set(expected.tolist()) >= ({0, 2, -2} if qmax > 1 else {0, 1})
 
 
 # ----------------------------------------------------------------------------- quantize: reference vs naive
@@ -269,6 +271,106 @@ def test_unpack_writes_strided_out_in_model_dtype():
         out = cache.transpose(1, 2)[0]  # [H, K, D] view into a seq-major cache
         assert fn(p, s, 4, 32, out) is out
         assert torch.equal(out, want)
+
+
+# ----------------------------------------------------------------------------- asymmetric codes and rotation
+
+AFFINE_CASES = pairwise(
+    {
+        "D": [64, 80, 96, 128],
+        "H": [1, 3],
+        "K": [1, 37],
+        "dtype": list(DTYPES),
+        "bits": BITS,
+        "group": ["row", "16"],
+        "asym": [True, False],
+        "rot": [True, False],
+        "x": ["contig", "strided"],
+    }
+)
+
+
+@pytest.mark.parametrize("case", AFFINE_CASES, ids=[case_id(c) for c in AFFINE_CASES])
+def test_asymmetric_and_rotated_triton_matches_reference(case):
+    """Scale + zero point codes and the (block-diagonal where D is not a power of two) Hadamard
+    rotation: the same bytes and the same dequantized values on both backends."""
+    d, n = case["D"], case["K"]
+    x = make_x(case["H"], n + 3, d, DTYPES[case["dtype"]], case["x"], seed=d + n)
+    index = torch.randperm(n + 3, generator=torch.Generator().manual_seed(d))[:n]
+    group = d if case["group"] == "row" else 16
+    rotate = layout.rotation_block(d) if case["rot"] else 0
+    assert_same_quantization(x, index, case["bits"], group, case["asym"], rotate)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_asymmetric_and_rotated_chunked_rows(monkeypatch, bits):
+    """Rows wider than one chunk: the row's min and max gather over chunks, and every chunk starts
+    on a rotation block; a rotation block wider than a chunk falls back to the reference."""
+    monkeypatch.setattr(tk, "_INTERP_MAX_CHUNK", 32)
+    x = make_x(2, 45, 136, torch.float32, "contig", seed=bits)  # 136 = 4 chunks of 32 + 8; blocks of 8
+    x[0, 2] = -5.0  # a constant row: zero point -5, scale 0
+    for asym, rotate in ((True, 0), (True, 8), (False, 8)):
+        assert_same_quantization(x, None, bits, 136, asym, rotate)
+        assert_same_quantization(x, None, bits, 8, asym, rotate)
+    assert_same_quantization(x[:, :, :64], None, bits, 64, True, 64)  # 64 > the 32-channel chunk
+
+
+def test_hadamard_is_the_normalized_sylvester_matrix_per_block():
+    """reference.hadamard equals x @ blockdiag(H_b) / sqrt(b) (H_b Sylvester's Hadamard matrix), is
+    orthogonal (norms kept) and its own inverse, to fp32 rounding."""
+    for head_dim in (8, 64, 80, 96):
+        block = layout.rotation_block(head_dim)
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < block:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        dense = torch.block_diag(*[h] * (head_dim // block)) / math.sqrt(block)
+        x = make_x(2, 5, head_dim, torch.float32, "contig", seed=head_dim)
+        y = reference.hadamard(x, block)
+        torch.testing.assert_close(y.double(), x.double() @ dense, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(reference.hadamard(y, block), x, rtol=1e-6, atol=1e-5)
+    assert (layout.rotation_block(80), layout.rotation_block(96), layout.rotation_block(128)) == (16, 32, 128)
+
+
+def naive_quantize_asym(x: torch.Tensor, bits: int, group: int) -> tuple[list[int], list[float]]:
+    """Asymmetric codes per element, from the definition, with numpy fp32/fp16 scalars."""
+    import numpy as np
+
+    qmax = (1 << bits) - 1
+    codes, pairs = [], []
+    for row in x.float().reshape(-1, x.shape[-1]).tolist():
+        for g0 in range(0, len(row), group):
+            vals = [np.float32(v) for v in row[g0 : g0 + group]]
+            zero = np.float16(min(vals))
+            scale = np.float16((np.float32(max(vals)) - np.float32(zero)) / np.float32(qmax))
+            pairs += [float(scale), float(zero)]
+            for v in vals:
+                q = round(float((v - np.float32(zero)) / np.float32(scale))) if scale > 0 else 0
+                codes.append(min(max(q, 0), qmax))
+    return codes, pairs
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_asymmetric_reference_matches_naive_definition(bits, dtype):
+    x = make_x(2, 3, 16, DTYPES[dtype], "contig", seed=bits)
+    x[0, 1, :8] = 0.25  # a constant group
+    want_codes, want_pairs = naive_quantize_asym(x, bits, 8)
+    p, s = reference.quantize_pack(x, None, bits, 8, asymmetric=True)
+    assert reference._unpack_unsigned(p, bits, 16).flatten().tolist() == want_codes
+    assert s.float().flatten().tolist() == want_pairs
+    out = reference.unpack_dequantize(p, s, bits, 8, torch.empty(x.shape), asymmetric=True)
+    assert torch.all(out[0, 1, :8] == 0.25)  # a constant group decodes exactly (0.25 is an fp16)
+
+
+def test_int2_packs_four_codes_a_byte_first_in_the_low_bits():
+    x = torch.tensor([[[1.0, -2.0, 0.0, -1.0, 1.0, 1.0, 1.0, 1.0]]])  # scale 2 / 1: codes 0, -1, 0, 0 ...
+    p, s = reference.quantize_pack(x, None, 2, 8)
+    assert float(s) == 2.0
+    codes = [round(v / 2) for v in x.flatten().tolist()]  # 0.5 ties to even: 0, -1, 0, 0 (-0.5), 0, ...
+    want = bytes(sum((c & 3) << (2 * j) for j, c in enumerate(codes[i : i + 4])) for i in (0, 4))
+    assert p.numpy().tobytes() == want
+    assert_same_quantization(x, None, 2, 8)
 
 
 # ----------------------------------------------------------------------------- q2c
@@ -458,11 +560,11 @@ def test_interpreter_works_when_triton_was_imported_first():
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "from kvwire.kernels import reference as R, triton_kernels as T\n"
         "x = torch.randn(2, 9, 32)\n"
-        "for bits, g in ((8, 32), (4, 16), (3, 8)):\n"
-        "    p, s = T.quantize_pack(x, None, bits, g)\n"
-        "    assert torch.equal(p, R.quantize_pack(x, None, bits, g)[0])\n"
-        "    out = T.unpack_dequantize(p, s, bits, g, torch.empty_like(x))\n"
-        "    assert torch.equal(out, R.unpack_dequantize(p, s, bits, g, torch.empty_like(x)))\n"
+        "for bits, g, asym, rot in ((8, 32, 0, 0), (4, 16, 0, 0), (3, 8, 0, 0), (2, 8, 1, 32), (4, 32, 0, 32)):\n"
+        "    p, s = T.quantize_pack(x, None, bits, g, asym, rot)\n"
+        "    assert torch.equal(p, R.quantize_pack(x, None, bits, g, asym, rot)[0])\n"
+        "    out = T.unpack_dequantize(p, s, bits, g, torch.empty_like(x), asym, rot)\n"
+        "    assert torch.equal(out, R.unpack_dequantize(p, s, bits, g, torch.empty_like(x), asym, rot))\n"
         "pos = torch.tensor([8, 3, 5])\n"
         "torch.testing.assert_close(T.q2c_scores(x[:, :3], x, pos, 1, 7), R.q2c_scores(x[:, :3], x, pos, 1, 7))\n"
     )
@@ -503,6 +605,24 @@ def test_quantize_pack_rejects_bad_arguments():
         kernels.quantize_pack(torch.zeros(2, 5, 20), None, 3, 20)
 
 
+def test_rotation_and_asymmetric_arguments_are_checked():
+    x = torch.randn(2, 5, 80)
+    with pytest.raises(
+        ValueError, match=r"rotate must be 0 \(none\) or a power of two >= 2 dividing head_dim 80, got 32 "
+    ):
+        kernels.quantize_pack(x, None, 4, 80, rotate=32)
+    with pytest.raises(ValueError, match="got 3"):
+        kernels.quantize_pack(x, None, 4, 80, rotate=3)
+    p, s = kernels.quantize_pack(x, None, 4, 16, asymmetric=True, rotate=16)
+    assert s.shape == (2, 5, 5, 2)
+    with pytest.raises(ValueError, match=r"scales must be float16 \[2, 5, 5\] for group_size 16, got"):
+        kernels.unpack_dequantize(p, s, 4, 16, torch.empty(2, 5, 80))
+    with pytest.raises(ValueError, match=r"scales must be float16 \[2, 5, 5, 2\] for group_size 16 \(scale, zero"):
+        kernels.unpack_dequantize(p, s[..., 0], 4, 16, torch.empty(2, 5, 80), asymmetric=True)
+    out = kernels.unpack_dequantize(p, s, 4, 16, torch.empty(2, 5, 80), asymmetric=True, rotate=16)
+    assert float(((out - x) ** 2).mean() / (x**2).mean()) < 0.02  # 4-bit codes of Gaussian data
+
+
 def test_unpack_dequantize_rejects_mismatched_shapes():
     out = torch.empty(2, 5, 64, dtype=torch.float16)
     p, s = kernels.quantize_pack(torch.randn(2, 5, 64), None, 4, 32)
@@ -537,3 +657,20 @@ def test_q2c_rejects_bad_arguments():
     with pytest.raises(ValueError, match="head_dim"):
         kernels.q2c_scores(q, k[..., :8], pos, 0, 10)
     assert kernels.q2c_scores(q, k, pos, 3, 3).shape == (0,)
+
+
+@pytest.mark.parametrize("head_dim", [128, 96])
+def test_kernels_bench_cases_run_on_the_triton_path(head_dim):
+    """Every kernel `kvwire bench kernels` times on a GPU runs here through the same launcher calls
+    (bench/kernels_bench.run_case), interpreted, and gives the reference's bytes and values."""
+    from kvwire.bench import kernels_bench
+
+    x = make_x(2, 9, head_dim, torch.bfloat16, "strided", seed=head_dim)
+    cases = kernels_bench.quantize_cases(head_dim)
+    assert {c["rotate"] for _, c in cases} == {0, layout.rotation_block(head_dim)}
+    assert {(c["bits"], c["asymmetric"]) for _, c in cases if c["rotate"]} == {
+        (b, a) for b in (4, 3, 2) for a in (False, True)
+    }
+    for _, case in cases:
+        for got, want in zip(kernels_bench.run_case(tk, x, case), kernels_bench.run_case(reference, x, case)):
+            assert torch.equal(got, want)

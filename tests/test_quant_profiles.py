@@ -52,7 +52,7 @@ def test_profile_json_file_roundtrip(tmp_path):
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"default": {"k": {"kind": "int2"}, "v": {"kind": "int4"}}}, "unknown tensor encoding 'int2'"),
+        ({"default": {"k": {"kind": "int5"}, "v": {"kind": "int4"}}}, "unknown tensor encoding 'int5'"),
         ({"default": {"k": {"kind": "int4", "axis": "diagonal"}}}, "unknown quantization axis"),
         ({"default": {"k": {"kind": "fp16", "group": 8}}}, "passthrough"),
         ({"layers": {}}, 'at least a "default"'),

@@ -2,7 +2,7 @@
 
 An encoding turns one layer's K or V at a chunk's positions, x: [heads, n, head_dim], into
 (scales, payload) bytes and back, for an axis ("token" or "channel") and a channel group that a
-Quantizer has already checked with `check()`. A family (passthrough.py, symmetric.py) writes the
+Quantizer has already checked with `check()`. A family (passthrough.py, integer.py) writes the
 five methods once; each encoding is one instance of a family in its own file, named there with its
 wire code, and listed in registry.py.
 """

@@ -1,5 +1,5 @@
 """int8: symmetric 8-bit codes, one byte each (wire code 3)."""
 
-from kvwire.kvcodec.encodings.symmetric import SymmetricInt
+from kvwire.kvcodec.encodings.integer import SymmetricInt
 
 ENCODING = SymmetricInt("int8", code=3, bits=8)

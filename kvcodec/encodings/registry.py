@@ -1,7 +1,7 @@
 """The tensor-encoding registry: every encoding by name and by wire code, one file each beside this one.
 
 Adding an encoding of an existing family is one file here (`ENCODING = SymmetricInt("int2", code=7,
-bits=2)`) plus its line in `_MODULES`; the Quantizer, the stream's tensor heads and the shared test
+bits=2)`; `rotate=True` for its Hadamard-rotated form) plus its line in `_MODULES`; the Quantizer, the stream's tensor heads and the shared test
 matrix (tests/test_encodings.py) read it from here. A new family is a new Encoding subclass
 (base.py is the contract).
 
@@ -16,7 +16,24 @@ reference and the Triton packers) before it is one file here.
 
 from __future__ import annotations
 
-from kvwire.kvcodec.encodings import bf16, fp16, fp32, int3, int4, int8
+from kvwire.kvcodec.encodings import (
+    asym2,
+    asym2_rot,
+    asym3,
+    asym3_rot,
+    asym4,
+    asym4_rot,
+    bf16,
+    fp16,
+    fp32,
+    int2,
+    int2_rot,
+    int3,
+    int3_rot,
+    int4,
+    int4_rot,
+    int8,
+)
 from kvwire.kvcodec.encodings.base import Encoding
 from kvwire.kvcodec.errors import ConfigError
 
@@ -40,7 +57,24 @@ def register_encoding(encoding: Encoding) -> Encoding:
 
 
 # The order is the order of the names in messages and of the test matrix.
-_MODULES = (fp32, fp16, bf16, int8, int4, int3)
+_MODULES = (
+    fp32,
+    fp16,
+    bf16,
+    int8,
+    int4,
+    int3,
+    int2,
+    asym4,
+    asym3,
+    asym2,
+    int4_rot,
+    int3_rot,
+    int2_rot,
+    asym4_rot,
+    asym3_rot,
+    asym2_rot,
+)
 for _module in _MODULES:
     register_encoding(_module.ENCODING)
 
