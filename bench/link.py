@@ -282,7 +282,7 @@ class Pair:
 
         return process_cpu_seconds(self.edge_pid), process_cpu_seconds(self.cloud_pid)
 
-    def cache_events(self, lab) -> tuple[float, float]:
+    def cache_events(self, lab) -> tuple[int, int]:
         """(hits, misses) of the edge's prefix cache since the last call, from its /metrics."""
         from kvwire.bench.netlab.daemons import metric_sum, metrics
 
@@ -291,7 +291,7 @@ class Pair:
             metric_sum(m, "kvwire_prefix_cache_hits_total"),
             metric_sum(m, "kvwire_prefix_cache_misses_total"),
         )
-        delta = hits - self.hits, misses - self.misses
+        delta = round(hits - self.hits), round(misses - self.misses)  # counters: whole numbers sent as floats
         self.hits, self.misses = hits, misses
         return delta
 
