@@ -187,8 +187,38 @@ def _link_args(p) -> None:
         "--modes",
         default="all",
         metavar="LIST",
-        help="comma list of text, kv-fp16, kv-mixed-int4, kv-q2c0.5-mixed-int4, scout-q2c0.5 (default all; "
-        "text is always run: every ratio divides by it)",
+        help="comma list of text, kv-fp16, kv-mixed-int4, kv-q2c0.5-mixed-int4, scout-sparse-q2c0.5, "
+        "scout-full-q2c0.5 (default all; text is always run: every ratio divides by it)",
+    )
+    p.add_argument(
+        "--cases",
+        default="cold,cached",
+        metavar="LIST",
+        help="comma list of cold (context inline, the edge's prefix cache off) and cached (a document "
+        "registered on the edge and prefilled before the questions, asked by doc_id) (default both)",
+    )
+    p.add_argument(
+        "--questions",
+        type=int,
+        default=20,
+        help="the many-questions workload: this many questions about one cached document, in every mode, "
+        "with each daemon's CPU seconds per answer (default 20; 0 skips it)",
+    )
+    p.add_argument(
+        "--qa-tokens",
+        type=int,
+        default=2048,
+        help="the workload's document: as many whole paragraphs of one SQuAD article as fit in this many tokens "
+        "(default 2048)",
+    )
+    p.add_argument(
+        "--qa-bandwidth", default="100mbit", help="tc rate of the link during the workload (default 100mbit)"
+    )
+    p.add_argument(
+        "--qa-data",
+        default="squad-dev",
+        help="the workload's questions: squad-dev (`kvwire data fetch`), squad-sample or a SQuAD .json path "
+        "(default squad-dev: several questions per paragraph)",
     )
     p.add_argument(
         "--repeats", type=int, default=1, help="requests per mode and cell; the median is reported (default 1)"
@@ -210,7 +240,12 @@ def _link_args(p) -> None:
         default=300.0,
         help="seconds one request may take, also its edge-stream deadline (default 300)",
     )
-    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print the rows as one JSON list (the grid\'s rows, "table": "link", then the workload\'s, '
+        '"table": "questions", each with its "document")',
+    )
 
 
 def _link_run(args) -> int:
@@ -228,14 +263,25 @@ def _link_run(args) -> int:
         threads=args.threads,
         max_new_tokens=args.max_new_tokens,
         timeout_s=args.timeout,
+        cases=link.parse_cases(args.cases),
+        questions=args.questions,
+        qa_tokens=args.qa_tokens,
+        qa_bandwidth=args.qa_bandwidth,
+        qa_data=args.qa_data,
     )
     try:
-        rows = link.run_link(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        res = link.run_link(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except NetlabUnavailable as exc:
         print(f"kvwire bench link: the network lab cannot run here: {exc}", file=sys.stderr)
         return 2
-    _emit(rows, args.json, link.format_rows(rows))
-    _note("\n" + "\n".join(link.verdicts(rows)), args.json)
+    from kvwire.bench import link_report as rep
+
+    questions = [{**r, "document": res.question_meta} for r in res.question_rows]
+    _emit(res.rows + questions, args.json, rep.format_rows(res.rows))
+    _note("\n" + "\n".join(f"- {line}" for line in rep.verdicts(res.rows)), args.json)
+    _note("\n" + "\n".join(f"- {line}" for line in rep.target_verdicts(res.rows)), args.json)
+    if res.question_rows:
+        _note("\n" + rep.format_questions(res.question_rows, res.question_meta), args.json)
     _note("\n" + link.describe(cfg), args.json)
     return 0
 

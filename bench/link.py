@@ -1,49 +1,61 @@
 """`kvwire bench link`: time to first token and total latency of text, kv and scout answers over a
-tc-shaped link between two network namespaces, each as a ratio to text mode measured in the same run.
+tc-shaped link between two network namespaces, each as a ratio to text mode measured in the same run;
+then a many-questions workload on one cached document (bench/link_questions.py).
 
     kvwire bench link --bandwidth 10mbit,100mbit,1gbit --delay 20ms --tokens 512,2048
 
-One NetLab for the whole run: edge-agent in the edge namespace, cloud-agent in the cloud namespace,
-the cloud reaching the edge's gRPC port through bench.relay (which adds --delay each way) across the
+One NetLab for the whole run, and in it one edge-agent + cloud-agent pair per case, each cloud
+reaching its edge's gRPC port through its own bench.relay (which adds --delay each way) across the
 shaped veth. Between bandwidths only the tbf qdisc is replaced (lab.shape); the daemons stay up.
 
-CPU: on two real hosts each daemon has its own CPU. Here both share this machine, so each daemon
+Cases (bench/link_report.py CASES):
+- cold: the context travels inline in the request, and that edge runs with its prefix cache off
+  (--prefix-cache-bytes 0), so every kv/scout request pays the edge's whole prefill as every text
+  request pays the cloud's (a context seen for the first time).
+- cached: the context is a document registered on that edge (PUT /v1/documents/{id}) and prefilled
+  once before the grid by one uncounted request; the rows ask by doc_id, so the edge prefills only
+  the question. Text mode with a doc_id fetches the text from the edge (those bytes cross the link
+  and count). Each streamed request's prefix-cache hit is checked on the edge's /metrics
+  (kvwire_prefix_cache_hits_total / _misses_total before and after it) and shown in the table.
+
+CPU: on two real hosts each daemon has its own CPU. Here all share this machine, so each daemon
 gets --threads torch threads (default 1): with 2 cores, the edge's prefill/encode and the cloud's
 decode/prefill then run on a core each when they overlap (while a kv stream is in flight), instead
-of 2 + 2 threads fighting over 2 cores. The relay and the request client are light extra processes.
+of 2 + 2 threads fighting over 2 cores. Only one request is in flight at a time, so the idle pair
+costs nothing but memory. The relays and the request client are light extra processes. Each
+request's CPU seconds per daemon come from /proc/<pid>/stat (bench.netlab.daemons.process_cpu_seconds).
 
 Contexts: the distinct passages of the committed SQuAD sample (bench/data), in file order, joined by
 blank lines and cut to exactly N tokens of the model's tokenizer; the question is the first
-question about the FIRST passage (the one farthest from the question in the prompt).
-
-The edge runs with its prefix cache off (--prefix-cache-bytes 0), so every kv/scout request pays
-the edge's whole prefill as every text request pays the cloud's: these rows are the cold case (a
-context seen for the first time); the last column shows what a cached document saves. One short warm-up request per mode before the grid pays torch's first-call costs and opens
-the gRPC channel (which then stays open, as between long-running daemons).
+question about the FIRST passage (the one farthest from the question in the prompt). One short
+warm-up request per mode and pair before the grid pays torch's first-call costs and opens the gRPC
+channel (which then stays open, as between long-running daemons).
 """
 
 from __future__ import annotations
 
 import re
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from kvwire.bench.link_report import BASELINE, CASES
 from kvwire.kvcodec.errors import ConfigError
 
-# name -> the /answer request fields of that mode (besides question, context, max_new_tokens, deadline).
-# scout keeps the same q2c 0.5 positions as the q2c kv row: at retention 1.0 it would only add the
-# edge's prefill to text's work.
+# name -> the /answer request fields of that mode (besides question, context/doc_id, max_new_tokens,
+# deadline). scout keeps the same q2c 0.5 positions as the q2c kv row (at retention 1.0 it would only
+# add the edge's prefill to text's work); sparse prefills only the kept tokens on the cloud, full the
+# whole prompt (docs/documents.md).
 MODES: dict[str, dict] = {
     "text": {"mode": "text"},
     "kv-fp16": {"mode": "kv", "profile": "fp16", "retention": 1.0},
     "kv-mixed-int4": {"mode": "kv", "profile": "mixed-int4", "retention": 1.0},
     "kv-q2c0.5-mixed-int4": {"mode": "kv", "profile": "mixed-int4", "selector": "q2c", "retention": 0.5},
-    "scout-q2c0.5": {"mode": "scout", "selector": "q2c", "retention": 0.5},
+    "scout-sparse-q2c0.5": {"mode": "scout", "selector": "q2c", "retention": 0.5, "scout_prefill": "sparse"},
+    "scout-full-q2c0.5": {"mode": "scout", "selector": "q2c", "retention": 0.5, "scout_prefill": "full"},
 }
-BASELINE = "text"
 WARMUP_TOKENS = 48  # a short context: the warm-up pays first-call costs, not prefill time
 DELAY_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -95,6 +107,15 @@ def parse_modes(text: str) -> list[str]:
     return [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
 
 
+def parse_cases(text: str) -> list[str]:
+    """A comma list of CASES names (cold, cached), in the order given."""
+    names = _csv(text)
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        raise ConfigError(f"unknown case(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(CASES)}")
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class LinkConfig:
     """One run's grid and setup, validated on construction."""
@@ -108,6 +129,11 @@ class LinkConfig:
     threads: int = 1
     max_new_tokens: int = 16
     timeout_s: float = 300.0
+    cases: list[str] = field(default_factory=lambda: list(CASES))
+    questions: int = 20  # the many-questions workload; 0 skips it
+    qa_tokens: int = 2048
+    qa_bandwidth: str = "100mbit"
+    qa_data: str = "squad-dev"
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -122,12 +148,25 @@ class LinkConfig:
             raise ConfigError(f"--timeout must be > 0, got {self.timeout_s}")
         if self.delay_ms < 0:
             raise ConfigError(f"--delay must be >= 0, got {self.delay_ms}")
+        if self.questions < 0:
+            raise ConfigError(f"--questions must be >= 0 (0 skips the many-questions workload), got {self.questions}")
+        if self.qa_tokens < 1:
+            raise ConfigError(f"--qa-tokens must be >= 1, got {self.qa_tokens}")
         self.modes = parse_modes(",".join(self.modes))
+        self.cases = parse_cases(",".join(self.cases))
+        parse_bandwidths(self.qa_bandwidth)
+
+    @property
+    def pairs(self) -> list[str]:
+        """The cases that get an edge + cloud pair: the grid's, and cached for the workload."""
+        return self.cases + (["cached"] if self.questions and "cached" not in self.cases else [])
 
     @property
     def requests(self) -> int:
-        """Requests the grid sends, warm-ups included: the run's bound is this x (timeout + 30 s) plus start-up."""
-        return len(self.modes) * (1 + len(self.bandwidths) * len(self.tokens) * self.repeats)
+        """Requests the run sends, warm-ups included: the run's bound is this x (timeout + 30 s) plus start-up."""
+        warm = len(self.modes) * len(self.pairs) + ("cached" in self.cases) * len(self.tokens) + bool(self.questions)
+        grid = len(self.modes) * len(self.cases) * len(self.bandwidths) * len(self.tokens) * self.repeats
+        return warm + grid + len(self.modes) * self.questions
 
 
 # ---- contexts --------------------------------------------------------------------------------
@@ -175,12 +214,20 @@ def build_context(tokenizer, tokens: int) -> tuple[str, str, dict]:
 # ---- one run ---------------------------------------------------------------------------------
 
 
-def _request(cfg: LinkConfig, mode: str, context: str, question: str) -> dict:
+WARMUP_DOC_ID = "bench-warmup"
+
+
+def doc_id_of(tokens: int) -> str:
+    return f"bench-link-{tokens}"
+
+
+def _request(cfg: LinkConfig, mode: str, question: str, context: str | None = None, doc_id: str | None = None) -> dict:
     # the request's deadline is its own timeout, so the cloud does not cut a slow stream short (an
     # anytime answer would make a slow link look fast); a row whose stream was cut anyway says so
+    source = {"doc_id": doc_id} if doc_id is not None else {"context": context}
     return {
         "question": question,
-        "context": context,
+        **source,
         "max_new_tokens": cfg.max_new_tokens,
         "deadline_ms": int(cfg.timeout_s * 1000),
         **MODES[mode],
@@ -206,6 +253,7 @@ def measure(res: dict) -> dict:
         "total_s": total,
         "ttft_s": ttft,
         "ttft_minus_edge_prefill_s": ttft - t["edge_prefill"] / 1000,
+        "prefix_prefill_s": (t["edge_prefill"] - t["edge_question_prefill"]) / 1000,  # 0 on a cache hit
         "bytes": body["bytes_on_wire"],
         "context_tokens": body["context_tokens"],
         "prompt_tokens": body["prompt_tokens"],
@@ -216,166 +264,227 @@ def measure(res: dict) -> dict:
     }
 
 
-def _ask(lab, cloud, cfg: LinkConfig, request: dict) -> dict:
+@dataclass
+class Pair:
+    """One case's edge-agent and cloud-agent, their pids (for CPU time) and the edge's prefix-cache
+    counters at the last reading."""
+
+    case: str
+    edge: object  # bench.netlab.daemons.Daemon
+    cloud: object
+    edge_pid: int = 0
+    cloud_pid: int = 0
+    hits: float = 0.0
+    misses: float = 0.0
+
+    def cpu(self) -> tuple[float, float]:
+        from kvwire.bench.netlab.daemons import process_cpu_seconds
+
+        return process_cpu_seconds(self.edge_pid), process_cpu_seconds(self.cloud_pid)
+
+    def cache_events(self, lab) -> tuple[int, int]:
+        """(hits, misses) of the edge's prefix cache since the last call, from its /metrics."""
+        from kvwire.bench.netlab.daemons import metric_sum, metrics
+
+        m = metrics(lab, self.edge)
+        hits, misses = (
+            metric_sum(m, "kvwire_prefix_cache_hits_total"),
+            metric_sum(m, "kvwire_prefix_cache_misses_total"),
+        )
+        delta = round(hits - self.hits), round(misses - self.misses)  # counters: whole numbers sent as floats
+        self.hits, self.misses = hits, misses
+        return delta
+
+
+def _ask(lab, pair: Pair, cfg: LinkConfig, request: dict) -> dict:
+    """One request, measured: the figures of `measure`, each daemon's CPU seconds over it, and for a
+    streamed request to the cached pair the edge's prefix-cache hits and misses it caused."""
     from kvwire.bench.netlab.daemons import answer
 
+    edge0, cloud0 = pair.cpu()
     try:
-        return measure(answer(lab, cloud, request, timeout=cfg.timeout_s + 30))
+        s = measure(answer(lab, pair.cloud, request, timeout=cfg.timeout_s + 30))
     except subprocess.TimeoutExpired:
-        return {"error": f"no answer within {cfg.timeout_s + 30:.0f} s"}
+        s = {"error": f"no answer within {cfg.timeout_s + 30:.0f} s"}
+    edge1, cloud1 = pair.cpu()
+    if "error" not in s:
+        s.update(edge_cpu_s=edge1 - edge0, cloud_cpu_s=cloud1 - cloud0)
+    if pair.case == "cached" and request["mode"] != BASELINE:
+        s["cache_hits"], s["cache_misses"] = pair.cache_events(lab)  # after the CPU reading: not counted in it
+    return s
 
 
-def summarize(bandwidth: str, tokens: int, mode: str, samples: list[dict], cfg: LinkConfig) -> dict:
-    """One table row: medians over the repeats that answered (an error row if none did)."""
-    ok = [s for s in samples if "error" not in s]
-    row = {
-        "bandwidth": bandwidth,
-        "delay_ms": cfg.delay_ms,
-        "tokens": tokens,
-        "mode": mode,
-        "request": MODES[mode],
-        "repeats": len(samples),
-        "answered": len(ok),
-    }
-    if not ok:
-        return {**row, "error": samples[0]["error"] if samples else "not run"}
-    first = ok[0]
-    stages = first["timings_ms"].keys()
-    return {
-        **row,
-        "bytes": int(statistics.median(s["bytes"] for s in ok)),
-        "ttft_s": round(statistics.median(s["ttft_s"] for s in ok), 4),
-        "total_s": round(statistics.median(s["total_s"] for s in ok), 4),
-        "ttft_minus_edge_prefill_s": round(statistics.median(s["ttft_minus_edge_prefill_s"] for s in ok), 4),
-        "context_tokens": first["context_tokens"],
-        "prompt_tokens": first["prompt_tokens"],
-        "kept_positions": first["kept_positions"],
-        "answer": first["answer"],
-        "complete": all(s["complete"] for s in ok),
-        "timings_ms": {k: round(statistics.median(s["timings_ms"][k] for s in ok), 1) for k in stages},
-        "errors": [s["error"] for s in samples if "error" in s],
-    }
+def _describe_sample(s: dict) -> str:
+    if "error" in s:
+        return s["error"]
+    hit = f", edge cache hit {s['cache_hits']:.0f} miss {s['cache_misses']:.0f}" if "cache_hits" in s else ""
+    return f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s{hit}"
 
 
-def add_ratios(rows: list[dict]) -> list[dict]:
-    """ttft_vs_text and total_vs_text: each row over the text row of the same bandwidth and tokens;
-    ttft_minus_edge_prefill_vs_text: the row's TTFT without the edge's prefill, over text's TTFT (what
-    shipping KV would cost if the edge had its KV ready when the question came)."""
-    base = {(r["bandwidth"], r["tokens"]): r for r in rows if r["mode"] == BASELINE and "error" not in r}
-    for r in rows:
-        b = base.get((r["bandwidth"], r["tokens"]))
-        ok = b is not None and "error" not in r
-        for key, unit in (("ttft", "ttft"), ("total", "total"), ("ttft_minus_edge_prefill", "ttft")):
-            r[f"{key}_vs_text"] = round(r[f"{key}_s"] / b[f"{unit}_s"], 3) if ok else None
-    return rows
+def _start_pairs(lab, cfg: LinkConfig, progress) -> dict[str, Pair]:
+    """One edge + relay + cloud per case, all launched before any is awaited (their model loads overlap)."""
+    from kvwire.bench.netlab.daemons import (
+        EDGE_GRPC_PORT,
+        daemon_pid,
+        edge_grpc_target,
+        launch_cloud,
+        launch_edge,
+        ready,
+        start_relay,
+    )
+
+    daemon_opts = {"threads": cfg.threads, "grace_seconds": 2}
+    started = time.monotonic()
+    launched = {}
+    for i, case in enumerate(cfg.pairs):
+        port = EDGE_GRPC_PORT + i
+        target = edge_grpc_target(lab, port)
+        if cfg.delay_ms > 0:
+            target = start_relay(lab, target, delay_ms=cfg.delay_ms).target
+        edge_opts = {"data_dir": str(Path(lab.workdir) / f"edge-{case}-data")}  # never the user's own store
+        if case == "cold":
+            edge_opts["prefix_cache_bytes"] = 0  # the cold case: see the module docstring
+        launched[case] = (
+            launch_edge(lab, cfg.model, grpc_port=port, **edge_opts, **daemon_opts),
+            launch_cloud(lab, cfg.model, target, **daemon_opts),
+        )
+    pairs = {}
+    for case, (edge_proc, cloud_proc) in launched.items():
+        edge, cloud = ready(edge_proc), ready(cloud_proc)
+        pairs[case] = Pair(
+            case, edge, cloud, daemon_pid(edge, "kvwire.edge_agent"), daemon_pid(cloud, "kvwire.cloud_agent")
+        )
+    progress(
+        f"{len(pairs)} daemon pair(s) ({', '.join(pairs)}) up in {time.monotonic() - started:.1f} s "
+        f"(model {cfg.model}, {cfg.threads} thread(s) each)"
+    )
+    return pairs
 
 
-def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Start the lab and the daemons once, then for each bandwidth x tokens x repeat ask every mode in
-    turn (modes interleaved, so drift in the shared CPUs' load spreads over all of them); one row per
-    bandwidth x tokens x mode. Raises NetlabUnavailable when this machine cannot host the lab."""
+def _warm_up(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, question: str) -> None:
+    """One uncounted short request per mode and pair: torch's first-call costs, the gRPC channel, and
+    for the cached pair the document path (its own small document)."""
+    from kvwire.bench.netlab.daemons import put_document
+
+    for pair in pairs.values():
+        if pair.case == "cached":
+            put_document(lab, pair.edge, WARMUP_DOC_ID, context)
+        for mode in cfg.modes:
+            src = {"doc_id": WARMUP_DOC_ID} if pair.case == "cached" else {"context": context}
+            warm = _ask(lab, pair, cfg, _request(cfg, mode, question, **src))
+            if "error" in warm:
+                raise RuntimeError(
+                    f"warm-up request ({pair.case}) in mode {mode} failed: {warm['error']}\n"
+                    f"edge log tail:\n{pair.edge.proc.log()[-1500:]}\ncloud log tail:\n{pair.cloud.proc.log()[-1500:]}"
+                )
+        if pair.case == "cached":
+            pair.cache_events(lab)  # from here on, deltas are the measured requests' own
+
+
+def register(lab, pair: Pair, cfg: LinkConfig, doc_id: str, text: str, question: str, progress) -> dict:
+    """Put a document on the cached pair's edge and prefill it with one uncounted kv request (the
+    prefill a put-time prefill would do); that request's measured sample (prefix_prefill_s, edge_cpu_s)."""
+    from kvwire.bench.netlab.daemons import put_document
+
+    meta = put_document(lab, pair.edge, doc_id, text)
+    s = _ask(lab, pair, cfg, _request(cfg, "kv-q2c0.5-mixed-int4", question, doc_id=doc_id))
+    if "error" in s:
+        raise RuntimeError(
+            f"prefilling document {doc_id} failed: {s['error']}\nedge log tail:\n{pair.edge.proc.log()[-1500:]}"
+        )
+    progress(
+        f"document {doc_id} ({meta['tokens']} tokens) registered and prefilled on the edge: "
+        f"{s['prefix_prefill_s']:.2f} s prefill, {s['edge_cpu_s']:.2f} edge CPU s, cache miss {s['cache_misses']:.0f}"
+    )
+    return s
+
+
+@dataclass
+class LinkResult:
+    """What a run measured: the grid's rows, and the many-questions workload's rows and document."""
+
+    rows: list[dict]
+    question_rows: list[dict] = field(default_factory=list)
+    question_meta: dict | None = None
+    question_samples: list[dict] = field(default_factory=list)
+
+
+def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) -> LinkResult:
+    """Start the lab and one daemon pair per case once, then for each bandwidth x tokens x repeat ask
+    every case and mode in turn (interleaved, so drift in the shared CPUs' load spreads over all of
+    them); one row per bandwidth x tokens x case x mode. Then, unless cfg.questions is 0, the
+    many-questions workload on the cached pair at cfg.qa_bandwidth. Raises NetlabUnavailable when
+    this machine cannot host the lab."""
     from transformers import AutoTokenizer
 
+    from kvwire.bench.data import load_examples
+    from kvwire.bench.link_questions import QA_DOC_ID, pick_question_set, run_questions
+    from kvwire.bench.link_report import add_ratios, summarize, summarize_questions
     from kvwire.bench.netlab import LinkSpec, NetLab
-    from kvwire.bench.netlab.daemons import edge_grpc_target, launch_cloud, launch_edge, ready, start_relay
     from kvwire.bench.netlab.namespaces import check_available
     from kvwire.kvcodec.models import resolve_model_source
 
     check_available()  # before loading anything: a clear message when we are not root or lack tc
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(cfg.model))
     contexts = {n: build_context(tokenizer, n) for n in [WARMUP_TOKENS, *cfg.tokens]}
-    rows = []
+    qs = None
+    if cfg.questions:  # chosen before the lab starts: a missing data set fails at once
+        qs = pick_question_set(load_examples(cfg.qa_data), cfg.qa_tokens, cfg.questions, lambda t: _count(tokenizer, t))
+    rows: list[dict] = []
+    result = LinkResult(rows)
     with NetLab(LinkSpec(rate=cfg.bandwidths[0])) as lab:
-        target = edge_grpc_target(lab)
-        if cfg.delay_ms > 0:
-            target = start_relay(lab, target, delay_ms=cfg.delay_ms).target
-        daemon_opts = {"threads": cfg.threads, "grace_seconds": 2}
-        started = time.monotonic()
-        procs = [
-            launch_edge(lab, cfg.model, prefix_cache_bytes=0, **daemon_opts),  # the cold case: see the docstring
-            launch_cloud(lab, cfg.model, target, **daemon_opts),
-        ]
-        edge, cloud = [ready(p) for p in procs]  # both launched first: their model loads overlap
-        progress(f"daemons up in {time.monotonic() - started:.1f} s (model {cfg.model}, {cfg.threads} thread(s) each)")
+        pairs = _start_pairs(lab, cfg, progress)
         context, question, _ = contexts[WARMUP_TOKENS]
-        for mode in cfg.modes:
-            warm = _ask(lab, cloud, cfg, _request(cfg, mode, context, question))
-            if "error" in warm:
-                raise RuntimeError(
-                    f"warm-up request in mode {mode} failed: {warm['error']}\n"
-                    f"edge log tail:\n{edge.proc.log()[-1500:]}\ncloud log tail:\n{cloud.proc.log()[-1500:]}"
-                )
+        _warm_up(lab, pairs, cfg, context, question)
+        if "cached" in cfg.cases:
+            for tokens in cfg.tokens:
+                context, question, _ = contexts[tokens]
+                register(lab, pairs["cached"], cfg, doc_id_of(tokens), context, question, progress)
         for bandwidth in cfg.bandwidths:
             lab.shape(bandwidth)
             for tokens in cfg.tokens:
                 context, question, _ = contexts[tokens]
-                samples: dict[str, list[dict]] = {m: [] for m in cfg.modes}
+                samples: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in cfg.cases for m in cfg.modes}
                 for rep in range(cfg.repeats):
-                    for mode in cfg.modes:
-                        s = _ask(lab, cloud, cfg, _request(cfg, mode, context, question))
-                        samples[mode].append(s)
-                        progress(
-                            f"{bandwidth} {tokens} tokens {mode} #{rep + 1}: "
-                            + (
-                                s["error"]
-                                if "error" in s
-                                else f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s"
-                            )
-                        )
-                rows += [summarize(bandwidth, tokens, m, samples[m], cfg) for m in cfg.modes]
-    return add_ratios(rows)
-
-
-# ---- report ----------------------------------------------------------------------------------
-
-
-def _f(x, spec: str) -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def format_rows(rows: list[dict]) -> str:
-    """The Markdown table: one row per bandwidth x tokens x mode."""
-    lines = [
-        "| bandwidth | tokens | mode | wire MB | TTFT s | total s | TTFT/text | total/text | (TTFT − edge prefill)/text |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['bandwidth']} | {r['tokens']} | {r['mode']} | error: {r['error'][:80]} | | | | | |")
-            continue
-        mode = r["mode"] if r["complete"] else f"{r['mode']} (stream cut)"
-        lines.append(
-            f"| {r['bandwidth']} | {r['tokens']} | {mode} | {r['bytes'] / 1e6:.3f} | {r['ttft_s']:.2f} | "
-            f"{r['total_s']:.2f} | {_f(r['ttft_vs_text'], '.2f')} | {_f(r['total_vs_text'], '.2f')} | "
-            f"{_f(r['ttft_minus_edge_prefill_vs_text'], '.2f')} |"
-        )
-    return "\n".join(lines)
-
-
-def verdicts(rows: list[dict]) -> list[str]:
-    """One line per bandwidth x tokens naming the modes faster than text (ratio < 1), TTFT and total."""
-    out = []
-    for key in dict.fromkeys((r["bandwidth"], r["tokens"]) for r in rows):
-        group = [r for r in rows if (r["bandwidth"], r["tokens"]) == key and r["mode"] != BASELINE]
-        parts = []
-        for metric, label in (
-            ("ttft_vs_text", "first token"),
-            ("total_vs_text", "total"),
-            ("ttft_minus_edge_prefill_vs_text", "first token with the edge's prefill done ahead"),
-        ):
-            wins = sorted((r[metric], r["mode"]) for r in group if r.get(metric) is not None and r[metric] < 1.0)
-            parts.append(f"beats text on {label}: " + (", ".join(f"{m} ({x:.2f})" for x, m in wins) or "none"))
-        out.append(f"{key[0]}, {key[1]} tokens: " + "; ".join(parts))
-    return out
+                    for case in cfg.cases:
+                        src = {"doc_id": doc_id_of(tokens)} if case == "cached" else {"context": context}
+                        for mode in cfg.modes:
+                            s = _ask(lab, pairs[case], cfg, _request(cfg, mode, question, **src))
+                            samples[case, mode].append(s)
+                            progress(f"{bandwidth} {tokens} tokens {case} {mode} #{rep + 1}: {_describe_sample(s)}")
+                rows += [
+                    summarize(bandwidth, tokens, c, m, MODES[m], samples[c, m]) for c in cfg.cases for m in cfg.modes
+                ]
+        if qs is not None:
+            pair = pairs["cached"]
+            lab.shape(cfg.qa_bandwidth)
+            first = register(lab, pair, cfg, QA_DOC_ID, qs.text, qs.questions[0].question, progress)
+            result.question_samples = run_questions(
+                lambda mode, q: _ask(lab, pair, cfg, _request(cfg, mode, q, doc_id=QA_DOC_ID)),
+                qs,
+                cfg.modes,
+                progress,
+            )
+            result.question_rows = summarize_questions(result.question_samples)
+            result.question_meta = {
+                **qs.meta(),
+                "bandwidth": cfg.qa_bandwidth,
+                "prefix_prefill_s": first["prefix_prefill_s"],
+                "prefix_edge_cpu_s": first["edge_cpu_s"],
+            }
+    add_ratios(rows)
+    return result
 
 
 def describe(cfg: LinkConfig) -> str:
-    """The setup line printed under the table."""
+    """The setup line printed under the tables."""
     path = f"through bench.relay adding {cfg.delay_ms:g} ms each way" if cfg.delay_ms > 0 else "on the bare link"
     return (
-        f"model {cfg.model}; edge-agent and cloud-agent in two namespaces joined by a tbf-shaped veth, the cloud "
-        f"{path}; {cfg.threads} torch thread(s) per daemon; contexts cut from the SQuAD sample passages, question "
-        f"about the first passage; max_new_tokens {cfg.max_new_tokens}; median of {cfg.repeats} repeat(s); "
-        f"TTFT = client wall time - (generate - first_token); the last column takes the edge's prefill off "
-        f"the clock, as if the edge had held the prompt's KV before the question came"
+        f"model {cfg.model}; one edge-agent + cloud-agent pair per case ({', '.join(cfg.pairs)}) in two namespaces "
+        f"joined by a tbf-shaped veth, each cloud {path}; {cfg.threads} torch thread(s) per daemon; contexts cut "
+        f"from the SQuAD sample passages, question about the first passage; max_new_tokens {cfg.max_new_tokens}; "
+        f"median of {cfg.repeats} repeat(s); TTFT = client wall time - (generate - first_token); the "
+        f"(TTFT − edge prefill) column takes the edge's prefill off the clock, as if the edge had held the "
+        f"prompt's KV before the question came; CPU s = the daemon process's utime + stime (/proc/<pid>/stat) "
+        f"over the request"
     )

@@ -144,12 +144,21 @@ def start_relay(lab: NetLab, target: str, timeout: float = 20.0, **opts) -> Rela
 
 
 def http(
-    lab: NetLab, method: str, url: str, body: dict | None = None, timeout: float = 120.0, headers: dict | None = None
+    lab: NetLab,
+    method: str,
+    url: str,
+    body: dict | str | None = None,
+    timeout: float = 120.0,
+    headers: dict | None = None,
 ) -> dict:
     """One HTTP request sent from inside the cloud namespace: {"status", "body", "seconds"}
-    (status None and "error" when no response came)."""
+    (status None and "error" when no response came). A dict body is sent as JSON, a str as UTF-8
+    text/plain (unless headers name another Content-Type)."""
     args = [TOOLS, "http", method, url, "--timeout", str(timeout)]
-    if body is not None:
+    if isinstance(body, str):
+        args += ["--json", body]
+        headers = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
+    elif body is not None:
         args += ["--json", json.dumps(body)]
     for k, v in (headers or {}).items():
         args += ["--header", f"{k}: {v}"]
@@ -160,6 +169,41 @@ def http(
 def answer(lab: NetLab, cloud: Daemon, request: dict, timeout: float = 120.0) -> dict:
     """POST /answer to the cloud-agent from inside the cloud namespace."""
     return http(lab, "POST", cloud.http_url + "/answer", request, timeout)
+
+
+def put_document(lab: NetLab, edge: Daemon, doc_id: str, text: str, timeout: float = 60.0) -> dict:
+    """PUT /v1/documents/{doc_id} on the edge-agent's HTTP port (from the cloud namespace, across the
+    veth); the document's metadata. RuntimeError with the edge's answer when it refuses."""
+    res = http(lab, "PUT", f"{edge.http_url}/v1/documents/{doc_id}", text, timeout)
+    if res["status"] not in (200, 201):
+        raise RuntimeError(f"{edge.proc.name} PUT /v1/documents/{doc_id}: {res}")
+    return res["body"]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used, from /proc/<pid>/stat
+    (utime and stime, fields 14 and 15, in clock ticks: 10 ms resolution at the usual 100 Hz).
+    Children are not included; the daemons start none."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        return parse_stat_cpu(f.read()) / os.sysconf("SC_CLK_TCK")
+
+
+def parse_stat_cpu(stat: str) -> int:
+    """utime + stime (clock ticks) of a /proc/<pid>/stat line. The command name (field 2) is in
+    parentheses and may itself hold spaces and parentheses: the fields after it start after the LAST ')'."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of the line; here 0 is field 3 (state)
+
+
+def daemon_pid(daemon: Daemon, module: str) -> int:
+    """The pid whose CPU time is the daemon's own: `ip netns exec` replaces itself with the program, so
+    it is the spawned pid; checked against /proc/<pid>/cmdline (RuntimeError if it is not `module`)."""
+    pid = daemon.proc.pid
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    if module.encode() not in argv:
+        raise RuntimeError(f"pid {pid} runs {argv[:4]!r}, not {module}: its CPU time would not be the daemon's")
+    return pid
 
 
 def kill(proc: Proc, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:

@@ -1,0 +1,274 @@
+"""`kvwire bench link`'s figures: rows from measured samples, ratios to text, the Markdown tables,
+the verdicts and the issue's targets. Pure functions of measurements (no lab, no model), so the
+tests drive them with synthetic samples.
+
+A grid row is one bandwidth x tokens x case x mode; a case is "cold" (the context sent inline to an
+edge whose prefix cache is off) or "cached" (a document registered on the edge and prefilled before
+the question). Every ratio divides by the text row of the same bandwidth, tokens and case.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+BASELINE = "text"
+CASES: dict[str, str] = {
+    "cold": "inline context, the edge's prefix cache off: every kv/scout request pays the edge's whole prefill",
+    "cached": "a document registered on the edge (doc_id) and prefilled before the question; text fetches "
+    "its text from the edge across the link",
+}
+
+
+def _group(row: dict) -> tuple:
+    return row["bandwidth"], row["tokens"], row["case"]
+
+
+def summarize(bandwidth: str, tokens: int, case: str, mode: str, request: dict, samples: list[dict]) -> dict:
+    """One table row: medians over the repeats that answered (an error row if none did).
+
+    A cached row also counts the edge's prefix-cache events its requests caused (samples'
+    "cache_hits"/"cache_misses", from the edge's /metrics around each request): a cached measurement
+    is only that when every streamed request was a hit.
+    """
+    ok = [s for s in samples if "error" not in s]
+    row = {
+        "table": "link",
+        "bandwidth": bandwidth,
+        "tokens": tokens,
+        "case": case,
+        "mode": mode,
+        "request": request,
+        "repeats": len(samples),
+        "answered": len(ok),
+    }
+    if not ok:
+        return {**row, "error": samples[0]["error"] if samples else "not run"}
+    first = ok[0]
+    stages = first["timings_ms"].keys()
+    med = lambda key: round(statistics.median(s[key] for s in ok), 4)  # noqa: E731
+    out = {
+        **row,
+        "bytes": int(statistics.median(s["bytes"] for s in ok)),
+        "ttft_s": med("ttft_s"),
+        "total_s": med("total_s"),
+        "ttft_minus_edge_prefill_s": med("ttft_minus_edge_prefill_s"),
+        "context_tokens": first["context_tokens"],
+        "prompt_tokens": first["prompt_tokens"],
+        "kept_positions": first["kept_positions"],
+        "answer": first["answer"],
+        "complete": all(s["complete"] for s in ok),
+        "timings_ms": {k: round(statistics.median(s["timings_ms"][k] for s in ok), 1) for k in stages},
+        "errors": [s["error"] for s in samples if "error" in s],
+    }
+    if any("cache_hits" in s for s in ok):
+        out["cache_hits"] = sum(s.get("cache_hits", 0) for s in ok)
+        out["cache_misses"] = sum(s.get("cache_misses", 0) for s in ok)
+    return out
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """ttft_vs_text and total_vs_text: each row over the text row of the same bandwidth, tokens and
+    case; ttft_minus_edge_prefill_vs_text: the row's TTFT without the edge's prefill, over text's TTFT
+    (what shipping KV would cost if the edge had its KV ready when the question came)."""
+    base = {_group(r): r for r in rows if r["mode"] == BASELINE and "error" not in r}
+    for r in rows:
+        b = base.get(_group(r))
+        ok = b is not None and "error" not in r
+        for key, unit in (("ttft", "ttft"), ("total", "total"), ("ttft_minus_edge_prefill", "ttft")):
+            r[f"{key}_vs_text"] = round(r[f"{key}_s"] / b[f"{unit}_s"], 3) if ok else None
+    return rows
+
+
+def _f(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def cache_note(row: dict) -> str:
+    """The edge-cache column: off (cold), hits/requests (cached, streamed), – (text: no edge prefill)."""
+    if row["case"] == "cold":
+        return "off"
+    if "cache_hits" not in row:
+        return "–"
+    n = row["cache_hits"] + row["cache_misses"]
+    return f"hit {row['cache_hits']}/{n}" if row["cache_misses"] == 0 else f"MISSED {row['cache_misses']}/{n}"
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The Markdown tables: one per case, one row per bandwidth x tokens x mode."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        lines = [
+            f"**{case}**: {CASES[case]}",
+            "",
+            "| bandwidth | tokens | mode | wire MB | TTFT s | total s | TTFT/text | total/text "
+            "| (TTFT − edge prefill)/text | edge cache |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in (r for r in rows if r["case"] == case):
+            if "error" in r:
+                lines.append(
+                    f"| {r['bandwidth']} | {r['tokens']} | {r['mode']} | error: {r['error'][:80]} | | | | | | |"
+                )
+                continue
+            mode = r["mode"] if r["complete"] else f"{r['mode']} (stream cut)"
+            lines.append(
+                f"| {r['bandwidth']} | {r['tokens']} | {mode} | {r['bytes'] / 1e6:.3f} | {r['ttft_s']:.2f} | "
+                f"{r['total_s']:.2f} | {_f(r['ttft_vs_text'], '.2f')} | {_f(r['total_vs_text'], '.2f')} | "
+                f"{_f(r['ttft_minus_edge_prefill_vs_text'], '.2f')} | {cache_note(r)} |"
+            )
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per bandwidth x tokens x case naming the modes faster than text (ratio < 1)."""
+    out = []
+    for key in dict.fromkeys(_group(r) for r in rows):
+        group = [r for r in rows if _group(r) == key and r["mode"] != BASELINE]
+        parts = []
+        for metric, label in (
+            ("ttft_vs_text", "first token"),
+            ("total_vs_text", "total"),
+            ("ttft_minus_edge_prefill_vs_text", "first token with the edge's prefill done ahead"),
+        ):
+            if key[2] == "cached" and metric == "ttft_minus_edge_prefill_vs_text":
+                continue  # a cached row's edge prefill is the question's alone: the column adds nothing
+            wins = sorted((r[metric], r["mode"]) for r in group if r.get(metric) is not None and r[metric] < 1.0)
+            parts.append(f"beats text on {label}: " + (", ".join(f"{m} ({x:.2f})" for x, m in wins) or "none"))
+        out.append(f"{key[0]}, {key[1]} tokens, {key[2]}: " + "; ".join(parts))
+    return out
+
+
+# ---- targets (issue 11) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio a mode's cached rows must stay at or under: in the named cells, or (None) every measured one."""
+
+    mode: str
+    max_ratio: float
+    bandwidths: tuple[str, ...] | None = None
+    tokens: tuple[int, ...] | None = None
+    case: str = "cached"
+    metric: str = "ttft_vs_text"
+
+    def describe(self) -> str:
+        where = []
+        if self.tokens:
+            where.append(f"a {self.case} {'/'.join(map(str, self.tokens))}-token document")
+        else:
+            where.append(f"a {self.case} document")
+        where.append(f"at {'/'.join(self.bandwidths)}" if self.bandwidths else "on every link")
+        return f"{self.mode} on {' '.join(where)}: TTFT <= {self.max_ratio:g}x text's"
+
+    def cells(self, rows: list[dict]) -> list[dict]:
+        return [
+            r
+            for r in rows
+            if r.get("table", "link") == "link"
+            and r["mode"] == self.mode
+            and r["case"] == self.case
+            and (self.bandwidths is None or r["bandwidth"] in self.bandwidths)
+            and (self.tokens is None or r["tokens"] in self.tokens)
+        ]
+
+
+TARGETS = (
+    Target("kv-q2c0.5-mixed-int4", 0.25, bandwidths=("100mbit",), tokens=(2048,)),
+    Target("scout-sparse-q2c0.5", 0.7),
+)
+
+
+def target_verdicts(rows: list[dict], targets=TARGETS) -> list[str]:
+    """One line per target: met / MISSED / not measured, with every cell's ratio. A cell whose edge
+    missed its cache, or that has no answer, cannot meet a target."""
+    out = []
+    for t in targets:
+        cells = t.cells(rows)
+        if not cells:
+            out.append(f"target {t.describe()}: not measured (no such row in this run)")
+            continue
+        parts, met = [], True
+        for r in cells:
+            ratio = r.get(t.metric)
+            ok = ratio is not None and ratio <= t.max_ratio and r.get("cache_misses", 0) == 0 and r["complete"]
+            met &= ok
+            note = "no answer" if ratio is None else f"{ratio:.2f}"
+            if ratio is not None and r.get("cache_misses", 0):
+                note += " (edge cache missed)"
+            parts.append(f"{r['bandwidth']} {r['tokens']} {note}")
+        out.append(f"target {t.describe()}: {'met' if met else 'MISSED'} ({', '.join(parts)})")
+    return out
+
+
+# ---- the many-questions workload --------------------------------------------------------------------
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 for a single value)."""
+    m = statistics.fmean(xs)
+    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+
+
+def summarize_questions(samples: list[dict]) -> list[dict]:
+    """samples: one per question x mode ({"mode", "question", "ttft_s", "total_s", "edge_cpu_s",
+    "cloud_cpu_s", "f1", ...} or {"mode", "question", "error"}). One row per mode, in first-seen
+    order: means and standard errors over the questions it answered; ttft_vs_text is the mean of the
+    per-question ratios to text's TTFT on the same question (paired), with its standard error."""
+    text = {s["question"]: s for s in samples if s["mode"] == BASELINE and "error" not in s}
+    rows = []
+    for mode in dict.fromkeys(s["mode"] for s in samples):
+        mine = [s for s in samples if s["mode"] == mode]
+        ok = [s for s in mine if "error" not in s]
+        row = {"table": "questions", "mode": mode, "questions": len(mine), "answered": len(ok)}
+        if not ok:
+            rows.append({**row, "error": mine[0]["error"] if mine else "not run"})
+            continue
+        for key in ("ttft_s", "total_s", "edge_cpu_s", "cloud_cpu_s", "f1"):
+            row[key], row[f"{key}_se"] = (round(x, 4) for x in mean_se([s[key] for s in ok]))
+        cpu = [s["edge_cpu_s"] + s["cloud_cpu_s"] for s in ok]
+        row["cpu_s"], row["cpu_s_se"] = (round(x, 4) for x in mean_se(cpu))
+        paired = [s["ttft_s"] / text[s["question"]]["ttft_s"] for s in ok if s["question"] in text]
+        row["ttft_vs_text"], row["ttft_vs_text_se"] = (round(x, 3) for x in mean_se(paired)) if paired else (None, None)
+        row["bytes"] = int(statistics.median(s["bytes"] for s in ok))
+        if any("cache_hits" in s for s in ok):
+            row["cache_hits"] = sum(s.get("cache_hits", 0) for s in ok)
+            row["cache_misses"] = sum(s.get("cache_misses", 0) for s in ok)
+        rows.append(row)
+    return rows
+
+
+def _pm(row: dict, key: str, spec: str) -> str:
+    return f"{format(row[key], spec)} ± {format(row[key + '_se'], spec)}"
+
+
+def format_questions(rows: list[dict], meta: dict) -> str:
+    """The many-questions table: per answer, mean ± standard error over the questions."""
+    lines = [
+        f"**many questions**: one {meta['context_tokens']}-token document ({meta['title']}, "
+        f"{meta['paragraphs']} paragraphs) registered on the edge and prefilled once "
+        f"({meta['prefix_prefill_s']:.2f} s edge prefill, {meta['prefix_edge_cpu_s']:.2f} edge CPU s), "
+        f"then {meta['questions']} questions in each mode at {meta['bandwidth']}; per answer, mean ± SE",
+        "",
+        "| mode | answered | TTFT s | TTFT/text (paired) | edge CPU s | cloud CPU s | edge+cloud CPU s "
+        "| wire MB | F1 | edge cache |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | 0/{r['questions']} | error: {r['error'][:80]} | | | | | | | |")
+            continue
+        ratio = "–" if r["ttft_vs_text"] is None else _pm(r, "ttft_vs_text", ".2f")
+        cache = "–"
+        if "cache_hits" in r:
+            n = r["cache_hits"] + r["cache_misses"]
+            cache = f"hit {r['cache_hits']}/{n}" if not r["cache_misses"] else f"MISSED {r['cache_misses']}/{n}"
+        lines.append(
+            f"| {r['mode']} | {r['answered']}/{r['questions']} | {_pm(r, 'ttft_s', '.2f')} | {ratio} | "
+            f"{_pm(r, 'edge_cpu_s', '.3f')} | {_pm(r, 'cloud_cpu_s', '.3f')} | {_pm(r, 'cpu_s', '.3f')} | "
+            f"{r['bytes'] / 1e6:.3f} | {_pm(r, 'f1', '.2f')} | {cache} |"
+        )
+    return "\n".join(lines)
