@@ -134,7 +134,7 @@ def load_examples(spec: str) -> list[Example]:
         return load_squad_json(path)
     if spec == SQUAD_SAMPLE:
         return squad_examples(
-            json.loads(resources.files("bench").joinpath(SAMPLE_FILE).read_text(encoding="utf-8")), SQUAD_SAMPLE
+            json.loads(resources.files("kvwire.bench").joinpath(SAMPLE_FILE).read_text(encoding="utf-8")), SQUAD_SAMPLE
         )
     path = Path(spec)
     if not path.is_file():
