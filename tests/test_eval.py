@@ -454,3 +454,71 @@ def test_paired_se_and_bootstrap():
     assert ci == bootstrap_pct(shifted, full)  # seeded: the same interval every time
     assert ci[0] < 100 * sum(shifted) / sum(full) < ci[1]
     assert bootstrap_pct(same, full)[0] == bootstrap_pct(same, full)[1] == 100.0
+
+
+def _shard_args(tiny_model_dir, qa_file, out) -> list[str]:
+    return [
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        qa_file,
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "2",
+        "--selectors",
+        "q2c",
+        "--retentions",
+        "0.5",
+        "--profiles",
+        "int8",
+        "--out",
+        str(out),
+    ]
+
+
+def test_a_partial_report_says_so(tiny_model_dir, qa_file, tmp_path):
+    args = _shard_args(tiny_model_dir, qa_file, tmp_path)
+    assert main(args + ["--shard", "0/2"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["partial"] is True and results["answers"] == 2 * 3 and results["expected"] == 4 * 3
+    assert all(r["n"] == 2 for r in results["rows"])
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# ") and "(PARTIAL)" in md.splitlines()[0] and "6 of 12 answers" in md
+    assert json.loads((tmp_path / "run.json").read_text())["partial"] is True
+    assert main(args + ["--shard", "1/2"]) == 0  # the last shard: the complete report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["partial"] is False and all(r["n"] == 4 for r in results["rows"])
+    assert "PARTIAL" not in (tmp_path / "results.md").read_text()
+
+
+def _shard_process(barrier, argv: list[str]) -> None:
+    import sys
+
+    from kvwire.bench.main import main as kvwire_main
+
+    barrier.wait(timeout=300)  # both processes have imported everything: start the runs together
+    sys.exit(kvwire_main(argv))
+
+
+def test_two_shards_started_together_both_finish(tiny_model_dir, qa_file, tmp_path):
+    """Two shard processes on one --out, released by one barrier: neither crashes (run.json and the
+    records are shared), and the report written last is complete."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    args = _shard_args(tiny_model_dir, qa_file, tmp_path)
+    procs = [ctx.Process(target=_shard_process, args=(barrier, args + ["--shard", f"{k}/2"])) for k in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["partial"] is False and all(r["n"] == 4 for r in results["rows"])
+    recs = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 * 3 and len({(r["example"], r["setting"]) for r in recs}) == 4 * 3  # whole lines, no repeats
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["limit"] == 4
+    assert not list(tmp_path.glob(".*.tmp*"))  # no temporary file left behind
