@@ -354,15 +354,15 @@ def test_none_is_no_selection(tiny_loaded, monkeypatch):
         edge.validate(EdgeRequest(PASSAGES[0][1], PASSAGES[0][2], "kv", None, 0.5, "int8"))
 
 
-def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
-    args = [
+def _shard_args(tiny_model_dir, qa_file, out, limit: int = 4) -> list[str]:
+    return [
         "eval",
         "--model",
         tiny_model_dir,
         "--data",
         qa_file,
         "--limit",
-        "3",
+        str(limit),
         "--max-new-tokens",
         "2",
         "--selectors",
@@ -372,8 +372,12 @@ def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
         "--profiles",
         "int8",
         "--out",
-        str(tmp_path),
+        str(out),
     ]
+
+
+def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
+    args = _shard_args(tiny_model_dir, qa_file, tmp_path, limit=3)
 
     def computed():
         return json.loads((tmp_path / "run.json").read_text())["runtime"]["this_invocation"]["questions_computed"]
@@ -454,28 +458,6 @@ def test_paired_se_and_bootstrap():
     assert ci == bootstrap_pct(shifted, full)  # seeded: the same interval every time
     assert ci[0] < 100 * sum(shifted) / sum(full) < ci[1]
     assert bootstrap_pct(same, full)[0] == bootstrap_pct(same, full)[1] == 100.0
-
-
-def _shard_args(tiny_model_dir, qa_file, out) -> list[str]:
-    return [
-        "eval",
-        "--model",
-        tiny_model_dir,
-        "--data",
-        qa_file,
-        "--limit",
-        "4",
-        "--max-new-tokens",
-        "2",
-        "--selectors",
-        "q2c",
-        "--retentions",
-        "0.5",
-        "--profiles",
-        "int8",
-        "--out",
-        str(out),
-    ]
 
 
 def test_a_partial_report_says_so(tiny_model_dir, qa_file, tmp_path):
