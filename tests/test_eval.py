@@ -245,6 +245,14 @@ def test_needle_eval_groups_by_length(tiny_model_dir, qa_file, tmp_path):
     assert "### Context 128 tokens" in (tmp_path / "results.md").read_text()
 
 
+def eval_one_profile(tiny_model_dir, qa_file, profile_path, out) -> list[dict]:
+    """`kvwire eval` of one question at one profile file (retention 1.0): the rows it wrote."""
+    argv = ["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "1", "--max-new-tokens", "2"]
+    argv += ["--threads", "1", "--selectors", "q2c", "--retentions", "1.0", "--profiles", str(profile_path)]
+    assert main(argv + ["--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
 def test_diagnose_writes_a_profile_eval_accepts(tiny_model_dir, qa_file, tmp_path, capsys):
     out = tmp_path / "diag"
     assert (
@@ -274,31 +282,7 @@ def test_diagnose_writes_a_profile_eval_accepts(tiny_model_dir, qa_file, tmp_pat
     profile = get_profile(str(out / "profile.json"))
     assert profile.resolve(4, 16)
     assert "| layer |" in (out / "diagnose.md").read_text()
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                tiny_model_dir,
-                "--data",
-                qa_file,
-                "--limit",
-                "1",
-                "--max-new-tokens",
-                "2",
-                "--selectors",
-                "q2c",
-                "--retentions",
-                "1.0",
-                "--profiles",
-                str(out / "profile.json"),
-                "--out",
-                str(tmp_path / "eval"),
-            ]
-        )
-        == 0
-    )
-    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    rows = eval_one_profile(tiny_model_dir, qa_file, out / "profile.json", tmp_path / "eval")
     assert profile.name in {r["profile"] for r in rows}
 
 
@@ -363,6 +347,8 @@ def _shard_args(tiny_model_dir, qa_file, out, limit: int = 4) -> list[str]:
         qa_file,
         "--limit",
         str(limit),
+        "--threads",
+        "1",
         "--max-new-tokens",
         "2",
         "--selectors",
