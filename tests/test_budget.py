@@ -9,19 +9,10 @@ import random
 import pytest
 
 from kvwire.bench.main import main
-from tests.test_eval import PASSAGES, eval_one_profile
+from tests import test_eval
+from tests.test_eval import eval_one_profile
 
-
-@pytest.fixture(scope="module")
-def qa_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"id": f"q{i}", "title": t, "context": c, "question": q, "answers": a}) + "\n"
-            for i, (t, c, q, a) in enumerate(PASSAGES[:3])
-        )
-    )
-    return str(path)
+qa_file = test_eval.qa_file  # the same six passages as the eval tests (a module-scoped fixture)
 
 
 def _diagnose(tiny_model_dir, qa_file, out, budget: str, *extra) -> int:
