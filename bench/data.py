@@ -77,7 +77,8 @@ def squad_examples(data: dict, where: str = "SQuAD data") -> list[Example]:
 
 
 def load_jsonl(path: str | Path) -> list[Example]:
-    """Read one {"context", "question", "answers"} object a line (optional "id", "title").
+    """Read one {"context", "question", "answers"} object a line (optional "id", "title", "meta"; any
+    other field, e.g. "source", goes into the example's meta).
 
     answers may be a list of strings, a list of {"text": ...}, a single string, or the Hugging Face
     SQuAD layout {"text": [...], "answer_start": [...]}.
@@ -102,12 +103,16 @@ def load_jsonl(path: str | Path) -> list[Example]:
                     question,
                     answers,
                     row.get("title", ""),
-                    meta=row.get("meta", {}),
+                    # other fields of the row (e.g. "source") are the example's metadata too: eval records carry them
+                    meta={**{k: v for k, v in row.items() if k not in _JSONL_FIELDS}, **row.get("meta", {})},
                 )
             )
     if not out:
         raise ConfigError(f"{path}: no examples")
     return out
+
+
+_JSONL_FIELDS = {"id", "context", "question", "answers", "title", "meta"}
 
 
 def _answer_texts(answers) -> tuple[str, ...]:

@@ -12,6 +12,9 @@ the verdict says which pattern this model shows, and the profile follows it:
   concentrated  the sensitive layers at FP16, INT4 elsewhere
   distributed   no small set of layers explains the damage: INT8 everywhere (lossless in the research)
 
+With --budget B it allocates bits per layer and per K/V under a byte budget instead, from a
+teacher-forced sensitivity sweep (bench/budget.py), and writes that profile.
+
 The options are defined in bench/eval_args.py (light, for `kvwire diagnose --help`).
 """
 
@@ -21,6 +24,7 @@ import json
 import time
 from pathlib import Path
 
+from kvwire.bench.budget import run_budget
 from kvwire.bench.eval import load_questions, set_threads, start_run
 from kvwire.bench.evaluator import FULL, NONE, Evaluator, RecordStore, Setting, summarize
 from kvwire.kvcodec.profiles import PrecisionProfile
@@ -73,6 +77,9 @@ def run(args) -> int:
     questions = load_questions(args, loaded.tokenizer)
     store = RecordStore(out / "records.jsonl")
     ev = Evaluator(loaded, args.max_new_tokens, store)
+    if args.budget:
+        start_run(out, args, loaded, ev, low="budget")
+        return run_budget(args, loaded, ev, questions, out)
     num_layers = ev.geometry["num_layers"]
     only_low, only_hi = layer_profiles(num_layers, args.low)
     all_low = Setting(NONE, 1.0, PrecisionProfile(f"all-{args.low}", (Quantizer(args.low),) * 2))

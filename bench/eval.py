@@ -3,7 +3,10 @@
 
 Writes to --out: records.jsonl (one answer per line; a rerun skips what is there), results.json (the
 aggregated rows), results.md (tables), pareto.png, and run.json (configuration and runtime).
-The options are defined in bench/eval_args.py (light, for `kvwire eval --help`).
+Shards (--shard K/N) may run at once on one --out: records are appended under a file lock, the
+summary files are written whole (tmp + rename) under the folder's lock (bench/run_dir.py), and a
+report built before every answer is on disk says PARTIAL; the last shard to finish writes the
+complete one. The options are defined in bench/eval_args.py (light, for `kvwire eval --help`).
 """
 
 from __future__ import annotations
@@ -14,17 +17,19 @@ import time
 from pathlib import Path
 
 from kvwire.bench.data import load_examples, needle_set, pick
-from kvwire.bench.eval_report import markdown_table, pareto_plot
+from kvwire.bench.eval_report import markdown_table, pareto_plot, partial_note
 from kvwire.bench.evaluator import (
     TEXT,
     Evaluator,
     RecordStore,
     Setting,
     baselines,
+    completeness,
     make_setting,
     scout_setting,
     summarize,
 )
+from kvwire.bench.run_dir import locked, replacing, write_atomic
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
 from kvwire.kvcodec.selectors import selector_names
@@ -140,9 +145,11 @@ def start_run(out: Path, args, loaded, evaluator: Evaluator, **extra) -> dict:
         "instruction": DEFAULT_INSTRUCTION,
         **extra,
     }
-    check_resume(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({"config": config}, indent=1))
+    with locked(out):  # a shard starting beside another reads its run.json whole, never mid-write
+        check_resume(out, config)
+        path = out / "run.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        write_atomic(path, json.dumps({**old, "config": config}, indent=1))
     return config
 
 
@@ -158,7 +165,7 @@ def run(args) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     questions = load_questions(args, loaded.tokenizer)
     store = RecordStore(out / "records.jsonl")
-    evaluator = Evaluator(loaded, args.max_new_tokens, store)
+    evaluator = Evaluator(loaded, args.max_new_tokens, store, source=args.data)
     needle = {"needle": args.needle, "needle_depths": args.needle_depths if args.needle else ""}
     config = start_run(out, args, loaded, evaluator, settings=[s.key for s in settings], **needle)
 
@@ -179,23 +186,30 @@ def run(args) -> int:
         store.close()
     wall = time.perf_counter() - run_started
 
-    rows = summarize(store, questions, settings)
     title = args.title or f"{Path(loaded.source).name} on {args.data}" + (" (needles)" if args.needle else "")
-    runtime = runtime_summary(store, questions, settings, computed, wall, evaluator.prefills)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    (out / "run.json").write_text(json.dumps({"config": config, "runtime": runtime}, indent=1))
-    table = markdown_table(rows)
     lengths = sorted({q.meta["length"] for q in questions}) if args.needle else []
     count = (
         f"{len(questions)} needles ({len(questions) // len(lengths)} questions x {len(lengths)} lengths)"
         if lengths
         else f"{len(questions)} questions"
     )
-    (out / "results.md").write_text(
-        f"# {title}\n\n{count}, answers capped at {args.max_new_tokens} tokens.\n\n{table}\n{runtime_text(runtime)}\n"
-    )
-    pareto_plot(rows, out / "pareto.png", title)
-    print(table)
+    with locked(out):  # the other shards' answers as they are now, and one report at a time
+        store.reload()
+        done = completeness(store, questions, settings)
+        rows = summarize(store, questions, settings)
+        runtime = runtime_summary(store, questions, settings, computed, wall, evaluator.prefills)
+        note = partial_note(done, args.shard)
+        table = markdown_table(rows)
+        write_atomic(out / "results.json", json.dumps({**done, "rows": rows}, indent=1))
+        write_atomic(out / "run.json", json.dumps({"config": config, "runtime": runtime, **done}, indent=1))
+        write_atomic(
+            out / "results.md",
+            f"# {title}{' (PARTIAL)' if done['partial'] else ''}\n\n{note}{count}, answers capped at "
+            f"{args.max_new_tokens} tokens.\n\n{table}\n{runtime_text(runtime)}\n",
+        )
+        with replacing(out / "pareto.png") as tmp:
+            pareto_plot(rows, tmp, title + (" (PARTIAL)" if done["partial"] else ""))
+    print(note + table)
     print(runtime_text(runtime))
     print(f"wrote {out}/results.json, results.md, pareto.png ({time.perf_counter() - started:.0f} s in all)")
     return 0

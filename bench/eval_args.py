@@ -97,5 +97,28 @@ def add_diagnose_arguments(p) -> None:
         default=3,
         help="at most this many layers kept at FP16 before the damage counts as distributed (default 3)",
     )
-    p.add_argument("--name", default="", help="name of the written profile (default: <model>-diagnosed)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="instead of the INT4 sweep: allocate an encoding per layer and per K/V from a teacher-forced "
+        "sensitivity sweep so the profile's bytes are at most FRACTION of the FP16 bytes (e.g. 0.15), and write it",
+    )
+    p.add_argument(
+        "--retention",
+        type=float,
+        default=1.0,
+        help="with --budget: the retention the profile will be used at; the budget covers the positions it keeps "
+        "(template and question included). Default 1.0",
+    )
+    p.add_argument(
+        "--encodings",
+        default="",
+        help="with --budget: comma list of the encodings to choose from (default: every registered encoding "
+        "that takes the token axis and costs no more than fp16)",
+    )
+    p.add_argument(
+        "--name", default="", help="name of the written profile (default: <model>-diagnosed, or <model>-budget-B)"
+    )
     p.add_argument("--out", required=True, help="output folder: profile.json, diagnose.json, diagnose.md (resumable)")

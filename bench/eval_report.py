@@ -6,30 +6,63 @@ from pathlib import Path
 
 from kvwire.bench.evaluator import FULL, NONE, TEXT
 
-STAGES = ("prefill", "select", "encode", "decode", "inject", "first_token", "generate")
+STAGES = ("prefill", "select", "encode", "decode", "inject", "first_token", "generate", "teacher_forced")
 
 
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _pm(row: dict, col: str, spec: str, scale: float = 1.0) -> str:
+    """value ± its paired standard error against full KV (– where not measured)."""
+    value, se = row.get(col), (row.get("se") or {}).get(col)
+    if value is None:
+        return "–"
+    text = format(scale * value, spec)
+    return text if se is None or row["selector"] == FULL else f"{text} ± {format(scale * se, spec)}"
+
+
+def _ci(row: dict) -> str:
+    pct, ci = row["pct_of_full_f1"], row.get("pct_of_full_f1_ci")
+    if pct is None:
+        return "–"
+    return f"{pct:.1f}" if ci is None or row["selector"] == FULL else f"{pct:.1f} [{ci[0]:.0f}, {ci[1]:.0f}]"
+
+
+def partial_note(done: dict, shard: str = "") -> str:
+    """The line a report opens with while answers are missing ('' when the run is complete)."""
+    if not done["partial"]:
+        return ""
+    where = f" (written by shard {shard})" if shard else ""
+    return (
+        f"**PARTIAL**{where}: {done['answers']} of {done['expected']} answers are on disk. The other shards "
+        f"are still running or were not started; the last one to finish (or a rerun without --shard) writes "
+        f"the complete report.\n\n"
+    )
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """One quality/bytes table and one stage-time table per context length group."""
+    """One quality/bytes table and one stage-time table per context length group.
+
+    "±" is the paired standard error against full KV over the same questions; the interval after
+    "% of full F1" is the seeded bootstrap 95% interval; top-1 and KL are the teacher-forced scores.
+    """
     out = []
     for length in dict.fromkeys(r["length"] for r in rows):
         group = [r for r in rows if r["length"] == length]
         if length is not None:
             out.append(f"### Context {length} tokens\n")
         out.append(
-            "| selector | retention | profile | n | F1 | EM | % of full F1 | agreement F1 | identical | "
-            "bytes | wire ratio |"
+            "| selector | retention | profile | n | F1 | EM | % of full F1 [95% CI] | agreement F1 | identical | "
+            "top-1 agreement | KL (nats/token) | bytes | wire ratio |"
         )
-        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in group:
             out.append(
-                f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {r['n']} | {r['f1']:.3f} | "
-                f"{r['em']:.3f} | {_fmt(r['pct_of_full_f1'], '.1f')} | {r['agreement_f1']:.3f} | "
-                f"{100 * r['identical']:.0f}% | {r['bytes']:,} | {r['wire_ratio']:.4f} |"
+                f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {r['n']} | {_pm(r, 'f1', '.3f')} | "
+                f"{r['em']:.3f} | {_ci(r)} | {_pm(r, 'agreement_f1', '.3f')} | "
+                f"{_pm(r, 'identical', '.0f', 100)}% | {_pm(r, 'tf_top1', '.3f')} | {_pm(r, 'tf_kl', '.4f')} | "
+                f"{r['bytes']:,} | {r['wire_ratio']:.4f} |"
             )
         out.append("")
         timed = [r for r in group if r["selector"] != TEXT]

@@ -8,15 +8,20 @@ The reference ("full") is Cloud.answer_text: the model's own prefill of the whol
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvwire.bench.data import Example
+from kvwire.bench.eval_stats import bootstrap_pct, paired_se
 from kvwire.bench.prefill_memo import PrefillMemo
 from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score
+from kvwire.bench.teacher_forcing import compare, forced_logprobs, fresh_cache
+from kvwire.kvcodec.cache import build_cache
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.modes import get_mode
 from kvwire.kvcodec.modes.scout import SCOUT_PREFILLS
@@ -97,48 +102,83 @@ def run_order(settings: list[Setting]) -> list[Setting]:
 class RecordStore:
     """Answers already computed, one JSON object a line in DIR/records.jsonl, keyed by (example, setting).
 
-    A run killed mid-write leaves at most one torn last line, which is ignored and recomputed.
+    Several processes (eval's shards) may append to one file: each record is one write of one whole
+    line under an exclusive lock of the file (fcntl.flock), and `reload` reads under a shared lock,
+    so no reader sees another process's line half-written. A run killed mid-write leaves at most one
+    torn last line, which is ignored and recomputed.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[tuple[str, str], dict] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.records[(rec["example"], rec["setting"])] = rec
-        self._fh = None
+        self._fd: int | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every complete record on disk, the other shards' included."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            try:
+                data = fh.read()
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.records[(rec["example"], rec["setting"])] = rec
 
     def get(self, example_id: str, setting: Setting) -> dict | None:
         return self.records.get((example_id, setting.key))
 
     def add(self, rec: dict) -> None:
-        if self._fh is None:
+        if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
-            if self._fh.tell() and not self.path.read_bytes().endswith(b"\n"):
-                self._fh.write("\n")  # end a torn line so the next record starts clean
-        self._fh.write(json.dumps(rec) + "\n")
-        self._fh.flush()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = (json.dumps(rec) + "\n").encode("utf-8")
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size and _last_byte(self.path, size) != b"\n":
+                line = b"\n" + line  # end a torn line so this record starts clean
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         self.records[(rec["example"], rec["setting"])] = rec
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _last_byte(path: Path, size: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(size - 1)
+        return fh.read(1)
 
 
 class Evaluator:
-    """Runs questions through the pipeline at a list of settings and records one answer per setting."""
+    """Runs questions through the pipeline at a list of settings and records one answer per setting.
 
-    def __init__(self, loaded, max_new_tokens: int, store: RecordStore):
+    Every kv answer also gets teacher-forced scores against the full-KV answer (bench/teacher_forcing.py):
+    the full cache's pass along the full answer is computed once per question and shared by all its
+    settings; each setting adds one forward pass over its received cache. source: the data spec,
+    recorded with every answer unless the example's own metadata names a source.
+    """
+
+    def __init__(self, loaded, max_new_tokens: int, store: RecordStore, source: str = ""):
+        self.loaded = loaded
         self.edge, self.cloud = Edge(loaded), Cloud(loaded)
         self.geometry = self.edge.geometry
         self.max_new_tokens = max_new_tokens
         self.store = store
+        self.source = source
         self.prefills = 0  # prefills run by the edge (the full baseline's own prefill not included)
 
     def pending(self, ex: Example, settings: list[Setting]) -> list[Setting]:
@@ -155,6 +195,7 @@ class Evaluator:
             full_bytes = fp16_kv_bytes(self.geometry, ans.prompt_len)
             full = self._record(ex, full_setting, ans.text, ans.tokens, None, full_bytes, 1.0, ans, timings, t0)
         memo = PrefillMemo(self.edge)
+        reference = None  # the full cache's teacher-forced log-probabilities, computed when first needed
         for s in run_order(self.pending(ex, settings)):
             if s.selector == FULL:
                 continue
@@ -170,11 +211,29 @@ class Evaluator:
             mode, options = ("scout", {"scout_prefill": s.scout_prefill}) if s.scout_prefill else ("kv", None)
             req = EdgeRequest(ex.context, ex.question, mode, selector, s.retention, s.profile or "mixed-int4")
             frames = list(memo.stream(req, timings))
-            ans = self.cloud.answer(self.cloud.receive(frames, timings), self.max_new_tokens, timings, options)
-            self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0)
+            received = self.cloud.receive(frames, timings)
+            ans = self.cloud.answer(received, self.max_new_tokens, timings, options)
+            forced = None
+            if get_mode(mode).carries_kv:  # scout's cache is the cloud's own prefill: no KV of the edge to score
+                t = time.perf_counter()
+                if reference is None:
+                    reference = self._reference(memo, req, full["tokens"])
+                cache, _ = build_cache(received, self.loaded.dtype, self.loaded.device)
+                forced = compare(
+                    reference, forced_logprobs(self.loaded.model, cache, received.header.prompt_ids, full["tokens"])
+                )
+                timings.add("teacher_forced", time.perf_counter() - t)
+            self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0, forced)
         self.prefills += memo.runs
 
-    def _record(self, ex, s: Setting, text, tokens, full, nbytes, ratio, ans, timings, t0) -> dict:
+    def _reference(self, memo: PrefillMemo, req: EdgeRequest, answer: list[int]):
+        """The full cache's teacher-forced log-probabilities along the full answer (the memo's prefill
+        of the prompt: the same KV the cloud's own prefill computes)."""
+        prompt = self.edge.prompt(req)
+        pre = memo.kv(prompt)
+        return forced_logprobs(self.loaded.model, fresh_cache(pre.keys, pre.values), prompt.ids, answer)
+
+    def _record(self, ex, s: Setting, text, tokens, full, nbytes, ratio, ans, timings, t0, forced=None) -> dict:
         rec = self._base(ex, s, text, tokens, full)
         rec.update(
             bytes=nbytes,
@@ -185,6 +244,10 @@ class Evaluator:
             timings_ms=timings.ms(),
             seconds=round(time.perf_counter() - t0, 4),
         )
+        if full is None:  # the reference against itself
+            rec.update(tf_top1=1.0, tf_kl=0.0)
+        elif forced is not None:
+            rec.update(tf_top1=forced.top1, tf_kl=forced.kl, tf_positions=forced.positions)
         self.store.add(rec)
         return rec
 
@@ -198,11 +261,12 @@ class Evaluator:
             kept=full["kept"],
             timings_ms=full["timings_ms"],
             seconds=full["seconds"],
+            tf_top1=1.0,  # the full computation itself
+            tf_kl=0.0,
         )
         self.store.add(rec)
 
-    @staticmethod
-    def _base(ex: Example, s: Setting, text: str, tokens: list[int], full: dict | None) -> dict:
+    def _base(self, ex: Example, s: Setting, text: str, tokens: list[int], full: dict | None) -> dict:
         golds = list(ex.answers)
         return {
             "example": ex.id,
@@ -211,6 +275,9 @@ class Evaluator:
             "retention": s.retention,
             "profile": s.profile_name,
             "length": ex.meta.get("length"),
+            "source": ex.meta.get("source") or self.source,
+            "title": ex.title,
+            "meta": ex.meta,
             "prediction": text,
             "tokens": tokens,
             "f1": best_over_golds(f1_score, text, golds),
@@ -225,8 +292,17 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+# the columns that get a paired standard error against the full answers (teacher-forced ones where recorded)
+PAIRED = ("f1", "em", "agreement_f1", "identical", "tf_top1", "tf_kl")
+
+
 def summarize(store: RecordStore, examples: list[Example], settings: list[Setting]) -> list[dict]:
-    """One row per (length, setting) over the examples that have both that answer and the full answer."""
+    """One row per (length, setting) over the examples that have both that answer and the full answer.
+
+    Each column of PAIRED has its paired standard error against full KV in row["se"] (the error of the
+    setting's mean minus full's); "% of full F1" has a seeded bootstrap 95% interval. Teacher-forced
+    columns cover the answers that carry them (tf_n; None for scout, whose cache is not the edge's KV).
+    """
     groups: dict = {}
     for ex in examples:
         groups.setdefault(ex.meta.get("length"), []).append(ex)
@@ -240,6 +316,11 @@ def summarize(store: RecordStore, examples: list[Example], settings: list[Settin
             recs = [r for r, _ in pairs]
             f1, full_f1 = _mean(r["f1"] for r in recs), _mean(f["f1"] for _, f in pairs)
             stages = sorted({k for r in recs for k in r["timings_ms"]})
+            forced = [(r, f) for r, f in pairs if "tf_top1" in r and "tf_top1" in f]
+            se = {}
+            for col in PAIRED:
+                have = forced if col.startswith("tf_") else pairs
+                se[col] = _round(paired_se([float(r[col]) for r, _ in have], [float(f[col]) for _, f in have]), 5)
             rows.append(
                 {
                     "selector": s.selector,
@@ -251,7 +332,13 @@ def summarize(store: RecordStore, examples: list[Example], settings: list[Settin
                     "em": round(_mean(r["em"] for r in recs), 4),
                     "agreement_f1": round(_mean(r["agreement_f1"] for r in recs), 4),
                     "identical": round(_mean(float(r["identical"]) for r in recs), 4),
+                    "tf_top1": _round(_mean(r["tf_top1"] for r, _ in forced), 4) if forced else None,
+                    "tf_kl": _round(_mean(r["tf_kl"] for r, _ in forced), 5) if forced else None,
+                    "tf_n": len(forced),
+                    "f1_diff": round(f1 - full_f1, 4),
+                    "se": se,
                     "pct_of_full_f1": round(100 * f1 / full_f1, 2) if full_f1 > 0 else None,
+                    "pct_of_full_f1_ci": bootstrap_pct([r["f1"] for r in recs], [f["f1"] for _, f in pairs]),
                     "bytes": round(_mean(r["bytes"] for r in recs)),
                     "wire_ratio": round(_mean(r["wire_ratio"] for r in recs), 5),
                     "prompt_tokens": round(_mean(r["prompt_len"] for r in recs), 1),
@@ -262,3 +349,14 @@ def summarize(store: RecordStore, examples: list[Example], settings: list[Settin
                 }
             )
     return rows
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def completeness(store: RecordStore, examples: list[Example], settings: list[Setting]) -> dict:
+    """How much of the run's grid is on disk: answers recorded and expected, and whether that is all."""
+    done = sum(store.get(ex.id, s) is not None for ex in examples for s in settings)
+    expected = len(examples) * len(settings)
+    return {"partial": done < expected, "answers": done, "expected": expected}

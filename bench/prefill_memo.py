@@ -48,6 +48,17 @@ class PrefillMemo:
         self.runs += 1
         self.seconds += seconds
 
+    def kv(self, prompt: Prompt) -> PrefillResult:
+        """A prefill of `prompt` for its KV alone: one the memo holds (any captured rows), or a new one
+        without capture, kept for later requests."""
+        hit = self.get(prompt, None)
+        if hit is not None:
+            return hit[0]
+        t = time.perf_counter()
+        pre = self.edge.prefill(prompt, None)
+        self.put(prompt, None, pre, time.perf_counter() - t)
+        return pre
+
     def stream(self, req: EdgeRequest, timings: Timings | None = None) -> Iterator[bytes]:
         """Edge.stream(req) with the prefill taken from the memo when it holds one that serves `req`
         (the frames are the same either way)."""

@@ -113,7 +113,7 @@ def eval_run(tiny_model_dir, qa_file, tmp_path_factory):
 
 
 def test_results_schema_and_baselines(eval_run):
-    rows = json.loads((eval_run / "results.json").read_text())
+    rows = json.loads((eval_run / "results.json").read_text())["rows"]
     assert isinstance(rows, list)
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
@@ -137,11 +137,27 @@ def test_results_schema_and_baselines(eval_run):
     assert text["identical"] == 1.0 and 0 < text["bytes"] < full["bytes"]
     # selection at 0.5 sends fewer bytes than all positions at the same precision
     assert by[("q2c", 0.5, "int8")]["bytes"] < by[("none", 1.0, "int8")]["bytes"] < by[("none", 1.0, "fp32")]["bytes"]
+    # teacher-forced: the exact cache follows the full answer at every position; int8 is measurably off
+    exact = by[("none", 1.0, "fp32")]
+    assert exact["tf_top1"] == 1.0 and exact["tf_kl"] < 1e-6 and exact["tf_n"] == 3
+    assert full["tf_top1"] == 1.0 and full["tf_kl"] == 0.0
+    assert by[("none", 1.0, "int8")]["tf_kl"] > 0 and by[("q2c", 0.5, "int8")]["tf_kl"] > 0
+    for row in rows:
+        assert set(row["se"]) == {"f1", "em", "agreement_f1", "identical", "tf_top1", "tf_kl"}
+    assert by[("none", 1.0, "fp32")]["se"]["tf_top1"] == 0.0  # no per-question spread: SE 0
+
+
+def test_records_carry_the_examples_metadata(eval_run, qa_file):
+    recs = [json.loads(line) for line in (eval_run / "records.jsonl").read_text().splitlines()]
+    titles = {t for t, *_ in PASSAGES}
+    assert all(r["source"] == qa_file and r["title"] in titles and r["meta"] == {} for r in recs)
 
 
 def test_reports_written(eval_run):
     md = (eval_run / "results.md").read_text()
     assert "| selector | retention | profile | n | F1 |" in md and "| q2c | 0.5 | mixed-int4 | 3 |" in md
+    assert "top-1 agreement | KL (nats/token)" in md and "PARTIAL" not in md
+    assert json.loads((eval_run / "results.json").read_text())["partial"] is False
     assert (eval_run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((eval_run / "run.json").read_text())
     assert run["runtime"]["questions"] == 3 and run["runtime"]["seconds_per_question"] > 0
@@ -223,10 +239,18 @@ def test_needle_eval_groups_by_length(tiny_model_dir, qa_file, tmp_path):
         )
         == 0
     )
-    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["length"] for r in rows} == {96, 128}
     assert all(r["n"] == 2 for r in rows)
     assert "### Context 128 tokens" in (tmp_path / "results.md").read_text()
+
+
+def eval_one_profile(tiny_model_dir, qa_file, profile_path, out) -> list[dict]:
+    """`kvwire eval` of one question at one profile file (retention 1.0): the rows it wrote."""
+    argv = ["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "1", "--max-new-tokens", "2"]
+    argv += ["--threads", "1", "--selectors", "q2c", "--retentions", "1.0", "--profiles", str(profile_path)]
+    assert main(argv + ["--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())["rows"]
 
 
 def test_diagnose_writes_a_profile_eval_accepts(tiny_model_dir, qa_file, tmp_path, capsys):
@@ -258,31 +282,7 @@ def test_diagnose_writes_a_profile_eval_accepts(tiny_model_dir, qa_file, tmp_pat
     profile = get_profile(str(out / "profile.json"))
     assert profile.resolve(4, 16)
     assert "| layer |" in (out / "diagnose.md").read_text()
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                tiny_model_dir,
-                "--data",
-                qa_file,
-                "--limit",
-                "1",
-                "--max-new-tokens",
-                "2",
-                "--selectors",
-                "q2c",
-                "--retentions",
-                "1.0",
-                "--profiles",
-                str(out / "profile.json"),
-                "--out",
-                str(tmp_path / "eval"),
-            ]
-        )
-        == 0
-    )
-    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    rows = eval_one_profile(tiny_model_dir, qa_file, out / "profile.json", tmp_path / "eval")
     assert profile.name in {r["profile"] for r in rows}
 
 
@@ -338,15 +338,17 @@ def test_none_is_no_selection(tiny_loaded, monkeypatch):
         edge.validate(EdgeRequest(PASSAGES[0][1], PASSAGES[0][2], "kv", None, 0.5, "int8"))
 
 
-def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
-    args = [
+def _shard_args(tiny_model_dir, qa_file, out, limit: int = 4) -> list[str]:
+    return [
         "eval",
         "--model",
         tiny_model_dir,
         "--data",
         qa_file,
         "--limit",
-        "3",
+        str(limit),
+        "--threads",
+        "1",
         "--max-new-tokens",
         "2",
         "--selectors",
@@ -356,8 +358,12 @@ def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
         "--profiles",
         "int8",
         "--out",
-        str(tmp_path),
+        str(out),
     ]
+
+
+def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
+    args = _shard_args(tiny_model_dir, qa_file, tmp_path, limit=3)
 
     def computed():
         return json.loads((tmp_path / "run.json").read_text())["runtime"]["this_invocation"]["questions_computed"]
@@ -365,7 +371,7 @@ def test_shards_split_the_questions(tiny_model_dir, qa_file, tmp_path, capsys):
     assert main(args + ["--shard", "1/2"]) == 0 and computed() == 1  # question 1 of 0, 1, 2
     assert main(args + ["--shard", "0/2"]) == 0 and computed() == 2
     assert main(args) == 0 and computed() == 0
-    assert all(r["n"] == 3 for r in json.loads((tmp_path / "results.json").read_text()))
+    assert all(r["n"] == 3 for r in json.loads((tmp_path / "results.json").read_text())["rows"])
     assert main(args + ["--shard", "2/2"]) == 2
     assert "K must be in 0..N-1" in capsys.readouterr().err
 
@@ -398,3 +404,89 @@ def test_diagnose_verdicts(all_low, only_low, only_hi, expected):
         assert set(kinds.values()) == {("int8", "int8")}
     else:
         assert kinds == {i: ("fp16", "fp16") if i in layers else ("int4", "int4") for i in range(3)}
+
+
+def test_teacher_forcing_follows_the_generation(tiny_loaded):
+    """One forced pass along an answer over a pruned, quantized cache gives the distributions greedy
+    decoding met on that cache: its argmax is the answer's tokens and its first row the first logits."""
+    import torch
+
+    from kvwire.bench.teacher_forcing import compare, forced_logprobs
+    from kvwire.kvcodec.cache import build_cache
+    from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest
+
+    edge, cloud = Edge(tiny_loaded), Cloud(tiny_loaded)
+    req = EdgeRequest(PASSAGES[0][1] + " " + PASSAGES[1][1], PASSAGES[0][2], "kv", "q2c", 0.5, "int4")
+    received = cloud.receive(list(edge.stream(req)))
+    assert len(received.positions) < received.header.prompt_len - 1  # pruned: absolute positions matter
+    ans = cloud.answer(received, 6, None)
+    cache, _ = build_cache(received, tiny_loaded.dtype, tiny_loaded.device)
+    lp = forced_logprobs(tiny_loaded.model, cache, received.header.prompt_ids, ans.tokens)
+    assert lp.shape[0] == len(ans.tokens) + 1
+    assert lp[: len(ans.tokens)].argmax(-1).tolist() == ans.tokens
+    torch.testing.assert_close(lp[0], ans.generation.first_logits.log_softmax(-1), atol=1e-4, rtol=1e-4)
+    same = compare(lp, lp)
+    assert same.top1 == 1.0 and same.kl == 0.0 and same.positions == len(ans.tokens) + 1
+    flat = torch.full_like(lp, -torch.log(torch.tensor(float(lp.shape[1]))).item())  # the uniform distribution
+    assert compare(lp, flat).kl > 0
+
+
+def test_paired_se_and_bootstrap():
+    from kvwire.bench.eval_stats import bootstrap_pct, paired_se
+
+    full = [0.2, 0.4, 0.0, 0.6, 0.8, 0.1]
+    same = list(full)
+    assert paired_se(same, full) == 0.0  # every question moved together: no paired error
+    shifted = [x + d for x, d in zip(full, [0.1, -0.1, 0.1, -0.1, 0.1, -0.1])]
+    assert paired_se(shifted, full) == pytest.approx(0.1 * (6 / 5) ** 0.5 / 6**0.5)
+    assert paired_se([1.0], [0.0]) is None
+    ci = bootstrap_pct(shifted, full)
+    assert ci == bootstrap_pct(shifted, full)  # seeded: the same interval every time
+    assert ci[0] < 100 * sum(shifted) / sum(full) < ci[1]
+    assert bootstrap_pct(same, full)[0] == bootstrap_pct(same, full)[1] == 100.0
+
+
+def test_a_partial_report_says_so(tiny_model_dir, qa_file, tmp_path):
+    args = _shard_args(tiny_model_dir, qa_file, tmp_path)
+    assert main(args + ["--shard", "0/2"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["partial"] is True and results["answers"] == 2 * 3 and results["expected"] == 4 * 3
+    assert all(r["n"] == 2 for r in results["rows"])
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# ") and "(PARTIAL)" in md.splitlines()[0] and "6 of 12 answers" in md
+    assert json.loads((tmp_path / "run.json").read_text())["partial"] is True
+    assert main(args + ["--shard", "1/2"]) == 0  # the last shard: the complete report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["partial"] is False and all(r["n"] == 4 for r in results["rows"])
+    assert "PARTIAL" not in (tmp_path / "results.md").read_text()
+
+
+def _shard_process(barrier, argv: list[str]) -> None:
+    import sys
+
+    from kvwire.bench.main import main as kvwire_main
+
+    barrier.wait(timeout=300)  # both processes have imported everything: start the runs together
+    sys.exit(kvwire_main(argv))
+
+
+def test_two_shards_started_together_both_finish(tiny_model_dir, qa_file, tmp_path):
+    """Two shard processes on one --out, released by one barrier: neither crashes (run.json and the
+    records are shared), and the report written last is complete."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    args = _shard_args(tiny_model_dir, qa_file, tmp_path)
+    procs = [ctx.Process(target=_shard_process, args=(barrier, args + ["--shard", f"{k}/2"])) for k in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["partial"] is False and all(r["n"] == 4 for r in results["rows"])
+    recs = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 * 3 and len({(r["example"], r["setting"]) for r in recs}) == 4 * 3  # whole lines, no repeats
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["limit"] == 4
+    assert not list(tmp_path.glob(".*.tmp*"))  # no temporary file left behind
