@@ -36,6 +36,10 @@ TIE = 0.02  # predicted times within 2% of each other count as a tie
 class LineFit:
     """An exponentially weighted least-squares line y = intercept + slope x (both kept >= 0).
 
+    Costs have a fixed part (a forward pass's per-layer overhead, a stream's round trip) and a part that
+    grows with the size: a rate alone, learnt on a small size, would charge the fixed part to every unit
+    and overstate a large one's cost many times over.
+
     The newest point weighs `alpha`; older ones fade by (1 - alpha) each. With one x seen so far it predicts
     proportionally (y/x); an intercept that comes out negative falls back to proportional too. `n` counts
     the points fed (0: nothing known, predict() raises)."""

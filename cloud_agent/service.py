@@ -26,6 +26,7 @@ from kvwire.agent_common.errors import (
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
 from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse, TimingsMs
+from kvwire.cloud_agent.auto import LineFit
 from kvwire.cloud_agent.errors import classify, message_of
 from kvwire.cloud_agent.settings import CloudSettings
 from kvwire.cloud_agent.streaming import AnswerStream, TextStream
@@ -48,35 +49,6 @@ WARM_UP_CONTEXT = "KVWire warms up its model with this sentence before it serves
 WARM_UP_QUESTION = "What does KVWire warm up?"
 WARM_UP_TOKENS = 4
 WARM_UP_LONG_POSITIONS = 192  # the second warm-up prompt: long enough to tell the per-position cost from the fixed one
-
-
-class _LineFit:
-    """An exponentially weighted least-squares line y = intercept + slope x (both kept >= 0).
-
-    The work before the first generation step has a fixed part (a forward pass's per-layer overhead)
-    and a part that grows with the prompt: a rate alone, learnt on a short prompt, would charge the
-    fixed part to every position and overstate a long prompt's cost many times over.
-    """
-
-    def __init__(self, alpha: float):
-        self.alpha = alpha
-        self.w = self.x = self.y = self.xx = self.xy = 0.0
-
-    def add(self, x: float, y: float) -> None:
-        keep = 1 - self.alpha if self.w else 0.0
-        self.w, self.x, self.y = keep * self.w + 1, keep * self.x + x, keep * self.y + y
-        self.xx, self.xy = keep * self.xx + x * x, keep * self.xy + x * y
-
-    def predict(self, x: float) -> float:
-        mx, my = self.x / self.w, self.y / self.w
-        var = self.xx / self.w - mx * mx
-        if var <= 1e-9 * max(1.0, mx * mx):  # one prompt length seen so far: its rate, through the origin
-            return my / mx * x if mx else my
-        slope = max(0.0, (self.xy / self.w - mx * my) / var)
-        intercept = my - slope * mx
-        if intercept < 0:  # cheaper than linear at small sizes: proportional is the closer bound
-            return self.xy / self.xx * x
-        return intercept + slope * x
 
 
 class ReserveEstimator:
@@ -103,7 +75,7 @@ class ReserveEstimator:
     def __init__(self, fixed_ms: int | None = None):
         self.fixed_s = None if fixed_ms is None else fixed_ms / 1000
         self.step_s: float | None = None
-        self.setup: dict[str, _LineFit] = {}
+        self.setup: dict[str, LineFit] = {}
         self._lock = threading.Lock()
 
     def observe(self, mode: str, positions: int, setup_s: float, steps: int, generate_s: float) -> None:
@@ -113,7 +85,7 @@ class ReserveEstimator:
                 rate = generate_s / steps
                 self.step_s = rate if self.step_s is None else (1 - self.ALPHA) * self.step_s + self.ALPHA * rate
             if positions > 0:
-                self.setup.setdefault(mode, _LineFit(self.ALPHA)).add(positions, setup_s)
+                self.setup.setdefault(mode, LineFit(self.ALPHA)).add(positions, setup_s)
 
     def setup_estimate(self, mode: str, positions: int) -> float:
         """Predicted seconds from the stream's end (or the request, in text mode) to the first generation step."""
