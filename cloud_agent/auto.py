@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.selectors.base import context_budget
 
+AUTO = "auto"
+AUTO_CHOSEN_FIELDS = frozenset({"selector", "retention", "profile", "scout_prefill"})
 DEFAULT_MIN_QUALITY = 0.95
 QUALITY_TABLE_VERSION = 1
 TIE = 0.02  # predicted times within 2% of each other count as a tie
@@ -74,6 +77,72 @@ class LineFit:
     def predict(self, x: float) -> float:
         intercept, slope = self.coefficients()
         return intercept + slope * x
+
+
+class Ewma:
+    """An exponentially weighted mean: the newest value weighs `alpha`. `at`: when it was last fed."""
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+        self.value: float | None = None
+        self.n = 0
+        self.at: float | None = None
+
+    def add(self, x: float, now: float) -> None:
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+        self.n += 1
+        self.at = now
+
+
+class LinkEstimate:
+    """The edge-cloud link as a latency (seconds per stream or call) and a throughput.
+
+    The throughput is kept as its inverse, seconds per byte, and averaged so: that is what predicts a
+    time, and an average of rates would let one fast sample hide a link that has become slow.
+
+    A stream's transfer time (its wall time minus the edge's compute and the cloud's decode) is latency
+    plus bytes/throughput. A small stream (< MIN_THROUGHPUT_BYTES) is all latency to within the noise: it
+    feeds the latency. A larger one whose payload time (transfer - latency) is a real share of it feeds
+    the throughput. One line through both (a LineFit) would not do: with streams of one size it can only
+    be proportional, and small scout streams would make a fast link look slow. `probe_rtt` feeds the
+    latency from a health check's round trip."""
+
+    MIN_THROUGHPUT_BYTES = 64 * 1024
+
+    def __init__(self, alpha: float, prior_latency_s: float, prior_bps: float, clock=time.monotonic):
+        self.latency, self.s_per_byte = Ewma(alpha), Ewma(alpha)
+        self.prior_latency_s, self.prior_bps = prior_latency_s, prior_bps
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def observe_rtt(self, seconds: float) -> None:
+        if seconds >= 0:
+            with self._lock:
+                self.latency.add(seconds, self.clock())
+
+    def observe_transfer(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds < 0:
+            return
+        with self._lock:
+            now = self.clock()
+            if nbytes < self.MIN_THROUGHPUT_BYTES:
+                self.latency.add(seconds, now)
+                return
+            latency = self.latency.value if self.latency.value is not None else 0.0
+            payload_s = seconds - latency
+            if payload_s > 0.2 * seconds:  # otherwise the payload is lost in the latency's noise
+                self.s_per_byte.add(payload_s / nbytes, now)
+
+    def predict(self, nbytes: int) -> float:
+        with self._lock:
+            latency = self.latency.value if self.latency.value is not None else self.prior_latency_s
+            per_byte = self.s_per_byte.value if self.s_per_byte.value is not None else 1 / self.prior_bps
+        return latency + nbytes * per_byte
+
+    def age_s(self) -> float | None:
+        """Seconds since the throughput was last measured (None: never)."""
+        with self._lock:
+            return None if self.s_per_byte.at is None else self.clock() - self.s_per_byte.at
 
 
 @dataclass(frozen=True)
@@ -170,6 +239,17 @@ class QualityTable:
         }
 
 
+SHIPPED_TABLES = {"embedded": "quality-embedded.json"}  # model setting -> cloud_agent/data/ file
+
+
+def shipped_quality_table(model: str) -> QualityTable | None:
+    """The quality table shipped for a model setting (the embedded default), or None."""
+    name = SHIPPED_TABLES.get(model)
+    if name is None:
+        return None
+    return QualityTable.load(Path(__file__).parent / "data" / name)
+
+
 @dataclass(frozen=True)
 class RequestFacts:
     """What the cloud knows of a request before choosing."""
@@ -231,9 +311,9 @@ class CostModel:
     PRIOR_DECODE_S_PER_BYTE = 2e-9
     REMEMBERED_CONTEXTS = 256  # inline contexts the edge is assumed to hold in its prefix cache
 
-    def __init__(self, cloud):
+    def __init__(self, cloud, clock=time.monotonic):
         self.cloud = cloud
-        self.link = LineFit(self.ALPHA)  # bytes -> transfer seconds (intercept: latency, slope: 1/throughput)
+        self.link = LinkEstimate(self.ALPHA, self.PRIOR_LINK_S, self.PRIOR_LINK_BPS, clock)
         self.edge_prefill = LineFit(self.ALPHA)  # prompt tokens -> s (cold prefix)
         self.edge_question = LineFit(self.ALPHA)  # question tokens -> s (cached prefix)
         self.edge_select: dict[str, LineFit] = {}  # per mode: context positions -> s (select + encode)
@@ -243,9 +323,7 @@ class CostModel:
 
     # --- observations -------------------------------------------------------------------------------
     def observe_transfer(self, wire_bytes: int, seconds: float) -> None:
-        if wire_bytes > 0 and seconds >= 0:
-            with self._lock:
-                self.link.add(wire_bytes, seconds)
+        self.link.observe_transfer(wire_bytes, seconds)
 
     def observe_edge(
         self, mode: str, timings_ms: dict, prompt_tokens: int, question_tokens: int, context_tokens: int
@@ -267,6 +345,10 @@ class CostModel:
             with self._lock:
                 self.decode.add(wire_bytes, seconds)
 
+    def forget_context(self, key: str) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
+
     def remember_context(self, key: str) -> None:
         """An inline context was streamed from the edge: its prefix is now in the edge's cache (if it has one)."""
         with self._lock:
@@ -282,7 +364,8 @@ class CostModel:
     def known(self) -> dict[str, bool]:
         with self._lock:
             return {
-                "link": self.link.n > 0,
+                "link_latency": self.link.latency.n > 0,
+                "link_throughput": self.link.s_per_byte.n > 0,
                 "edge_prefill": self.edge_prefill.n > 0,
                 "edge_question_prefill": self.edge_question.n > 0,
                 "edge_select": bool(self.edge_select),
@@ -297,7 +380,7 @@ class CostModel:
         return prior_intercept + prior_slope * x
 
     def link_s(self, nbytes: int) -> float:
-        return self._fit(self.link, nbytes, self.PRIOR_LINK_S, 1 / self.PRIOR_LINK_BPS)
+        return self.link.predict(nbytes)
 
     def edge_s(self, facts: RequestFacts) -> float:
         """The edge's prefill: only the question on a cached prefix (falls back to the cold rate scaled)."""

@@ -207,3 +207,26 @@ def test_quality_table_round_trip_and_errors(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="row 0 is not a candidate"):
         QualityTable.load(path)
+
+
+def test_a_bad_quality_table_stops_the_cloud_before_the_model_loads(tmp_path):
+    from kvwire.agent_common.errors import StartupConfigError
+    from kvwire.cloud_agent.main import quality_table
+    from kvwire.cloud_agent.settings import CloudSettings
+
+    bad = tmp_path / "q.json"
+    bad.write_text("[]")
+    with pytest.raises(StartupConfigError, match="quality_table: .*not a KVWire quality table"):
+        quality_table(CloudSettings(quality_table=str(bad)))
+    assert quality_table(CloudSettings()) is not None  # the embedded model's shipped table
+    assert quality_table(CloudSettings(model=str(tmp_path))) is None  # another model: auto answers in text
+
+
+def test_small_streams_measure_latency_and_large_ones_throughput():
+    m = CostModel(ReserveEstimator())
+    m.observe_transfer(1000, 0.02)
+    assert m.known()["link_latency"] and not m.known()["link_throughput"]
+    m.observe_transfer(10_000_000, 0.02 + 0.1)  # 100 MB/s
+    assert m.link_s(10_000_000) == pytest.approx(0.12)
+    m.observe_transfer(10_000_000, 0.0201)  # payload lost in the latency's noise: not a throughput sample
+    assert m.link.s_per_byte.n == 1
