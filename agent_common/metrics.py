@@ -52,7 +52,7 @@ def request_modes(side: str) -> list[str]:
     the cloud counts every mode and "unknown" (refused before a mode was known)."""
     if side == "edge":
         return [*streamed_mode_names(), "invalid", "unknown", "document"]
-    return [*mode_names(), "unknown"]
+    return [*mode_names(), "auto", "unknown"]
 
 
 def request_outcomes(side: str, extra: Iterable[str] = ()) -> list[str]:
@@ -162,6 +162,16 @@ class Metrics:
                 ["mode", "reason"],
                 registry=r,
             )
+            self.auto_choices = Counter(
+                "kvwire_auto_choices", "Mode auto's choices, by the mode chosen", ["mode"], registry=r
+            )
+            self.auto_prediction_ratio = Histogram(
+                "kvwire_auto_prediction_ratio",
+                "Mode auto: measured / predicted time to first token of the chosen setting",
+                ["mode"],
+                buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0),
+                registry=r,
+            )
             self.retention_achieved = Histogram(
                 "kvwire_retention_achieved_ratio",
                 "Context positions an answer used / context tokens",
@@ -192,6 +202,10 @@ class Metrics:
                 self.prefix_cache_disk_errors.labels(reason)
             for outcome in DOCUMENT_PREFILL_OUTCOMES:
                 self.document_prefills.labels(outcome)
+
+        if self.side == "cloud":
+            for mode in mode_names():
+                self.auto_choices.labels(mode)
 
     def watch_prefix_cache(self, cache) -> None:
         """Count the cache's hits, misses and evictions and report its size per tier (edge only); the disk

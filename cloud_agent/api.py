@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from kvwire.cloud_agent.auto import AUTO, AUTO_CHOSEN_FIELDS, DEFAULT_MIN_QUALITY
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
@@ -26,8 +27,18 @@ class AnswerRequest(BaseModel):
         description="instead of context: a document registered on the edge (docs/documents.md); kv and scout "
         "stream from the edge's cached prefix, text fetches the document's text from the edge",
     )
-    mode: Literal[tuple(mode_names())] = Field(  # type: ignore[valid-type]  # the allowed values are the registry's
-        "kv", description="; ".join(f"{name}: {get_mode(name).description}" for name in mode_names())
+    mode: Literal[(*mode_names(), AUTO)] = Field(  # type: ignore[valid-type]  # the allowed values are the registry's
+        "kv",
+        description="; ".join(f"{name}: {get_mode(name).description}" for name in mode_names())
+        + f"; {AUTO}: the cloud chooses mode, selector, retention, profile and scout_prefill from its live "
+        "measurements and its quality table (docs/auto.md)",
+    )
+    min_quality: float = Field(
+        DEFAULT_MIN_QUALITY,
+        gt=0,
+        le=1,
+        description="mode auto: the share of full-KV quality the answer must keep, on the scale of the cloud's "
+        "quality table (docs/auto.md)",
     )
     selector: str = Field(DEFAULT_SELECTOR, description="context selector: " + ", ".join(selector_names()))
     retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
@@ -86,6 +97,19 @@ class AnswerRequest(BaseModel):
             raise ValueError("send exactly one of context and doc_id")
         return self
 
+    @model_validator(mode="after")
+    def _auto_chooses(self):
+        if self.mode == AUTO:
+            pinned = sorted(AUTO_CHOSEN_FIELDS & self.model_fields_set)
+            if pinned:
+                raise ValueError(
+                    f"mode auto chooses {', '.join(sorted(AUTO_CHOSEN_FIELDS))}; this request sets "
+                    f"{', '.join(pinned)}: leave them out, or name a mode"
+                )
+        elif "min_quality" in self.model_fields_set:
+            raise ValueError("min_quality applies to mode auto only")
+        return self
+
 
 class TimingsMs(BaseModel):
     """Milliseconds per stage. edge_*/select/encode are measured on the edge; transfer is the stream's
@@ -104,6 +128,31 @@ class TimingsMs(BaseModel):
     generate: float = 0.0
     total: float = 0.0
     time_to_first_token: float = Field(0.0, description="from the request's arrival to its first generated token")
+
+
+class AutoSetting(BaseModel):
+    mode: str
+    selector: str
+    retention: float
+    profile: str | None
+    scout_prefill: str | None
+    label: str = Field(description="the setting in a few words, e.g. 'kv q2c@0.5 mixed-int4'")
+
+
+class AutoPredicted(BaseModel):
+    time_to_first_token: float
+    total: float
+
+
+class AutoChoice(BaseModel):
+    """What mode auto chose for this request, and why (docs/auto.md)."""
+
+    chose: AutoSetting
+    quality: float = Field(description="the chosen setting's expected quality in the quality table")
+    predicted_ms: AutoPredicted
+    candidates: int = Field(description="settings the cloud predicted (text and the quality table's rows)")
+    reason: str
+    fits: bool | None = Field(description="with deadline_ms: whether the chosen setting is predicted to fit it")
 
 
 class AnswerResponse(BaseModel):
@@ -134,6 +183,7 @@ class AnswerResponse(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled"] = Field(
         "stop", description="stop: a stop token or stop string; length: max_new_tokens; cancelled: the client left"
     )
+    auto: AutoChoice | None = Field(None, description="mode auto: what was chosen, and the predicted times")
 
 
 class ErrorBody(BaseModel):

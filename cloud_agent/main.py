@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvwire.agent_common.daemon import check_ports_free, load_daemon_model, run_daemon, warn_if_exposed
+from kvwire.agent_common.errors import StartupConfigError
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
 from kvwire.agent_common.security import channel_credentials, check_key_pair, read_token
@@ -20,9 +21,10 @@ from kvwire.cloud_agent.settings import CloudSettings
 log = logging.getLogger("kvwire.cloud_agent")
 
 DESCRIPTION = """\
-KVWire cloud-agent: POST /answer {question, context, mode: kv|scout|text, ...}. In kv mode it
+KVWire cloud-agent: POST /answer {question, context, mode: kv|scout|text|auto, ...}. In kv mode it
 receives the edge's quantized KV of the kept positions and generates from it; in scout mode it
-prefills with its own model and keeps the edge's chosen positions; text mode needs no edge.
+prefills with its own model and keeps the edge's chosen positions; text mode needs no edge; auto
+chooses among them per request from live measurements and --quality-table (docs/auto.md).
 HTTP: /answer, /healthz, /readyz (model loaded and edge reachable), /metrics.
 HTTPS, a bearer token for /answer, and TLS, mutual TLS and a token towards the edge switch on
 with the tls_*, auth_token_file and edge_* options (docs/security.md)."""
@@ -66,6 +68,23 @@ def edge_client(settings: CloudSettings, security: CloudSecurity):
     )
 
 
+def quality_table(settings: CloudSettings):
+    """Mode auto's quality table: --quality-table, else the shipped one for the embedded model, else None
+    (auto then answers in text mode). StartupConfigError (exit 2) names a file that cannot serve."""
+    from kvwire.cloud_agent.auto import QualityTable, shipped_quality_table
+    from kvwire.kvcodec.errors import ConfigError
+
+    if settings.quality_table is None:
+        table = shipped_quality_table(settings.model)
+        if table is None:
+            log_event(log, "no_quality_table", model=settings.model, auto="text only (docs/auto.md)")
+        return table
+    try:
+        return QualityTable.load(settings.quality_table)
+    except ConfigError as exc:
+        raise StartupConfigError(f"quality_table: {exc}") from None
+
+
 async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
     from kvwire.cloud_agent.app import create_app
     from kvwire.cloud_agent.service import AnswerService
@@ -84,11 +103,12 @@ async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
         security.edge_credentials is not None,
         "the gRPC link to the edge is plaintext (no edge_ca_file): the token sent to the edge",
     )
+    table = quality_table(settings)  # a bad file stops the daemon before the model loads
     loaded, seconds = load_daemon_model(settings)
     log_event(log, "model_loaded", model=loaded.source, seconds=seconds)
     metrics = Metrics("cloud", outcomes=outcome_labels())
     edge = edge_client(settings, security)
-    service = AnswerService(loaded, settings, edge, metrics)
+    service = AnswerService(loaded, settings, edge, metrics, quality_table=table)
     log_event(log, "warmed_up", **await asyncio.to_thread(service.warm_up))
     http = HttpServer(
         create_app(service, metrics, settings.max_body_bytes, security.auth_token),

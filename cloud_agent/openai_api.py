@@ -65,12 +65,13 @@ class KVWireOptions(BaseModel):
 
     context: str | None = Field(None, description="the passage the question is about (default: the conversation)")
     doc_id: str | None = Field(None, description="a document stored on the edge instead of `context`")
-    mode: str = Field("kv", description="kv, scout or text (see /answer)")
+    mode: str = Field("kv", description="kv, scout, text or auto (see /answer)")
     selector: str | None = None
     retention: float | None = None
     profile: str | None = None
     deadline_ms: int | None = None
     fallback: str | None = None
+    min_quality: float | None = None
 
 
 class StreamOptions(BaseModel):

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -25,15 +26,16 @@ from kvwire.agent_common.errors import (
 )
 from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
-from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse, TimingsMs
+from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse, AutoChoice, TimingsMs
+from kvwire.cloud_agent.auto import AUTO, CostModel, LineFit, Plan, QualityTable, RequestFacts, plan
 from kvwire.cloud_agent.errors import classify, message_of
 from kvwire.cloud_agent.settings import CloudSettings
 from kvwire.cloud_agent.streaming import AnswerStream, TextStream
-from kvwire.kvcodec.errors import ConfigError, FrameError, PromptTooLongError
+from kvwire.kvcodec.errors import ConfigError, FrameError, GeometryMismatchError, PromptTooLongError
 from kvwire.kvcodec.generate import GREEDY, Decoding
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode
-from kvwire.kvcodec.pipeline import Answer, Cloud, Timings
+from kvwire.kvcodec.pipeline import Answer, Cloud, Timings, fp16_kv_bytes
 from kvwire.kvcodec.prompt import build_prompt, model_window, user_token_ids
 from kvwire.kvcodec.receiver import NothingToAnswerError
 from kvwire.kvcodec.stream import DecodedKV
@@ -48,35 +50,26 @@ WARM_UP_CONTEXT = "KVWire warms up its model with this sentence before it serves
 WARM_UP_QUESTION = "What does KVWire warm up?"
 WARM_UP_TOKENS = 4
 WARM_UP_LONG_POSITIONS = 192  # the second warm-up prompt: long enough to tell the per-position cost from the fixed one
+# mode auto's link probe: a short kv stream at fp16, big enough (~20 KB per token on the embedded model) to
+# measure the link's throughput, sent when auto has no recent measurement of it (docs/auto.md)
+PROBE_CONTEXT = " ".join([WARM_UP_CONTEXT] * 8)
+PROBE_AFTER_S = 60.0
 
 
-class _LineFit:
-    """An exponentially weighted least-squares line y = intercept + slope x (both kept >= 0).
+@dataclasses.dataclass(frozen=True)
+class RequestShape:
+    """What validate() learnt of a request: its prompt length, the context text if it is here, the token
+    counts of the context and of the question + template suffix, and the edge's document if it named one."""
 
-    The work before the first generation step has a fixed part (a forward pass's per-layer overhead)
-    and a part that grows with the prompt: a rate alone, learnt on a short prompt, would charge the
-    fixed part to every position and overstate a long prompt's cost many times over.
-    """
+    prompt_len: int
+    text: str | None
+    context_tokens: int
+    question_tokens: int
+    doc: object | None = None
 
-    def __init__(self, alpha: float):
-        self.alpha = alpha
-        self.w = self.x = self.y = self.xx = self.xy = 0.0
 
-    def add(self, x: float, y: float) -> None:
-        keep = 1 - self.alpha if self.w else 0.0
-        self.w, self.x, self.y = keep * self.w + 1, keep * self.x + x, keep * self.y + y
-        self.xx, self.xy = keep * self.xx + x * x, keep * self.xy + x * y
-
-    def predict(self, x: float) -> float:
-        mx, my = self.x / self.w, self.y / self.w
-        var = self.xx / self.w - mx * mx
-        if var <= 1e-9 * max(1.0, mx * mx):  # one prompt length seen so far: its rate, through the origin
-            return my / mx * x if mx else my
-        slope = max(0.0, (self.xy / self.w - mx * my) / var)
-        intercept = my - slope * mx
-        if intercept < 0:  # cheaper than linear at small sizes: proportional is the closer bound
-            return self.xy / self.xx * x
-        return intercept + slope * x
+def context_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class ReserveEstimator:
@@ -103,7 +96,7 @@ class ReserveEstimator:
     def __init__(self, fixed_ms: int | None = None):
         self.fixed_s = None if fixed_ms is None else fixed_ms / 1000
         self.step_s: float | None = None
-        self.setup: dict[str, _LineFit] = {}
+        self.setup: dict[str, LineFit] = {}
         self._lock = threading.Lock()
 
     def observe(self, mode: str, positions: int, setup_s: float, steps: int, generate_s: float) -> None:
@@ -113,7 +106,7 @@ class ReserveEstimator:
                 rate = generate_s / steps
                 self.step_s = rate if self.step_s is None else (1 - self.ALPHA) * self.step_s + self.ALPHA * rate
             if positions > 0:
-                self.setup.setdefault(mode, _LineFit(self.ALPHA)).add(positions, setup_s)
+                self.setup.setdefault(mode, LineFit(self.ALPHA)).add(positions, setup_s)
 
     def setup_estimate(self, mode: str, positions: int) -> float:
         """Predicted seconds from the stream's end (or the request, in text mode) to the first generation step."""
@@ -156,11 +149,17 @@ class AnswerService:
         edge: EdgeClient,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        quality_table: QualityTable | None = None,
     ):
         self.loaded, self.settings, self.edge, self.metrics = loaded, settings, edge, metrics
         self.clock = clock
         self.cloud = Cloud(loaded)
         self.reserve = ReserveEstimator(settings.deadline_reserve_ms)
+        self.costs = CostModel(self.reserve, clock)  # mode auto's estimates (docs/auto.md)
+        self.quality_table: QualityTable | None = quality_table
+        self._kv_refused = False  # a kv stream's header did not fit this model: auto stops choosing kv
+        self._probing = threading.Lock()
+        self.probe_thread: threading.Thread | None = None  # the latest link probe (tests join it)
         self.inflight = 0
         self.draining = False
         self._model_lock = threading.Lock()
@@ -293,11 +292,17 @@ class AnswerService:
 
         With a doc_id the edge describes the document (DocumentNotFoundError, 404, if it has none) and
         sends its text only in text mode; a streamed mode's context text stays on the edge (None)."""
+        shape = self.shape(req, request_id, include_text=req.mode != AUTO and not get_mode(req.mode).streamed)
+        return shape.prompt_len, shape.text
+
+    def shape(self, req: AnswerRequest, request_id: str = "", include_text: bool = False) -> RequestShape:
+        """validate()'s checks, and what they learnt (RequestShape)."""
         if req.max_new_tokens > self.settings.max_new_tokens:
             raise ConfigError(
                 f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}"
             )
         tokenizer, window = self.loaded.tokenizer, model_window(self.loaded.model)
+        doc = None
         if req.doc_id is None:
             text = req.context
             # no token holds more than max_token_bytes bytes: a context that long in bytes is over the limit
@@ -310,7 +315,7 @@ class AnswerService:
                 )
             context_tokens = len(user_token_ids(tokenizer, text))
         else:
-            doc = self._document(req.doc_id, not get_mode(req.mode).streamed, request_id)
+            doc = self._document(req.doc_id, include_text, request_id)
             text, context_tokens = doc.text, doc.tokens
         if context_tokens > self.settings.max_context_tokens:
             raise PromptTooLongError(
@@ -318,9 +323,12 @@ class AnswerService:
                 f"{self.settings.max_context_tokens} (--max-context-tokens)"
             )
         if text is not None:
-            return len(build_prompt(tokenizer, text, req.question, max_len=window)), text
+            prompt = build_prompt(tokenizer, text, req.question, max_len=window)
+            return RequestShape(len(prompt), text, context_tokens, len(prompt) - prompt.context_end, doc)
         # the document's tokens plus the template and question around a one-token stand-in
-        return len(build_prompt(tokenizer, ".", req.question, max_len=window)) - 1 + context_tokens, None
+        stand_in = build_prompt(tokenizer, ".", req.question, max_len=window)
+        questions = len(stand_in) - stand_in.context_end
+        return RequestShape(len(stand_in) - 1 + context_tokens, None, context_tokens, questions, doc)
 
     def _document(self, doc_id: str, include_text: bool, request_id: str = ""):
         return self.edge.get_document(doc_id, include_text, DOCUMENT_TIMEOUT_S, request_id)
@@ -344,7 +352,13 @@ class AnswerService:
             req = req.model_copy(update={"max_new_tokens": self.settings.max_new_tokens})  # the default fits the limit
         deadline_at = arrived + (req.deadline_ms or self.settings.default_deadline_ms) / 1000
         timings = Timings()
-        prompt_len, text = self.validate(req, request_id)
+        auto_plan = None
+        if req.mode == AUTO:
+            shape = self.shape(req, request_id)
+            req, auto_plan = self._choose(req, shape)
+            prompt_len, text = shape.prompt_len, shape.text  # text mode on a document fetches its text
+        else:
+            prompt_len, text = self.validate(req, request_id)
         decoding, said = self._decoding(req, stream)
         edge_ms: dict[str, float] = {}
         fallback_reason = None
@@ -379,6 +393,12 @@ class AnswerService:
         finish = "stop" if said.stopped else ans.generation.finish_reason
         ans = dataclasses.replace(ans, text=final)
         response = self._response(ans, request_id, timings, edge_ms, fallback_reason, finish)
+        if auto_plan is not None:
+            response.auto = AutoChoice.model_validate(auto_plan.describe())
+            predicted = auto_plan.chosen.ttft_s
+            if predicted > 0:
+                measured = response.timings_ms.time_to_first_token / 1000
+                self.metrics.auto_prediction_ratio.labels(ans.mode).observe(measured / predicted)
         log_event(
             log,
             "answer",
@@ -395,6 +415,68 @@ class AnswerService:
             timings_ms=response.timings_ms.model_dump(),
         )
         return response
+
+    def _choose(self, req: AnswerRequest, shape: RequestShape) -> tuple[AnswerRequest, Plan]:
+        """Mode auto: the setting this request is answered with (docs/auto.md), as a concrete request."""
+        context_bytes = shape.doc.bytes if shape.doc is not None else len(shape.text.encode("utf-8", "surrogatepass"))
+        held = bool(shape.doc.cached) if shape.doc is not None else self.costs.holds_context(context_key(shape.text))
+        facts = RequestFacts(
+            prompt_tokens=shape.prompt_len,
+            context_tokens=shape.context_tokens,
+            question_tokens=shape.question_tokens,
+            context_bytes=context_bytes,
+            question_bytes=len(req.question.encode("utf-8", "surrogatepass")),
+            fp16_kv_bytes=fp16_kv_bytes(self.cloud.geometry, shape.prompt_len),
+            max_new_tokens=req.max_new_tokens,
+            doc_id=req.doc_id,
+            edge_holds_prefix=held,
+        )
+        chosen = plan(
+            self.costs,
+            self.quality_table,
+            facts,
+            req.min_quality,
+            req.deadline_ms / 1000 if req.deadline_ms is not None else None,
+            allowed=lambda setting: not (setting.mode == "kv" and self._kv_refused),
+        )
+        self._probe_if_stale()
+        setting = chosen.chosen.candidate.setting
+        update = {"mode": setting.mode}
+        if setting.mode != "text":
+            update.update(selector=setting.selector, retention=setting.retention, profile=setting.profile)
+            if setting.scout_prefill is not None:
+                update["scout_prefill"] = setting.scout_prefill
+        self.metrics.auto_choices.labels(setting.mode).inc()
+        log_event(log, "auto_choice", chose=setting.label(), **chosen.describe()["predicted_ms"])
+        return req.model_copy(update=update), chosen
+
+    def _probe_if_stale(self) -> None:
+        """Measure the link in the background when mode auto has no recent measurement of it: the edge's health
+        check's round trip (latency) and one short fp16 kv stream (throughput, and the edge's prefill rate)."""
+        age = self.costs.link.age_s()
+        if (age is not None and age < PROBE_AFTER_S) or self.quality_table is None:
+            return
+        if not self._probing.acquire(blocking=False):
+            return  # one probe at a time
+
+        def probe() -> None:
+            try:
+                started = time.perf_counter()
+                self.edge.check_health(self.settings.readyz_timeout_s)
+                self.costs.link.observe_rtt(time.perf_counter() - started)
+                req = AnswerRequest(
+                    question=WARM_UP_QUESTION, context=PROBE_CONTEXT, mode="kv", profile="fp16", max_new_tokens=1
+                )
+                shape = self.shape(req)
+                self._receive(req, "auto-probe", Timings(), shape.prompt_len, self.clock() + 30.0)
+                log_event(log, "auto_probe", link_ms_per_mb=round(self.costs.link.predict(1 << 20) * 1000, 1))
+            except Exception as exc:  # a probe that fails leaves the estimates as they were
+                log_event(log, "auto_probe_failed", logging.WARNING, reason=str(exc))
+            finally:
+                self._probing.release()
+
+        self.probe_thread = threading.Thread(target=probe, name="auto-probe", daemon=True)
+        self.probe_thread.start()
 
     def _answer_text(
         self, req: AnswerRequest, timings: Timings, text: str | None = None, decoding: Decoding = GREEDY
@@ -500,6 +582,10 @@ class AnswerService:
                     receiver.feed(msg.frame)
         except DeadlineExceededError:
             receiver.cut()
+        except GeometryMismatchError:
+            if req.mode == "kv":
+                self._kv_refused = True  # the edge's KV does not fit this model: auto stops choosing kv
+            raise
         finally:
             stream.close()  # cancels the edge's stream if we stopped early
         try:
@@ -521,9 +607,29 @@ class AnswerService:
                 complete=decoded.complete,
             )
         edge_compute = sum(edge_ms.get(stage, 0.0) for stage in EDGE_COMPUTE_STAGES) / 1000
+        transfer_s = max(0.0, time.perf_counter() - started - receiver.decode_s - edge_compute)
         timings.add("decode", receiver.decode_s)
-        timings.add("transfer", max(0.0, time.perf_counter() - started - receiver.decode_s - edge_compute))
+        timings.add("transfer", transfer_s)
+        self._observe_stream(req, decoded, edge_ms, transfer_s, receiver.decode_s)
         return decoded, edge_ms
+
+    def _observe_stream(
+        self, req: AnswerRequest, decoded: DecodedKV, edge_ms: dict, transfer_s: float, decode_s: float
+    ) -> None:
+        """Feed mode auto's cost model with one stream's measurements (every stream, whatever asked for it)."""
+        h = decoded.header
+        start, end = h.context_span
+        if decoded.complete:  # a cut stream's transfer time is the cut's, not the link's
+            self.costs.observe_transfer(decoded.wire_bytes, transfer_s)
+            self.costs.observe_decode(decoded.wire_bytes, decode_s)
+        self.costs.observe_edge(req.mode, edge_ms, h.prompt_len, h.prompt_len - end, end - start)
+        if req.context is not None:  # the edge keys its prefix cache by the prompt: it now holds this context
+            key = context_key(req.context)
+            cold = edge_ms.get("prefill", 0.0) > 0
+            if cold and self.costs.holds_context(key):
+                self.costs.forget_context(key)  # it did not (no prefix cache, or evicted)
+            else:
+                self.costs.remember_context(key)
 
     def _response(
         self,

@@ -45,6 +45,11 @@ class CloudSettings(DaemonSettings):
         ge=0,
         description="time kept free before a request's deadline to inject and generate: the edge stream is cut this long before it (anytime answer from the positions that arrived); none: estimated from this cloud's measured generation speed",
     )
+    quality_table: str | None = Field(
+        None,
+        description="mode auto's quality table (JSON written by `kvwire eval --quality-table`, docs/auto.md); "
+        "none: the shipped table when the model is the embedded default, else auto answers in text mode only",
+    )
     readyz_timeout_s: float = Field(1.0, gt=0, description="how long /readyz waits for the edge's health check")
     max_body_bytes: int = Field(4 * MIB, ge=1024, description="largest /answer request body (larger: HTTP 413)")
     edge_ca_file: str | None = Field(
