@@ -211,8 +211,24 @@ def run(args) -> int:
             pareto_plot(rows, tmp, title + (" (PARTIAL)" if done["partial"] else ""))
     print(note + table)
     print(runtime_text(runtime))
+    if args.quality_table:
+        write_quality_table(args, rows, done, loaded, title)
     print(f"wrote {out}/results.json, results.md, pareto.png ({time.perf_counter() - started:.0f} s in all)")
     return 0
+
+
+def write_quality_table(args, rows: list[dict], done: dict, loaded, title: str) -> None:
+    """Mode auto's quality table from this run's rows; a partial run writes none (its rows would look final)."""
+    from kvwire.bench.quality_table import quality_table
+
+    if done["partial"]:
+        print(f"no quality table written: the run is partial ({done['answers']} of {done['expected']} answers)")
+        return
+    data, skipped = quality_table(rows, args.quality_measure, Path(loaded.source).name, title)
+    write_atomic(Path(args.quality_table), json.dumps(data, indent=1) + "\n")
+    print(f"wrote the quality table {args.quality_table} ({len(data['rows'])} settings)")
+    for line in skipped:
+        print(f"  left out {line}")
 
 
 def runtime_summary(

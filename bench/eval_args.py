@@ -75,6 +75,19 @@ def add_eval_arguments(p) -> None:
         help="compute only questions i with i %% N == K (run N processes on one --out, then once without)",
     )
     p.add_argument("--title", default="", help="title of the report and plot (default: model and data)")
+    p.add_argument(
+        "--quality-table",
+        default="",
+        metavar="PATH",
+        help="also write mode auto's quality table (cloud-agent --quality-table, docs/auto.md) from a complete run",
+    )
+    p.add_argument(
+        "--quality-measure",
+        default="tf_top1",
+        choices=("tf_top1", "agreement_f1"),
+        help="the quality table's scale: teacher-forced top-1 agreement with the full cache (default; kv rows only) "
+        "or agreement F1 with the full answer (every row)",
+    )
 
 
 def add_diagnose_arguments(p) -> None:

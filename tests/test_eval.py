@@ -108,8 +108,27 @@ def _eval(tiny_model_dir, qa_file, out, *extra) -> int:
 @pytest.fixture(scope="module")
 def eval_run(tiny_model_dir, qa_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    assert _eval(tiny_model_dir, qa_file, out) == 0
+    assert _eval(tiny_model_dir, qa_file, out, "--quality-table", str(out / "quality.json")) == 0
     return out
+
+
+def test_a_complete_run_writes_the_quality_table_auto_loads(eval_run):
+    from kvwire.cloud_agent.auto import QualityTable
+
+    table = QualityTable.load(eval_run / "quality.json")
+    rows = {(c.setting.selector, c.setting.retention, c.setting.profile): c for c in table.candidates}
+    results = {
+        (r["selector"], r["retention"], r["profile"]): r
+        for r in json.loads((eval_run / "results.json").read_text())["rows"]
+    }
+    assert set(rows) == {("q2c", 0.5, "int8"), ("random", 0.5, "int8"), ("q2c", 1.0, "int8"), ("q2c", 1.0, "fp32"),
+                         ("q2c", 0.5, "mixed-int4")}  # fmt: skip  # "none" is q2c at retention 1: no selection
+    assert all(c.setting.mode == "kv" for c in table.candidates)
+    assert rows[("q2c", 1.0, "fp32")].quality == 1.0  # the exact cache: teacher-forced top-1 agreement 1
+    got = rows[("q2c", 0.5, "int8")]
+    assert got.quality == results[("q2c", 0.5, "int8")]["tf_top1"]
+    assert got.wire_ratio == results[("q2c", 0.5, "int8")]["wire_ratio"]
+    assert "teacher-forced top-1 agreement" in table.measure
 
 
 def test_results_schema_and_baselines(eval_run):
