@@ -189,6 +189,7 @@ class AnswerService:
             steps += ans.generation.steps
             if measured:
                 self._observe_speed(ans, timings)
+        self.cloud.templates.kv()  # the template prefix KV a template_kv=cloud stream needs: computed once, now
         return {
             "seconds": round(time.monotonic() - started, 3),
             "steps": steps,
