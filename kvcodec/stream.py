@@ -108,6 +108,16 @@ class StreamHeader:
         start, end = self.context_span
         return [*(range(start) if self.template == "cloud" else ()), *range(self.tail_start, self.n_prompt - 1)]
 
+    @property
+    def n_ids(self) -> int:
+        """How many token ids the header carries (len(id_positions()), without building the list)."""
+        tail = self.n_prompt - self.tail_start
+        if self.ids == "kept":
+            return len(self.kept) + tail
+        if self.ids == "all":
+            return self.n_prompt - (self.context_span[0] if self.template == "cloud" else 0)
+        return tail
+
     def id_positions(self) -> list[int]:
         """The positions whose token ids the header carries, in the order it writes them."""
         tail = range(self.tail_start, self.n_prompt)
@@ -243,8 +253,8 @@ def _decode_header(frame: Frame) -> StreamHeader:
         template_hash=template_hash,
         n_prompt=n_prompt,
     )
-    positions = header.id_positions()
-    header.token_ids = dict(zip(positions, r.varints(len(positions), "token ids")))
+    ids_list = r.varints(header.n_ids, "token ids")  # counted from the JSON, checked to fit before anything is built
+    header.token_ids = dict(zip(header.id_positions(), ids_list))
     r.done()
     if get_mode(mode).carries_kv:
         if not isinstance(meta.get("profile"), dict):

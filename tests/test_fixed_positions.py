@@ -115,7 +115,7 @@ def test_a_header_carries_only_the_ids_the_cloud_needs(tiny_loaded):
             carried = [len(ids) - 1]
         want = 4 + json_len + sum(map(_varint_len, deltas)) + sum(_varint_len(ids[p]) for p in carried)
         assert len(frame.body) == want, (mode, how, template, question)
-        assert h.token_ids == {p: ids[p] for p in carried}
+        assert h.token_ids == {p: ids[p] for p in carried} and h.n_ids == len(carried)
     assert h.prompt_ids is None and h.n_prompt == len(ids)
 
 
