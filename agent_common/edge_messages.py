@@ -25,6 +25,9 @@ class PrefillRequest:
     chunk_bytes: int = 0  # 0: the edge's configured chunk size
     confirm: bool = False  # the caller sends a Receipt (EdgeService.Confirm) once the timings message arrived
     doc_id: str = ""  # a document registered on the edge instead of `context` (exactly one of the two)
+    template_kv: str = ""  # "stream" or "cloud" (empty: "stream"); docs/codec.md, "Fixed positions"
+    question_kv: str = ""
+    scout_prefill: str = ""  # scout: "sparse" or "full" (empty: "sparse")
 
     def to_pb(self) -> kvwire_pb2.PrefillRequest:
         return kvwire_pb2.PrefillRequest(
@@ -39,6 +42,9 @@ class PrefillRequest:
             chunk_bytes=self.chunk_bytes,
             confirm=self.confirm,
             doc_id=self.doc_id,
+            template_kv=self.template_kv,
+            question_kv=self.question_kv,
+            scout_prefill=self.scout_prefill,
         )
 
     @classmethod
@@ -55,6 +61,9 @@ class PrefillRequest:
             chunk_bytes=pb.chunk_bytes,
             confirm=pb.confirm,
             doc_id=pb.doc_id,
+            template_kv=pb.template_kv,
+            question_kv=pb.question_kv,
+            scout_prefill=pb.scout_prefill,
         )
 
 

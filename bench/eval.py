@@ -60,9 +60,10 @@ def parse_settings(args) -> list[Setting]:
     for profile in _csv(args.profiles):
         for retention in (float(r) for r in _csv(args.retentions)):
             for selector in selector_names() if args.selectors == "all" else _csv(args.selectors):
-                settings.append(make_setting(selector, retention, profile))
-                for how in _csv(args.scout):  # the same selection sent as positions only
-                    settings.append(scout_setting(selector, retention, how))
+                for fixed in _csv(args.fixed):
+                    settings.append(make_setting(selector, retention, profile, fixed))
+                    for how in _csv(args.scout):  # the same selection sent as positions only
+                        settings.append(scout_setting(selector, retention, how, fixed))
     for spec in (s for item in args.setting for s in _csv(item)):
         parts = spec.split(":", 2)  # a profile path may itself hold a colon
         if len(parts) != 3:

@@ -51,6 +51,14 @@ def add_eval_arguments(p) -> None:
         help="also send each grid selection in scout mode with these cloud prefills: sparse, full or sparse,full",
     )
     p.add_argument(
+        "--fixed",
+        default="stream/stream",
+        metavar="T/Q,...",
+        help="where the template prefix (T) and the question + template suffix (Q) KV come from, each stream "
+        "(the edge sends it) or cloud (the cloud computes it); a comma list sweeps them, e.g. "
+        "stream/stream,cloud/stream,cloud/cloud (default stream/stream)",
+    )
+    p.add_argument(
         "--setting",
         action="append",
         default=[],

@@ -21,17 +21,18 @@ from kvwire.bench.eval_stats import bootstrap_pct, paired_se
 from kvwire.bench.prefill_memo import PrefillMemo
 from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score
 from kvwire.bench.teacher_forcing import compare, forced_logprobs, fresh_cache
-from kvwire.kvcodec.cache import build_cache
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.modes import get_mode
 from kvwire.kvcodec.modes.scout import SCOUT_PREFILLS
 from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest, Timings, fp16_kv_bytes
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile
 from kvwire.kvcodec.selectors import check_retention, get_selector
+from kvwire.kvcodec.stream import DEFAULT_QUESTION_KV, DEFAULT_TEMPLATE_KV, FIXED_SOURCES
 
 # baseline selectors; NONE: retention 1.0, no selection (every position in prompt order, nothing scored)
 FULL, TEXT, NONE = "full", "text", "none"
 BASELINE_PROFILE = "-"
+DEFAULT_FIXED = f"{DEFAULT_TEMPLATE_KV}/{DEFAULT_QUESTION_KV}"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class Setting:
     retention: float
     profile: PrecisionProfile | None = None
     scout_prefill: str = ""  # set: a scout-mode setting (the cloud prefills "sparse" or "full"), no profile
+    fixed: str = DEFAULT_FIXED  # TEMPLATE_KV/QUESTION_KV: where the fixed segments' KV comes from (stream or cloud)
+
+    @property
+    def fixed_suffix(self) -> str:
+        """ "" for the default (everything streamed), else " fixed=T/Q": part of the key and the profile column."""
+        return "" if self.fixed == DEFAULT_FIXED else f" fixed={self.fixed}"
 
     @property
     def is_baseline(self) -> bool:
@@ -54,40 +61,58 @@ class Setting:
     @property
     def profile_name(self) -> str:
         if self.scout_prefill:
-            return f"scout-{self.scout_prefill}"
-        return self.profile.name if self.profile is not None else BASELINE_PROFILE
+            return f"scout-{self.scout_prefill}{self.fixed_suffix}"
+        return self.profile.name + self.fixed_suffix if self.profile is not None else BASELINE_PROFILE
 
     @property
     def key(self) -> str:
         if self.scout_prefill:
-            return f"{self.selector}:{self.retention:g}:scout-{self.scout_prefill}"
+            return f"{self.selector}:{self.retention:g}:scout-{self.scout_prefill}{self.fixed_suffix}"
         if self.profile is None:
             return f"{self.selector}:{self.retention:g}:{BASELINE_PROFILE}"
         digest = hashlib.sha256(
             json.dumps(self.profile.to_dict()["default"], sort_keys=True).encode()
             + json.dumps(self.profile.to_dict()["layers"], sort_keys=True).encode()
         ).hexdigest()[:8]
-        return f"{self.selector}:{self.retention:g}:{self.profile.name}#{digest}"
+        return f"{self.selector}:{self.retention:g}:{self.profile.name}#{digest}{self.fixed_suffix}"
+
+    @property
+    def fixed_sources(self) -> tuple[str, str]:
+        template, question = self.fixed.split("/")
+        return template, question
 
 
-def make_setting(selector: str, retention: float, profile: str | PrecisionProfile) -> Setting:
+def check_fixed(fixed: str) -> str:
+    """A TEMPLATE_KV/QUESTION_KV pair (each stream or cloud), e.g. cloud/stream; ConfigError otherwise."""
+    parts = fixed.split("/")
+    if len(parts) != 2 or any(p not in FIXED_SOURCES for p in parts):
+        raise ConfigError(
+            f"fixed positions {fixed!r}: expected TEMPLATE/QUESTION, each one of {', '.join(FIXED_SOURCES)} "
+            "(e.g. cloud/stream)"
+        )
+    return fixed
+
+
+def make_setting(
+    selector: str, retention: float, profile: str | PrecisionProfile, fixed: str = DEFAULT_FIXED
+) -> Setting:
     """A validated setting; at retention 1.0 the selector is irrelevant and becomes NONE."""
     retention = check_retention(float(retention))
     if retention >= 1.0:
         selector = NONE
     else:
         get_selector(selector)
-    return Setting(selector, retention, get_profile(profile))
+    return Setting(selector, retention, get_profile(profile), fixed=check_fixed(fixed))
 
 
-def scout_setting(selector: str, retention: float, scout_prefill: str) -> Setting:
+def scout_setting(selector: str, retention: float, scout_prefill: str, fixed: str = DEFAULT_FIXED) -> Setting:
     """A validated scout-mode setting (selector, retention; the cloud's prefill sparse or full)."""
     if scout_prefill not in SCOUT_PREFILLS:
         raise ConfigError(f"scout prefill {scout_prefill!r}: use one of {', '.join(SCOUT_PREFILLS)}")
     retention = check_retention(float(retention))
     if retention < 1.0:
         get_selector(selector)
-    return Setting(selector if retention < 1.0 else NONE, retention, None, scout_prefill)
+    return Setting(selector if retention < 1.0 else NONE, retention, None, scout_prefill, check_fixed(fixed))
 
 
 def baselines() -> list[Setting]:
@@ -209,7 +234,18 @@ class Evaluator:
                 continue
             selector = None if s.selector == NONE else s.selector
             mode, options = ("scout", {"scout_prefill": s.scout_prefill}) if s.scout_prefill else ("kv", None)
-            req = EdgeRequest(ex.context, ex.question, mode, selector, s.retention, s.profile or "mixed-int4")
+            template_kv, question_kv = s.fixed_sources
+            req = EdgeRequest(
+                ex.context,
+                ex.question,
+                mode,
+                selector,
+                s.retention,
+                s.profile or "mixed-int4",
+                template_kv=template_kv,
+                question_kv=question_kv,
+                scout_prefill=s.scout_prefill or "sparse",
+            )
             frames = list(memo.stream(req, timings))
             received = self.cloud.receive(frames, timings)
             ans = self.cloud.answer(received, self.max_new_tokens, timings, options)
@@ -218,10 +254,9 @@ class Evaluator:
                 t = time.perf_counter()
                 if reference is None:
                     reference = self._reference(memo, req, full["tokens"])
-                cache, _ = build_cache(received, self.loaded.dtype, self.loaded.device)
-                forced = compare(
-                    reference, forced_logprobs(self.loaded.model, cache, received.header.prompt_ids, full["tokens"])
-                )
+                cache = get_mode("kv").cache(self.cloud, received)  # the cache the cloud generates from
+                prompt_ids = self.edge.prompt(req).ids  # the header carries only the ids the cloud needs
+                forced = compare(reference, forced_logprobs(self.loaded.model, cache, prompt_ids, full["tokens"]))
                 timings.add("teacher_forced", time.perf_counter() - t)
             self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0, forced)
         self.prefills += memo.runs

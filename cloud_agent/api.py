@@ -10,6 +10,7 @@ from kvwire.cloud_agent.auto import AUTO, AUTO_CHOSEN_FIELDS, DEFAULT_MIN_QUALIT
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
+from kvwire.kvcodec.stream import DEFAULT_QUESTION_KV, DEFAULT_TEMPLATE_KV, FIXED_SOURCES
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -49,6 +50,17 @@ class AnswerRequest(BaseModel):
         DEFAULT_SCOUT_PREFILL,
         description="scout mode: sparse prefills only the kept tokens at their positions (the time saver); "
         "full prefills the whole prompt and drops the rest (docs/documents.md compares them)",
+    )
+    template_kv: Literal[FIXED_SOURCES] = Field(  # type: ignore[valid-type]
+        DEFAULT_TEMPLATE_KV,
+        description="kv/scout: stream sends the template prefix (the tokens before the context) from the edge; "
+        "cloud uses this cloud's own cached KV of it, checked against the stream's template digest "
+        "(docs/codec.md, fixed positions)",
+    )
+    question_kv: Literal[FIXED_SOURCES] = Field(  # type: ignore[valid-type]
+        DEFAULT_QUESTION_KV,
+        description="kv/scout: stream sends the KV of the question and template suffix from the edge; cloud "
+        "prefills them here on top of the received context (their ids travel in the stream header)",
     )
     max_new_tokens: int = Field(
         DEFAULT_MAX_NEW_TOKENS,

@@ -188,6 +188,7 @@ class AnswerService:
             steps += ans.generation.steps
             if measured:
                 self._observe_speed(ans, timings)
+        self.cloud.templates.kv()  # the template prefix KV a template_kv=cloud stream needs: computed once, now
         return {
             "seconds": round(time.monotonic() - started, 3),
             "steps": steps,
@@ -562,6 +563,9 @@ class AnswerService:
             selector=req.selector,
             retention=req.retention,
             profile=req.profile or "",
+            template_kv=req.template_kv,
+            question_kv=req.question_kv,
+            scout_prefill=req.scout_prefill,
             confirm=True,
         )  # the edge counts the stream ok once this cloud confirms it
         # the header is checked against this model as it arrives (GeometryMismatchError -> 409, closing the stream)

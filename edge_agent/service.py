@@ -213,6 +213,9 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             profile=profile,
             compress=req.compress,
             chunk_bytes=req.chunk_bytes or self.settings.chunk_bytes,
+            template_kv=req.template_kv or "stream",
+            question_kv=req.question_kv or "stream",
+            scout_prefill=req.scout_prefill or "sparse",
         )
         timings = Timings()
         frames = self.edge.stream(edge_req, timings)  # validates now (ConfigError); prefills on the first frame

@@ -48,6 +48,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     )
 
 
+def ids_digest(ids) -> str:
+    """16 hex digits of SHA-256 over token ids (each as 8 little-endian bytes): names a template prefix
+    in a stream header, so a receiver checks it holds the same prefix before using its own KV of it."""
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(int(i).to_bytes(8, "little"))
+    return h.hexdigest()[:16]
+
+
 def geometry_mismatch(expected: dict, got: dict) -> list[str]:
     """Human-readable differences between the receiver's geometry (expected) and a stream's (got)."""
     diffs = []

@@ -11,12 +11,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from transformers import DynamicCache
 
 from kvwire.kvcodec.errors import ConfigError, GeometryMismatchError
 from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fingerprint, tokenizer_fingerprint
 from kvwire.kvcodec.generate import GREEDY, Decoding, Generation, eos_ids, generate
 from kvwire.kvcodec.models import LoadedModel
 from kvwire.kvcodec.modes import get_mode, streamed_mode_names
+from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
 from kvwire.kvcodec.prefill import PrefillResult, prefill, prefill_from
 from kvwire.kvcodec.prefix_cache import PrefixCache, PrefixEntry, prefix_key
 from kvwire.kvcodec.profiles import get_profile
@@ -31,7 +33,17 @@ from kvwire.kvcodec.selectors import (
     full_selection,
     get_selector,
 )
-from kvwire.kvcodec.stream import DEFAULT_CHUNK_BYTES, DecodedKV, StreamDecoder, StreamEncoder, StreamHeader
+from kvwire.kvcodec.stream import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_QUESTION_KV,
+    DEFAULT_TEMPLATE_KV,
+    FIXED_SOURCES,
+    DecodedKV,
+    StreamDecoder,
+    StreamEncoder,
+    StreamHeader,
+)
+from kvwire.kvcodec.template_cache import TemplateCache
 
 
 def fp16_kv_bytes(geometry: dict, tokens: int) -> int:
@@ -51,6 +63,11 @@ class EdgeRequest:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     doc_id: str | None = None  # the document `context` is the text of (tags its prefix-cache entries)
     doc_version: int | None = None  # that document's version (a cache refuses entries of versions it knows are old)
+    # fixed positions (docs/codec.md): "stream" sends the template prefix / the question + template suffix,
+    # "cloud" leaves them to the cloud (its cached template KV; its own prefill of the question)
+    template_kv: str = DEFAULT_TEMPLATE_KV
+    question_kv: str = DEFAULT_QUESTION_KV
+    scout_prefill: str = DEFAULT_SCOUT_PREFILL  # scout: "full" makes the header carry every prompt id
 
 
 @dataclass
@@ -92,6 +109,11 @@ class Edge:
             raise ConfigError(f"retention {req.retention:g} needs a selector (no selection keeps every position)")
         if mode.carries_kv:
             get_profile(req.profile).resolve(self.geometry["num_layers"], self.geometry["head_dim"])
+        for name in ("template_kv", "question_kv"):
+            if getattr(req, name) not in FIXED_SOURCES:
+                raise ConfigError(f"{name} {getattr(req, name)!r}: use one of {', '.join(FIXED_SOURCES)}")
+        if req.scout_prefill not in SCOUT_PREFILLS:
+            raise ConfigError(f"scout_prefill {req.scout_prefill!r}: use one of {', '.join(SCOUT_PREFILLS)}")
 
     def prompt(self, req: EdgeRequest) -> Prompt:
         return build_prompt(self.loaded.tokenizer, req.context, req.question, max_len=model_window(self.loaded.model))
@@ -230,11 +252,13 @@ class Edge:
         t = time.perf_counter()
         sel = self.select(prompt, selector, pre, req.retention)
         timings.add("select", time.perf_counter() - t)
+        streamed = self._streamed(prompt, req)
+        kept, order = sel.kept[streamed[sel.kept]], sel.order[streamed[sel.order]]
         header = StreamHeader(
             mode=req.mode,
             prompt_ids=list(prompt.ids),
             context_span=(prompt.context_start, prompt.context_end),
-            kept=sel.kept.tolist(),
+            kept=kept.tolist(),
             geometry=self.geometry,
             model=self.model_fp,
             tokenizer=self.tokenizer_fp,
@@ -242,17 +266,30 @@ class Edge:
             profile=get_profile(req.profile) if get_mode(req.mode).carries_kv else None,
             selector=req.selector or "",
             retention=req.retention,
+            template=req.template_kv,
+            question=req.question_kv,
+            ids="all" if req.mode == "scout" and req.scout_prefill == "full" else "",
         )
         enc = StreamEncoder(header, compress=req.compress, chunk_bytes=req.chunk_bytes)
         t = time.perf_counter()
         yield enc.header_frame()
         if get_mode(req.mode).carries_kv:
-            for frame in enc.chunk_frames(pre.keys, pre.values, sel.order):
+            for frame in enc.chunk_frames(pre.keys, pre.values, order):
                 timings.add("encode", time.perf_counter() - t)
                 yield frame
                 t = time.perf_counter()
         yield enc.trailer_frame()
         timings.add("encode", time.perf_counter() - t)
+
+    @staticmethod
+    def _streamed(prompt: Prompt, req: EdgeRequest) -> torch.Tensor:
+        """[stream_len] bool: the positions this request streams (a fixed segment the cloud computes is not)."""
+        streamed = torch.ones(prompt.stream_len, dtype=torch.bool)
+        if req.template_kv == "cloud":
+            streamed[: prompt.context_start] = False
+        if req.question_kv == "cloud":
+            streamed[prompt.context_end :] = False
+        return streamed
 
 
 def answer_text(tokenizer, tokens: Sequence[int]) -> str:
@@ -295,6 +332,7 @@ class Cloud:
         self.geometry = kv_geometry(loaded.model)
         self.tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
         self.stop = eos_ids(loaded.model, loaded.tokenizer)
+        self.templates = TemplateCache(loaded)
 
     def receiver(self, expect_mode: str | None = None, on_frame=None, on_reject=None) -> StreamReceiver:
         """A receiver for one stream that refuses, before allocating anything, a stream this model cannot use."""
@@ -322,6 +360,8 @@ class Cloud:
         carries_kv = get_mode(header.mode).carries_kv
         if carries_kv:
             problems += geometry_mismatch(self.geometry, header.geometry)
+        if not problems and header.template == "cloud":
+            self.templates.check(header.template_hash, header.context_span[0])
         if problems:
             same_tokenizer = header.tokenizer == self.tokenizer_fp
             hint = (
@@ -372,10 +412,34 @@ class Cloud:
             decoding=decoding,
         )
 
+    def template_cache(self, header: StreamHeader) -> DynamicCache | None:
+        """A fresh cache over this cloud's template prefix KV when the header leaves the template to the cloud
+        (computed once: TemplateCache); None when the template is streamed or empty."""
+        if header.template != "cloud":
+            return None
+        keys, values = self.templates.kv()
+        return DynamicCache([(k[None], v[None]) for k, v in zip(keys, values)]) if keys else None
+
+    @torch.inference_mode()
+    def extend(self, cache: DynamicCache | None, header: StreamHeader, positions: Sequence[int]) -> DynamicCache | None:
+        """Run the header's tokens at `positions` (ascending absolute position ids) through this model on
+        top of `cache` (None: an empty one) in one forward pass; returns the cache holding them too."""
+        if not len(positions):
+            return cache
+        device = self.loaded.device
+        kwargs = {
+            "input_ids": torch.tensor([header.ids_at(positions)], device=device),
+            "position_ids": torch.tensor([list(positions)], device=device),
+            "use_cache": True,
+        }
+        if cache is not None:
+            kwargs["cache"] = cache
+        return self.loaded.model(**kwargs).cache
+
     def generate(
         self,
         cache,
-        prompt_ids: Sequence[int],
+        prompt_ids: Sequence[int] | None,
         context_span: tuple[int, int],
         max_new_tokens: int,
         mode: str,
@@ -385,10 +449,12 @@ class Cloud:
         decoding: Decoding = GREEDY,
     ) -> Answer:
         """Feed the last prompt token on `cache` (all prompt positions but the last, or the received ones)
-        at its absolute position and decode (greedy unless `decoding` samples). received: the stream the cache came from (its
-        positions and bytes are the answer's); None: the cache holds the whole prompt."""
-        prompt_len = len(prompt_ids)
-        gen = generate(self.loaded.model, cache, prompt_ids[-1], prompt_len - 1, max_new_tokens, self.stop, decoding)
+        at its absolute position and decode (greedy unless `decoding` samples). received: the stream the cache
+        came from (its positions, the ones the cloud computed for it, and its bytes are the answer's); None:
+        the cache holds the whole prompt. prompt_ids: the prompt's (None with `received`: its header's)."""
+        prompt_len = len(prompt_ids) if received is None else received.header.n_prompt
+        last = prompt_ids[-1] if received is None else received.header.ids_at([prompt_len - 1])[0]
+        gen = generate(self.loaded.model, cache, last, prompt_len - 1, max_new_tokens, self.stop, decoding)
         if timings is not None:
             timings.add("first_token", gen.first_token_s)
             timings.add("generate", gen.total_s)
@@ -396,7 +462,7 @@ class Cloud:
         if received is None:
             kept, context_kept, complete = prompt_len - 1, end - start, True
         else:
-            kept, complete, wire_bytes = len(received.positions), received.complete, received.wire_bytes
+            kept, complete, wire_bytes = received.held, received.complete, received.wire_bytes
             context_kept = int(((received.positions >= start) & (received.positions < end)).sum())
         return Answer(
             text=answer_text(self.loaded.tokenizer, gen.tokens),

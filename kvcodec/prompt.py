@@ -85,6 +85,13 @@ def _has_special(tokenizer, text: str) -> bool:
     return any(tok and tok in text for tok in getattr(tokenizer, "all_special_tokens", ()))
 
 
+def template_prefix_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
+    """The template prefix's ids (the tokens before the context): the same for every prompt of a
+    tokenizer and instruction, so a receiver can compute its KV once (kvcodec/template_cache.py)."""
+    prefix = _template_parts(tokenizer, instruction)[0]
+    return _encode(tokenizer, prefix, special=not getattr(tokenizer, "chat_template", None))
+
+
 def build_prompt(
     tokenizer,
     context: str,
@@ -103,9 +110,8 @@ def build_prompt(
         raise ConfigError("context is empty: give the passage the question is about")
     if not question or not question.strip():
         raise ConfigError("question is empty")
-    prefix, middle, suffix = _template_parts(tokenizer, instruction)
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    prefix_ids = _encode(tokenizer, prefix, special=not templated)
+    _, middle, suffix = _template_parts(tokenizer, instruction)
+    prefix_ids = template_prefix_ids(tokenizer, instruction)
     context_ids = user_token_ids(tokenizer, context)
     if _has_special(tokenizer, middle):  # a template with control tokens between the slots: keep them real
         middle_ids, question_ids = _encode(tokenizer, middle, special=False), user_token_ids(tokenizer, question)

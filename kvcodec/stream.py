@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvwire.kvcodec.errors import ConfigError, FrameError
+from kvwire.kvcodec.fingerprint import ids_digest
 from kvwire.kvcodec.modes import get_mode, streamed_mode_names
 from kvwire.kvcodec.profiles import PrecisionProfile
 from kvwire.kvcodec.wire import (
@@ -43,12 +44,30 @@ _AXIS_CODES = {"token": 0, "channel": 1}
 _TENSOR_HEAD = struct.Struct("<BBHII")
 
 
+# where a fixed segment's KV comes from: the edge streams it, or the cloud computes it itself
+FIXED_SOURCES = ("stream", "cloud")
+# the defaults of a request's template_kv and question_kv (chosen by `kvwire eval`: docs/results.md)
+DEFAULT_TEMPLATE_KV = "stream"
+DEFAULT_QUESTION_KV = "stream"
+# which token ids a header carries: "kept" the kept positions' (sparse scout), "all" every position the cloud
+# prefills (full scout), "tail" none of the kept ones (kv); each then adds the tail the cloud computes
+ID_LAYOUTS = ("kept", "all", "tail")
+_HASH_DIGITS = 16
+
+
 @dataclass
 class StreamHeader:
-    """What a receiver needs before any KV arrives (the header frame's content)."""
+    """What a receiver needs before any KV arrives (the header frame's content).
+
+    The sender builds it from the whole prompt (`prompt_ids`); the header carries only the ids the
+    receiver needs (`token_ids`, position -> id: see `id_positions`), so a decoded header has
+    `prompt_ids` None and `n_prompt` set. template / question: whether the template prefix
+    [0, context_start) and the question + template suffix [context_end, n_prompt - 1) are streamed
+    (kept positions) or computed by the cloud (never among the kept positions).
+    """
 
     mode: str
-    prompt_ids: list[int]
+    prompt_ids: list[int] | None
     context_span: tuple[int, int]
     kept: list[int]  # ascending streamed positions the receiver will hold
     geometry: dict
@@ -59,10 +78,63 @@ class StreamHeader:
     selector: str = ""
     retention: float = 1.0
     stream_id: bytes = field(default_factory=lambda: os.urandom(16))
+    template: str = "stream"
+    question: str = "stream"
+    ids: str = ""  # an ID_LAYOUTS entry; "" picks the mode's: kept (scout) or tail (kv)
+    template_hash: str = ""  # ids_digest of the template prefix (set from prompt_ids when they are given)
+    n_prompt: int = 0  # set from prompt_ids when they are given
+    token_ids: dict[int, int] = field(default_factory=dict)  # set from prompt_ids when they are given
+
+    def __post_init__(self):
+        if not self.ids:
+            self.ids = "tail" if get_mode(self.mode).carries_kv else "kept"
+        if self.prompt_ids is not None:
+            self.n_prompt = len(self.prompt_ids)
+            self.template_hash = ids_digest(self.prompt_ids[: self.context_span[0]])
+            self.token_ids = {p: int(self.prompt_ids[p]) for p in self.id_positions()}
 
     @property
     def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+        return self.n_prompt
+
+    @property
+    def tail_start(self) -> int:
+        """First position whose id the header carries as the tail: the cloud computes [tail_start, n_prompt)."""
+        return self.context_span[1] if self.question == "cloud" else self.n_prompt - 1
+
+    def cloud_positions(self) -> list[int]:
+        """Positions the cloud computes before generating (the template and the question when they are the
+        cloud's, not the last prompt token, which it feeds as its first decoding step)."""
+        start, end = self.context_span
+        return [*(range(start) if self.template == "cloud" else ()), *range(self.tail_start, self.n_prompt - 1)]
+
+    @property
+    def n_ids(self) -> int:
+        """How many token ids the header carries (len(id_positions()), without building the list)."""
+        tail = self.n_prompt - self.tail_start
+        if self.ids == "kept":
+            return len(self.kept) + tail
+        if self.ids == "all":
+            return self.n_prompt - (self.context_span[0] if self.template == "cloud" else 0)
+        return tail
+
+    def id_positions(self) -> list[int]:
+        """The positions whose token ids the header carries, in the order it writes them."""
+        tail = range(self.tail_start, self.n_prompt)
+        if self.ids == "kept":
+            return [*self.kept, *tail]
+        if self.ids == "all":
+            return list(range(self.context_span[0] if self.template == "cloud" else 0, self.n_prompt))
+        return list(tail)
+
+    def ids_at(self, positions) -> list[int]:
+        """The token ids at `positions`; FrameError("bad_header") names a position the header does not carry."""
+        try:
+            return [self.token_ids[int(p)] for p in positions]
+        except KeyError as exc:
+            raise FrameError(
+                "bad_header", f"the header carries no token id for position {exc.args[0]} (ids {self.ids!r})"
+            ) from None
 
 
 def _varints(values) -> bytes:
@@ -83,16 +155,27 @@ def encode_header(h: StreamHeader) -> bytes:
         "selector": h.selector,
         "retention": h.retention,
         "context_span": list(h.context_span),
-        "n_prompt": len(h.prompt_ids),
+        "n_prompt": h.n_prompt,
         "n_kept": len(h.kept),
+        "template": h.template,
+        "template_hash": h.template_hash,
+        "question": h.question,
+        "ids": h.ids,
     }
-    return pack_json(meta) + encode_deltas(h.kept, signed=False) + _varints(h.prompt_ids)
+    return pack_json(meta) + encode_deltas(h.kept, signed=False) + _varints(h.ids_at(h.id_positions()))
 
 
 def _int(meta: dict, key: str, lo: int, hi: int, where: str = "header") -> int:
     v = meta.get(key)
     if type(v) is not int or not lo <= v <= hi:
         raise FrameError("bad_header", f"{where}: {key}={v!r} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+def _choice(meta: dict, key: str, allowed: tuple[str, ...]) -> str:
+    v = meta.get(key)
+    if v not in allowed:
+        raise FrameError("bad_header", f"{key}={v!r} is not one of {', '.join(allowed)}")
     return v
 
 
@@ -104,6 +187,23 @@ def decode_header(frame: Frame) -> StreamHeader:
         raise
     except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as exc:
         raise FrameError("bad_header", f"malformed header field: {exc}") from None
+
+
+def _check_kept(kept: list[int], n_prompt: int, span: tuple[int, int], template: str, question: str) -> None:
+    """Kept positions: strictly ascending below n_prompt - 1, every template position iff the template is
+    streamed, every question position iff the question is, never one the cloud computes."""
+    if any(b <= a for a, b in zip(kept, kept[1:])) or kept[-1] >= n_prompt - 1:
+        raise FrameError("bad_header", "kept positions are not strictly ascending inside [0, prompt_len - 1)")
+    in_template = sum(1 for p in kept if p < span[0])
+    in_question = sum(1 for p in kept if p >= span[1])
+    if in_template != (span[0] if template == "stream" else 0):
+        what = "drop template positions" if template == "stream" else "include template positions the cloud computes"
+        raise FrameError("bad_header", f"kept positions {what}")
+    if in_question != (n_prompt - 1 - span[1] if question == "stream" else 0):
+        what = "drop question positions" if question == "stream" else "include question positions the cloud computes"
+        raise FrameError("bad_header", f"kept positions {what}")
+    if in_template + in_question == len(kept):
+        raise FrameError("bad_header", "kept positions hold no context position")
 
 
 def _decode_header(frame: Frame) -> StreamHeader:
@@ -128,37 +228,43 @@ def _decode_header(frame: Frame) -> StreamHeader:
         and 0 <= span[0] < span[1] <= n_prompt - 1
     ):
         raise FrameError("bad_header", f"context_span {span!r} is not a non-empty span inside the prompt")
+    template, question = _choice(meta, "template", FIXED_SOURCES), _choice(meta, "question", FIXED_SOURCES)
+    ids = _choice(meta, "ids", ID_LAYOUTS if get_mode(mode).carries_kv else ("kept", "all"))
+    template_hash = meta.get("template_hash")
+    if not (isinstance(template_hash, str) and len(template_hash) == _HASH_DIGITS):
+        raise FrameError("bad_header", f"template_hash {template_hash!r} is not {_HASH_DIGITS} hex digits")
     kept = r.deltas(n_kept, signed=False, field="kept positions")
-    if any(b <= a for a, b in zip(kept, kept[1:])) or kept[-1] >= n_prompt - 1:
-        raise FrameError("bad_header", "kept positions are not strictly ascending inside [0, prompt_len - 1)")
-    ids = [r.varint("prompt ids") for _ in range(n_prompt)]
-    r.done()
-    outside = (n_prompt - 1) - (span[1] - span[0])
-    if sum(1 for p in kept if not span[0] <= p < span[1]) != outside:
-        raise FrameError("bad_header", "kept positions drop template or question positions")
-    profile = None
-    if get_mode(mode).carries_kv:
-        if not isinstance(meta.get("profile"), dict):
-            raise FrameError("bad_header", "kv stream without a precision profile")
-        try:
-            profile = PrecisionProfile.from_dict(meta["profile"])
-            profile.resolve(geo["num_layers"], geo["head_dim"])
-        except ConfigError as exc:
-            raise FrameError("bad_header", f"profile: {exc}") from None
-    return StreamHeader(
+    _check_kept(kept, n_prompt, (span[0], span[1]), template, question)
+    header = StreamHeader(
         mode=mode,
-        prompt_ids=ids,
+        prompt_ids=None,
         context_span=(span[0], span[1]),
         kept=kept,
         geometry=geo,
         model=str(meta.get("model", "")),
         tokenizer=str(meta.get("tokenizer", "")),
         dtype=str(meta.get("dtype", "")),
-        profile=profile,
         selector=str(meta.get("selector", "")),
         retention=_retention(meta.get("retention")),
         stream_id=frame.stream_id,
+        template=template,
+        question=question,
+        ids=ids,
+        template_hash=template_hash,
+        n_prompt=n_prompt,
     )
+    ids_list = r.varints(header.n_ids, "token ids")  # counted from the JSON, checked to fit before anything is built
+    header.token_ids = dict(zip(header.id_positions(), ids_list))
+    r.done()
+    if get_mode(mode).carries_kv:
+        if not isinstance(meta.get("profile"), dict):
+            raise FrameError("bad_header", "kv stream without a precision profile")
+        try:
+            header.profile = PrecisionProfile.from_dict(meta["profile"])
+            header.profile.resolve(geo["num_layers"], geo["head_dim"])
+        except ConfigError as exc:
+            raise FrameError("bad_header", f"profile: {exc}") from None
+    return header
 
 
 def _retention(value) -> float:
@@ -173,6 +279,8 @@ class StreamEncoder:
     def __init__(self, header: StreamHeader, compress: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         if not get_mode(header.mode).streamed:
             raise ConfigError(f"mode {header.mode!r} is not streamed; streamed: {', '.join(streamed_mode_names())}")
+        if header.prompt_ids is None:
+            raise ConfigError("a stream is encoded from a header built with the prompt's ids (prompt_ids)")
         self.header, self.compress = header, compress
         self.chunk_bytes = min(chunk_bytes, MAX_BODY // 2)
         self.seq, self.total, self.digest = 0, 0, hashlib.sha256()
@@ -233,6 +341,11 @@ class DecodedKV:
     complete: bool
     wire_bytes: int
     frames: int
+
+    @property
+    def held(self) -> int:
+        """Positions an answer from this stream holds: those that arrived plus those the cloud computes."""
+        return len(self.positions) + len(self.header.cloud_positions())
 
     @property
     def missing_fixed(self) -> int:

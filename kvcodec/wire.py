@@ -18,7 +18,7 @@ import zstandard
 from kvwire.kvcodec.errors import FrameError
 
 MAGIC = b"KVWF"
-VERSION = 1
+VERSION = 2  # 2: headers carry only the token ids the receiver needs (docs/wire-format.md)
 HEADER, CHUNK, TRAILER = 1, 2, 3
 FRAME_TYPES = {HEADER: "header", CHUNK: "chunk", TRAILER: "trailer"}
 FLAG_ZSTD = 0x1
@@ -89,7 +89,11 @@ def parse_frame(data: bytes) -> Frame:
     if magic != MAGIC:
         raise FrameError("bad_magic", f"frame starts with {magic!r}, not {MAGIC!r}")
     if version != VERSION:
-        raise FrameError("bad_version", f"frame version {version}; this decoder reads version {VERSION}")
+        raise FrameError(
+            "bad_version",
+            f"frame version {version}; this decoder reads version {VERSION} only (edge and cloud must run "
+            "kvwire releases of one wire version)",
+        )
     if kind not in FRAME_TYPES:
         raise FrameError("bad_type", f"unknown frame type {kind}")
     if flags & ~FLAG_ZSTD:
@@ -190,11 +194,14 @@ class Reader:
             if shift >= 63:  # nine 7-bit groups: anything longer is not a 64-bit value
                 raise FrameError("malformed", f"{self.what}: {field} varint is longer than 64 bits")
 
-    def deltas(self, count: int, signed: bool, field: str) -> list[int]:
+    def _fits(self, count: int, field: str) -> None:
         if count > len(self.data) - self.pos:  # each varint takes at least one byte
             raise FrameError(
                 "malformed", f"{self.what}: {count} {field} cannot fit in {len(self.data) - self.pos} bytes"
             )
+
+    def deltas(self, count: int, signed: bool, field: str) -> list[int]:
+        self._fits(count, field)
         out, prev = [], 0
         for _ in range(count):
             d = self.varint(field)
@@ -203,6 +210,11 @@ class Reader:
             prev += d
             out.append(prev)
         return out
+
+    def varints(self, count: int, field: str) -> list[int]:
+        """`count` unsigned varints; refused up front when they cannot fit in the bytes left."""
+        self._fits(count, field)
+        return [self.varint(field) for _ in range(count)]
 
     def done(self) -> None:
         if self.pos != len(self.data):

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "mode", "context", "question", "selector", "retention", "profile", "compress", "chunk_bytes", "confirm", "doc_id")
+    __slots__ = ("request_id", "mode", "context", "question", "selector", "retention", "profile", "compress", "chunk_bytes", "confirm", "doc_id", "template_kv", "question_kv", "scout_prefill")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,9 @@ class PrefillRequest(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONFIRM_FIELD_NUMBER: _ClassVar[int]
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_KV_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_KV_FIELD_NUMBER: _ClassVar[int]
+    SCOUT_PREFILL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     mode: str
     context: str
@@ -30,7 +33,10 @@ class PrefillRequest(_message.Message):
     chunk_bytes: int
     confirm: bool
     doc_id: str
-    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., selector: _Optional[str] = ..., retention: _Optional[float] = ..., profile: _Optional[str] = ..., compress: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., confirm: _Optional[bool] = ..., doc_id: _Optional[str] = ...) -> None: ...
+    template_kv: str
+    question_kv: str
+    scout_prefill: str
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., selector: _Optional[str] = ..., retention: _Optional[float] = ..., profile: _Optional[str] = ..., compress: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., confirm: _Optional[bool] = ..., doc_id: _Optional[str] = ..., template_kv: _Optional[str] = ..., question_kv: _Optional[str] = ..., scout_prefill: _Optional[str] = ...) -> None: ...
 
 class DocumentRequest(_message.Message):
     __slots__ = ("request_id", "doc_id", "include_text")

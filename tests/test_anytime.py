@@ -108,7 +108,7 @@ def test_answer_from_a_partial_stream_equals_a_complete_stream_of_the_positions_
     pre = prefill(tiny_loaded.model, edge.prompt(req))
     own = StreamHeader(
         mode="kv",
-        prompt_ids=h.prompt_ids,
+        prompt_ids=list(edge.prompt(req).ids),
         context_span=h.context_span,
         kept=arrived,
         geometry=h.geometry,

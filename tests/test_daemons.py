@@ -182,6 +182,28 @@ def test_scout_keeps_the_edge_positions_and_sends_only_ids(daemons):
     assert half["timings_ms"]["prefill"] > 0 and half["timings_ms"]["edge_prefill"] > 0
 
 
+def test_fixed_positions_computed_on_the_cloud_through_the_daemons(daemons):
+    """template_kv/question_kv travel from /answer to the edge: the stream leaves those positions out, the
+    cloud computes them, and at fp16 and retention 1.0 the answer is still exactly the streamed one."""
+    streamed = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=8))
+    cloud = ok(
+        ask(
+            daemons.cloud,
+            mode="kv",
+            profile="fp16",
+            retention=1.0,
+            max_new_tokens=8,
+            template_kv="cloud",
+            question_kv="cloud",
+        )
+    )
+    assert cloud["answer"] == streamed["answer"] and cloud["kept_positions"] == streamed["kept_positions"]
+    assert cloud["bytes_on_wire"] < streamed["bytes_on_wire"]
+    sparse = ok(ask(daemons.cloud, mode="scout", retention=0.5, max_new_tokens=4))
+    full = ok(ask(daemons.cloud, mode="scout", retention=0.5, max_new_tokens=4, scout_prefill="full"))
+    assert sparse["bytes_on_wire"] < full["bytes_on_wire"]  # only a full scout's header carries every id
+
+
 def test_kv_with_selection_and_the_edge_default_profile(daemons):
     full = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=4))
     # no profile: the edge's --profile (int8 here), a quarter of the context kept

@@ -36,8 +36,15 @@ def streams(tiny_loaded):
     kv = list(edge.stream(EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 0.5, "mixed-int4", chunk_bytes=1500)))
     zkv = list(edge.stream(EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 1.0, "int8", compress=True, chunk_bytes=3000)))
     scout = list(edge.stream(EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 0.5)))
-    assert len(kv) >= 5
-    return {"kv": kv, "zkv": zkv, "scout": scout}
+    # wire v2 headers: fixed segments left to the cloud (no template/question positions, the question's ids
+    # as the header's tail), and a full scout's header carrying every id after the template
+    both = EdgeRequest(CONTEXT, QUESTION, "kv", "q2c", 0.5, "int8", chunk_bytes=1500)
+    both.template_kv = both.question_kv = "cloud"
+    kvc = list(edge.stream(both))
+    full = EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 0.5, template_kv="cloud", scout_prefill="full")
+    scout_full = list(edge.stream(full))
+    assert len(kv) >= 5 and len(kvc) >= 3
+    return {"kv": kv, "zkv": zkv, "scout": scout, "kvc": kvc, "scout_full": scout_full}
 
 
 def decode(frames):
@@ -109,7 +116,7 @@ def test_truncated_frames_and_streams_are_rejected(streams, data):
 @FUZZ
 @given(data=st.data())
 def test_reordered_dropped_and_duplicated_frames_are_rejected(streams, data):
-    frames = list(streams[data.draw(st.sampled_from(["kv", "zkv"]))])
+    frames = list(streams[data.draw(st.sampled_from(["kv", "zkv", "kvc"]))])
     op = data.draw(st.sampled_from(["swap", "drop", "dup", "shuffle"]))
     i = data.draw(st.integers(0, len(frames) - 1))
     j = data.draw(st.integers(0, len(frames) - 1).filter(lambda j: j != i))
@@ -138,7 +145,7 @@ def test_garbage_is_rejected(garbage):
 def test_body_mutations_with_valid_crc_are_rejected(streams, data):
     """Rewrite bytes inside a body and fix the CRC: the parser must still fail cleanly (bounds,
     lengths, positions, digest), not crash or allocate from the bad length."""
-    frames = list(streams["kv"])
+    frames = list(streams[data.draw(st.sampled_from(["kv", "kvc", "scout_full"]))])
     i = data.draw(st.integers(0, len(frames) - 1))
     frame = bytearray(frames[i])
     body_len = len(frame) - PREFIX_SIZE - CRC_SIZE
@@ -149,6 +156,26 @@ def test_body_mutations_with_valid_crc_are_rejected(streams, data):
     if bytes(frame[: PREFIX_SIZE + body_len]) == frames[i][:-CRC_SIZE]:
         return  # the patch changed nothing
     frames[i] = recrc(bytes(frame))
+    with pytest.raises(FrameError):
+        decode(frames)
+
+
+@FUZZ
+@given(data=st.data())
+def test_header_id_and_position_sections_mutated_with_valid_crc_are_rejected(streams, data):
+    """The v2 header's kept positions and token ids (everything after the JSON): any rewrite with a valid
+    CRC that changes the bytes is refused, since the trailer's digest covers the header as sent."""
+    name = data.draw(st.sampled_from(["kv", "kvc", "scout", "scout_full"]))
+    frames = list(streams[name])
+    body = parse_frame(frames[0]).body
+    (n,) = struct.unpack_from("<I", body)
+    tail = bytearray(body[4 + n :])
+    cut = data.draw(st.integers(0, len(tail)))
+    patch = data.draw(st.binary(min_size=0, max_size=6))
+    new_tail = bytes(tail[:cut]) + patch + bytes(tail[cut + data.draw(st.integers(0, 3)) :])
+    if new_tail == bytes(tail):
+        return
+    frames[0] = pack_frame(1, parse_frame(frames[0]).stream_id, 0, body[: 4 + n] + new_tail)
     with pytest.raises(FrameError):
         decode(frames)
 

@@ -86,10 +86,16 @@ def test_sparse_scout_prefills_only_the_kept_tokens_and_equals_full_when_all_are
     sparse, full = (cloud.answer(everything, 6, None, {"scout_prefill": how}) for how in ("sparse", "full"))
     assert sparse.tokens == full.tokens  # all positions kept: the same prefill, run the same way
     assert torch.allclose(sparse.generation.first_logits, full.generation.first_logits, atol=1e-5)
-    half = cloud.receive(edge.stream(EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 0.5)))
-    sparse, full = (cloud.answer(half, 6, None, {"scout_prefill": how}) for how in ("sparse", "full"))
+    half = {
+        how: cloud.receive(edge.stream(EdgeRequest(CONTEXT, QUESTION, "scout", "q2c", 0.5, scout_prefill=how)))
+        for how in ("sparse", "full")
+    }
+    assert half["sparse"].wire_bytes < half["full"].wire_bytes  # a sparse header carries the kept ids only
+    with pytest.raises(ConfigError, match="scout_prefill full needs every prompt id"):
+        cloud.answer(half["sparse"], 2, None, {"scout_prefill": "full"})
+    sparse, full = (cloud.answer(half[how], 6, None, {"scout_prefill": how}) for how in ("sparse", "full"))
     assert sparse.kept_positions == full.kept_positions < everything.positions.numel()
     # the kept tokens no longer see the dropped ones: other logits, the same positions
     assert not torch.allclose(sparse.generation.first_logits, full.generation.first_logits, atol=1e-5)
     with pytest.raises(ConfigError, match="scout_prefill 'half'"):
-        cloud.answer(half, 2, None, {"scout_prefill": "half"})
+        cloud.answer(half["full"], 2, None, {"scout_prefill": "half"})

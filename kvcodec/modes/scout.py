@@ -3,7 +3,11 @@ positions (works across model sizes of one family: same tokenizer, any geometry)
 
 scout_prefill "sparse" (SpecPrefill's step): the cloud prefills ONLY the kept tokens, each at its original
 position id, so a 50% selection halves the cloud's prefill; "full": it prefills the whole prompt and then
-drops the other positions (the same positions, each computed with the whole prompt in view).
+drops the other positions (the same positions, each computed with the whole prompt in view). The edge
+must know which: a sparse scout's header carries the ids of the kept positions only, a full scout's every
+id (EdgeRequest.scout_prefill). With template "cloud" the template prefix comes from the cloud's cache
+(kvcodec/template_cache.py) instead of being prefilled; with question "cloud" the question's ids travel as
+the header's tail and are prefilled in the same pass.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ import torch
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.generate import GREEDY
 from kvwire.kvcodec.modes.base import Mode
-from kvwire.kvcodec.prefill import prefill
-from kvwire.kvcodec.prompt import Prompt
 
 SCOUT_PREFILLS = ("sparse", "full")
 DEFAULT_SCOUT_PREFILL = "sparse"
@@ -31,29 +33,37 @@ class ScoutMode(Mode):
         if how not in SCOUT_PREFILLS:
             raise ConfigError(f"scout_prefill {how!r}: use one of {', '.join(SCOUT_PREFILLS)}")
         h = received.header
+        first = h.context_span[0] if h.template == "cloud" else 0
+        if how == "full" and not all(p in h.token_ids for p in range(first, h.n_prompt)):
+            raise ConfigError(
+                "scout_prefill full needs every prompt id, and this stream's header carries only the kept "
+                "positions' ids: ask the edge with scout_prefill=full"
+            )
         t = time.perf_counter()
-        keep = received.positions.to(cloud.loaded.device)
-        cache = self._sparse(cloud, h.prompt_ids, keep) if how == "sparse" else self._full(cloud, h, keep)
+        tail = list(range(h.tail_start, h.n_prompt - 1))
+        cache = cloud.template_cache(h)
+        if how == "sparse":  # the kept tokens alone, at their absolute positions (+ the cloud's question)
+            cache = cloud.extend(cache, h, received.positions.tolist() + tail)
+        else:
+            cache = self._full(cloud, h, cache, received.positions.tolist() + tail)
         if timings is not None:
             timings.add("prefill", time.perf_counter() - t)
         return cloud.generate(
-            cache, h.prompt_ids, h.context_span, max_new_tokens, self.name, timings, received, decoding=decoding
+            cache, None, h.context_span, max_new_tokens, self.name, timings, received, decoding=decoding
         )
 
     def setup_positions(self, prompt_len, kept):
         return kept  # the default sparse prefill runs the kept tokens only
 
     @staticmethod
-    @torch.inference_mode()
-    def _sparse(cloud, prompt_ids, keep: torch.Tensor):
-        """KV of the kept tokens alone, at their absolute positions (keep: ascending)."""
-        ids = torch.tensor([prompt_ids], device=keep.device)[:, keep]
-        return cloud.loaded.model(input_ids=ids, position_ids=keep[None], use_cache=True).cache
-
-    @staticmethod
-    def _full(cloud, h, keep: torch.Tensor):
-        prompt = Prompt(ids=tuple(h.prompt_ids), context_start=h.context_span[0], context_end=h.context_span[1])
-        cache = prefill(cloud.loaded.model, prompt).cache
+    def _full(cloud, h, cache, held: list[int]):
+        """Prefill every position (on the cloud's template KV when it is the cloud's), then keep the
+        template, the held positions and nothing else (held: ascending, after the template)."""
+        start = h.context_span[0] if cache is not None else 0
+        cache = cloud.extend(cache, h, range(start, h.n_prompt - 1))
+        keep = torch.tensor(
+            [*range(h.context_span[0] if h.template == "cloud" else 0), *held], device=cloud.loaded.device
+        )
         for layer in cache.layers:
             layer.keys = layer.keys.index_select(2, keep)
             layer.values = layer.values.index_select(2, keep)
