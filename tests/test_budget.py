@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 
 import pytest
 
 from kvwire.bench.main import main
+from kvwire.kvcodec.encodings.registry import encoding_names
 from tests import test_eval
 from tests.test_eval import eval_one_profile
 
@@ -94,7 +96,9 @@ def test_a_budget_below_the_cheapest_profile_is_a_clear_error(budget_run, tiny_m
     sweep = (budget_run / "budget-sweep.jsonl").read_text()
     assert _diagnose(tiny_model_dir, qa_file, budget_run, "0.1") == 2
     err = capsys.readouterr().err
-    assert "--budget 0.1 is below the cheapest profile" in err and "int3 everywhere" in err
+    assert "--budget 0.1 is below the cheapest profile" in err
+    named = re.search(r"at retention [\d.]+: (\S+) everywhere is ([\d.]+) of the FP16 bytes", err)
+    assert named and named.group(1) in encoding_names() and float(named.group(2)) > 0.1
     assert (budget_run / "budget-sweep.jsonl").read_text() == sweep  # the sweep was reused, not redone
     assert _diagnose(tiny_model_dir, qa_file, budget_run, "0.3", "--encodings", "int4,nope") == 2
     assert "--encodings nope: not usable here" in capsys.readouterr().err

@@ -431,7 +431,7 @@ def test_teacher_forcing_follows_the_generation(tiny_loaded):
     import torch
 
     from kvwire.bench.teacher_forcing import compare, forced_logprobs
-    from kvwire.kvcodec.cache import build_cache
+    from kvwire.kvcodec.modes import get_mode
     from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest
 
     edge, cloud = Edge(tiny_loaded), Cloud(tiny_loaded)
@@ -439,8 +439,8 @@ def test_teacher_forcing_follows_the_generation(tiny_loaded):
     received = cloud.receive(list(edge.stream(req)))
     assert len(received.positions) < received.header.prompt_len - 1  # pruned: absolute positions matter
     ans = cloud.answer(received, 6, None)
-    cache, _ = build_cache(received, tiny_loaded.dtype, tiny_loaded.device)
-    lp = forced_logprobs(tiny_loaded.model, cache, received.header.prompt_ids, ans.tokens)
+    cache = get_mode("kv").cache(cloud, received)
+    lp = forced_logprobs(tiny_loaded.model, cache, edge.prompt(req).ids, ans.tokens)
     assert lp.shape[0] == len(ans.tokens) + 1
     assert lp[: len(ans.tokens)].argmax(-1).tolist() == ans.tokens
     torch.testing.assert_close(lp[0], ans.generation.first_logits.log_softmax(-1), atol=1e-4, rtol=1e-4)

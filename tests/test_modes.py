@@ -25,7 +25,7 @@ def test_registry_refuses_duplicates_and_names_the_known_modes():
 
 
 def test_the_api_allows_exactly_the_registered_modes():
-    assert AnswerRequest.model_json_schema()["properties"]["mode"]["enum"] == mode_names()
+    assert AnswerRequest.model_json_schema()["properties"]["mode"]["enum"] == [*mode_names(), "auto"]  # docs/auto.md
     for name in mode_names():
         assert AnswerRequest(question="q", context="c", mode=name).mode == name
 
