@@ -341,7 +341,9 @@ def _start_pairs(lab, cfg: LinkConfig, progress) -> dict[str, Pair]:
         target = edge_grpc_target(lab, port)
         if cfg.delay_ms > 0:
             target = start_relay(lab, target, delay_ms=cfg.delay_ms).target
-        edge_opts = {"data_dir": str(Path(lab.workdir) / f"edge-{case}-data")}  # never the user's own store
+        # never the user's own store; the document's one prefill is the bench's own uncounted request (register),
+        # measured, instead of a put-time prefill racing the first measured request
+        edge_opts = {"data_dir": str(Path(lab.workdir) / f"edge-{case}-data"), "no_prefill_documents": True}
         if case == "cold":
             edge_opts["prefix_cache_bytes"] = 0  # the cold case: see the module docstring
         launched[case] = (
