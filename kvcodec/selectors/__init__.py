@@ -1,6 +1,7 @@
 """Selectors: which context positions to keep. One file per selector; each registers itself."""
 
 from kvwire.kvcodec.selectors.base import (
+    HEAD_BUDGETS,
     ScoreInputs,
     Selection,
     Selector,
@@ -21,6 +22,7 @@ from kvwire.kvcodec.selectors.registry import (
 discover()
 
 __all__ = [
+    "HEAD_BUDGETS",
     "DEFAULT_SELECTOR",
     "ScoreInputs",
     "Selection",
