@@ -273,3 +273,24 @@ def test_answer_heads_refuses_a_one_set_selection(tiny_loaded):
     prompt, selector, pre, _, edge = _selection(tiny_loaded, "q2c", 0.5, "layer")
     with pytest.raises(ValueError, match="per-head selection"):
         Cloud(tiny_loaded).answer_heads(prompt, pre, edge.select(prompt, selector, pre, 0.5), 4)
+
+
+def test_selection_bench_pairs_each_variant_with_q2c():
+    from kvwire.bench.selection_bench import VARIANTS, summarize
+
+    agree = {"q2c": [0.5, 1.0, 0.0], "kvzip-layer": [1.0, 1.0, 0.5]}
+    records = [
+        {
+            "answers": {
+                f"{v}@0.5": {"agreement_f1": agree.get(v, agree["q2c"])[i], "identical": i == 1, "f1": 0.0}
+                for v in VARIANTS
+            }
+        }
+        for i in range(3)
+    ]
+    rows = {r["variant"]: r for r in summarize(records, [0.5])}
+    assert rows["kvzip-layer"]["agreement_f1"] == pytest.approx(2.5 / 3, abs=1e-4)
+    # paired differences 0.5, 0, 0.5: mean 1/3, SE sqrt(var/n) with var = 1/12
+    assert rows["kvzip-layer"]["vs_q2c"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rows["kvzip-layer"]["vs_q2c_se"] == pytest.approx(math.sqrt((1 / 12) / 3), abs=1e-4)
+    assert rows["q2c"]["vs_q2c"] == 0 and rows["q2c"]["identical"] == pytest.approx(1 / 3, abs=1e-4)

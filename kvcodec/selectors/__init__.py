@@ -9,6 +9,8 @@ from kvwire.kvcodec.selectors.base import (
     check_retention,
     context_budget,
     full_selection,
+    head_selection,
+    top_k_selection,
 )
 from kvwire.kvcodec.selectors.registry import (
     DEFAULT_SELECTOR,
@@ -31,6 +33,8 @@ __all__ = [
     "check_retention",
     "context_budget",
     "full_selection",
+    "head_selection",
+    "top_k_selection",
     "get_selector",
     "register_selector",
     "selector_names",

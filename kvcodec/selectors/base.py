@@ -116,58 +116,71 @@ class Selector:
     def select(self, inputs: ScoreInputs, retention: float) -> Selection:
         """Keep every template/question position and the top ceil(r x context) context positions: one set
         for all layers and heads (per-head scores are reduced by `one_set` first)."""
-        prompt = inputs.prompt
         scores = self._checked_scores(inputs)
-        if scores.dim() == 3:
-            scores = self.one_set(scores)
-        k = context_budget(retention, prompt.context_len)
-        # stable sort: ties go to the earlier position, so selection is deterministic
-        ranked = torch.sort(scores, descending=True, stable=True).indices
-        top = ranked[:k] + prompt.context_start
-        fixed = prompt.fixed_positions()
-        kept = torch.sort(torch.cat([fixed, top])).values
-        order = torch.cat([fixed, top])
-        return Selection(kept=kept, order=order, scores=scores, context_kept=k, context_len=prompt.context_len)
+        return top_k_selection(inputs.prompt, self.one_set(scores) if scores.dim() == 3 else scores, retention)
 
     def select_heads(self, inputs: ScoreInputs, retention: float, budget: str = "layer") -> Selection:
-        """A position set per (layer, KV head): template and question positions in every head, and the
-        context entries with the highest per-head scores under a budget of k = ceil(r x context) per head
-        on average. budget "layer": each layer keeps kv_heads x k entries, split freely across its heads;
-        "global": all layers together keep layers x kv_heads x k, split freely across layers and heads.
-        A selector with one score per position gives every head the same set (its one-set selection)."""
-        if budget not in HEAD_BUDGETS:
-            raise ConfigError(f"per-head budget {budget!r}: use one of {', '.join(HEAD_BUDGETS)}")
-        prompt = inputs.prompt
+        """A position set per (layer, KV head) (head_selection). A selector with one score per position
+        gives every head the same set: its one-set selection."""
+        check_budget(budget)  # before scoring, which may run passes of the model
         scores = self._checked_scores(inputs)
-        layers, kv_heads = len(inputs.keys), inputs.keys[0].shape[0]
         if scores.dim() == 1:
-            scores = scores.expand(layers, kv_heads, -1)
-        k = context_budget(retention, prompt.context_len)
-        keep = torch.zeros(scores.shape, dtype=torch.bool)
-        if budget == "layer":
-            for layer in range(layers):  # ties: the lower head, then the earlier position (stable)
-                ranked = torch.sort(scores[layer].reshape(-1), descending=True, stable=True).indices
-                keep[layer].view(-1)[ranked[: kv_heads * k]] = True
-        else:
-            ranked = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
-            keep.view(-1)[ranked[: layers * kv_heads * k]] = True
-        fixed = prompt.fixed_positions()
-        start = prompt.context_start
-        heads = tuple(
-            tuple(torch.sort(torch.cat([fixed, mask.nonzero()[:, 0] + start])).values for mask in layer_keep)
-            for layer_keep in keep
-        )
-        any_head = keep.any(dim=(0, 1))
-        best = torch.where(keep, scores, torch.full_like(scores, float("-inf"))).amax(dim=(0, 1))
-        ranked = torch.sort(best, descending=True, stable=True).indices[: int(any_head.sum())] + start
-        return Selection(
-            kept=torch.sort(torch.cat([fixed, ranked])).values,
-            order=torch.cat([fixed, ranked]),
-            scores=scores,
-            context_kept=k,
-            context_len=prompt.context_len,
-            heads=heads,
-        )
+            scores = scores.expand(len(inputs.keys), inputs.keys[0].shape[0], -1)
+        return head_selection(inputs.prompt, scores, retention, budget)
+
+
+def check_budget(budget: str) -> str:
+    if budget not in HEAD_BUDGETS:
+        raise ConfigError(f"per-head budget {budget!r}: use one of {', '.join(HEAD_BUDGETS)}")
+    return budget
+
+
+def top_k_selection(prompt: Prompt, scores: torch.Tensor, retention: float) -> Selection:
+    """One set: every template/question position and the ceil(r x context) best-scored context positions
+    (scores: [context_len])."""
+    k = context_budget(retention, prompt.context_len)
+    # stable sort: ties go to the earlier position, so selection is deterministic
+    ranked = torch.sort(scores, descending=True, stable=True).indices
+    top = ranked[:k] + prompt.context_start
+    fixed = prompt.fixed_positions()
+    kept = torch.sort(torch.cat([fixed, top])).values
+    order = torch.cat([fixed, top])
+    return Selection(kept=kept, order=order, scores=scores, context_kept=k, context_len=prompt.context_len)
+
+
+def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "layer") -> Selection:
+    """A position set per (layer, KV head) from scores [layers, kv_heads, context_len]: template and
+    question positions in every head, and the best-scored context entries under a budget of
+    k = ceil(r x context) per head on average. budget "layer": each layer keeps kv_heads x k entries,
+    split freely across its heads; "global": all layers together keep layers x kv_heads x k, split
+    freely across layers and heads."""
+    check_budget(budget)
+    layers, kv_heads, _ = scores.shape
+    k = context_budget(retention, prompt.context_len)
+    keep = torch.zeros(scores.shape, dtype=torch.bool)
+    if budget == "layer":
+        for layer in range(layers):  # ties: the lower head, then the earlier position (stable)
+            ranked = torch.sort(scores[layer].reshape(-1), descending=True, stable=True).indices
+            keep[layer].view(-1)[ranked[: kv_heads * k]] = True
+    else:
+        ranked = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
+        keep.view(-1)[ranked[: layers * kv_heads * k]] = True
+    fixed, start = prompt.fixed_positions(), prompt.context_start
+    heads = tuple(
+        tuple(torch.sort(torch.cat([fixed, mask.nonzero()[:, 0] + start])).values for mask in layer_keep)
+        for layer_keep in keep
+    )
+    # the union, most important first: by each position's best kept score over layers and heads
+    best = torch.where(keep, scores, torch.full_like(scores, float("-inf"))).amax(dim=(0, 1))
+    ranked = torch.sort(best, descending=True, stable=True).indices[: int(keep.any(dim=(0, 1)).sum())] + start
+    return Selection(
+        kept=torch.sort(torch.cat([fixed, ranked])).values,
+        order=torch.cat([fixed, ranked]),
+        scores=scores,
+        context_kept=k,
+        context_len=prompt.context_len,
+        heads=heads,
+    )
 
 
 def full_selection(prompt: Prompt) -> Selection:

@@ -57,11 +57,15 @@ class KVzipSelector(Selector):
         return torch.arange(prompt.context_end, prompt.stream_len) if self.question_weight > 0 else None
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        scores = self.reconstruction_scores(inputs)
-        if self.question_weight > 0:
-            q2c = inputs.attention / inputs.attention.amax(dim=1, keepdim=True).clamp_min(1e-30)
-            scores = scores + self.question_weight * q2c[:, None, :].to(scores)
-        return scores
+        return self.with_question(self.reconstruction_scores(inputs), inputs.attention)
+
+    def with_question(self, scores: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
+        """Reconstruction scores [layers, kv_heads, context_len] plus question_weight x the question rows'
+        attention [layers, context_len] scaled per layer to a maximum of 1 (unchanged at weight 0)."""
+        if self.question_weight == 0:
+            return scores
+        q2c = attention / attention.amax(dim=1, keepdim=True).clamp_min(1e-30)
+        return scores + self.question_weight * q2c[:, None, :].to(scores)
 
     def reconstruction_scores(self, inputs: ScoreInputs) -> torch.Tensor:
         """[layers, kv_heads, context_len]: the max attention each context entry receives while the
