@@ -164,7 +164,7 @@ class Edge:
         return selector.select(self.score_inputs(prompt, selector, pre), retention)
 
     def select_heads(
-        self, prompt: Prompt, selector: Selector, pre: PrefillResult, retention: float, budget: str = "layer"
+        self, prompt: Prompt, selector: Selector, pre: PrefillResult, retention: float, budget: str = "global"
     ) -> Selection:
         """A position set per (layer, KV head) (Selector.select_heads; budget "layer" or "global"). The
         wire carries one set today: Cloud.answer_heads uses this selection in process."""

@@ -134,7 +134,7 @@ def test_one_score_per_position_gives_every_head_the_one_set(tiny_loaded, budget
 
 
 def test_select_heads_refuses_an_unknown_budget(tiny_loaded):
-    with pytest.raises(ConfigError, match="layer, global"):
+    with pytest.raises(ConfigError, match="global, layer"):
         _selection(tiny_loaded, "kvzip", 0.5, "uniform")
 
 

@@ -60,7 +60,7 @@ class Selection:
         return [[len(p) - fixed for p in layer] for layer in self.heads]
 
 
-HEAD_BUDGETS = ("layer", "global")  # how select_heads spreads the context budget over heads
+HEAD_BUDGETS = ("global", "layer")  # how select_heads spreads the context budget; the default (measured best) first
 
 
 def check_retention(retention: float) -> float:
@@ -119,7 +119,7 @@ class Selector:
         scores = self._checked_scores(inputs)
         return top_k_selection(inputs.prompt, self.one_set(scores) if scores.dim() == 3 else scores, retention)
 
-    def select_heads(self, inputs: ScoreInputs, retention: float, budget: str = "layer") -> Selection:
+    def select_heads(self, inputs: ScoreInputs, retention: float, budget: str = "global") -> Selection:
         """A position set per (layer, KV head) (head_selection). A selector with one score per position
         gives every head the same set: its one-set selection."""
         check_budget(budget)  # before scoring, which may run passes of the model
@@ -148,7 +148,7 @@ def top_k_selection(prompt: Prompt, scores: torch.Tensor, retention: float) -> S
     return Selection(kept=kept, order=order, scores=scores, context_kept=k, context_len=prompt.context_len)
 
 
-def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "layer") -> Selection:
+def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "global") -> Selection:
     """A position set per (layer, KV head) from scores [layers, kv_heads, context_len]: template and
     question positions in every head, and the best-scored context entries under a budget of
     k = ceil(r x context) per head on average. budget "layer": each layer keeps kv_heads x k entries,
