@@ -6,6 +6,7 @@ cloud: frames -> verify/decode -> cache -> feed last prompt token -> greedy answ
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache
 
+from kvwire.kvcodec.cache import build_head_cache, padded_heads
 from kvwire.kvcodec.errors import ConfigError, GeometryMismatchError
 from kvwire.kvcodec.fingerprint import geometry_mismatch, kv_geometry, model_fingerprint, tokenizer_fingerprint
 from kvwire.kvcodec.generate import GREEDY, Decoding, Generation, eos_ids, generate
@@ -214,6 +216,13 @@ class Edge:
             return full_selection(prompt)
         return selector.select(self.score_inputs(prompt, selector, pre), retention)
 
+    def select_heads(
+        self, prompt: Prompt, selector: Selector, pre: PrefillResult, retention: float, budget: str = "global"
+    ) -> Selection:
+        """A position set per (layer, KV head) (Selector.select_heads; budget "layer" or "global"). The
+        wire carries one set today: Cloud.answer_heads uses this selection in process."""
+        return selector.select_heads(self.score_inputs(prompt, selector, pre), retention, budget)
+
     def score_inputs(self, prompt: Prompt, selector: Selector, pre: PrefillResult) -> ScoreInputs:
         """What `selector.score` sees: the attention of its rows (None if it asked for none) and the KV."""
         if pre.keys[0].shape[1] != prompt.stream_len:
@@ -226,7 +235,14 @@ class Edge:
             if pre.rows is None or not torch.equal(pre.rows, rows.long().cpu()):
                 raise ValueError(f"the prefill did not capture the attention rows selector {selector.name!r} needs")
             attention = pre.attention
-        return ScoreInputs(prompt=prompt, attention=attention, keys=pre.keys, values=pre.values)
+        return ScoreInputs(
+            prompt=prompt,
+            attention=attention,
+            keys=pre.keys,
+            values=pre.values,
+            model=self.loaded.model,
+            tokenizer=self.loaded.tokenizer,
+        )
 
     def stream(
         self, req: EdgeRequest, timings: Timings | None = None, prefilled: PrefillResult | None = None
@@ -351,6 +367,36 @@ class Cloud:
         if timings is not None:
             timings.add("decode", receiver.decode_s)
         return receiver.result()
+
+    def answer_heads(
+        self,
+        prompt: Prompt,
+        pre: PrefillResult,
+        selection: Selection,
+        max_new_tokens: int,
+        timings: Timings | None = None,
+        decoding: Decoding = GREEDY,
+    ) -> Answer:
+        """Answer from a per-head selection (Edge.select_heads) of a prefill's KV, in process: each
+        (layer, KV head) attends only to its own positions (build_head_cache, padded_heads). Streams
+        carry one position set today, so nothing crosses a wire here (bytes_on_wire 0)."""
+        if selection.heads is None:
+            raise ValueError("answer_heads needs a per-head selection (Edge.select_heads)")
+        t = time.perf_counter()
+        cache, padding = build_head_cache(pre.keys, pre.values, selection.heads, self.loaded.dtype, self.loaded.device)
+        if timings is not None:
+            timings.add("inject", time.perf_counter() - t)
+        with padded_heads(padding):
+            ans = self.generate(
+                cache,
+                prompt.ids,
+                (prompt.context_start, prompt.context_end),
+                max_new_tokens,
+                "kv",
+                timings,
+                decoding=decoding,
+            )
+        return dataclasses.replace(ans, kept_positions=len(selection.kept), context_kept=selection.context_kept)
 
     def check_compatible(self, header: StreamHeader) -> None:
         """GeometryMismatchError if this model cannot use the stream (tokenizer; KV geometry when it carries KV)."""

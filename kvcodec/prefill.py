@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvwire import kernels
+from kvwire.kvcodec.cache import head_padding_mask
 from kvwire.kvcodec.errors import ConfigError, KVWireError
 from kvwire.kvcodec.prompt import Prompt
 
@@ -31,14 +32,51 @@ CAPTURE_ATTENTION = "kvwire_capture"  # the attention implementation name a mode
 
 @dataclass
 class _Capture:
+    """q2c-style capture: the attention chosen rows pay to the context, summed over rows and query heads."""
+
     rows: torch.Tensor  # [Lq] absolute row positions, all inside this forward pass's positions
     ctx: tuple[int, int]
     per_layer: dict[int, torch.Tensor]
     offset: int = 0  # absolute position of this forward pass's first query (a cached prefix's length)
 
+    def record(self, module, query: torch.Tensor, key: torch.Tensor) -> None:
+        # query: [1, Hq, S, D] after RoPE, positions offset..offset+S-1; key: [1, Hkv, offset+S, D]
+        # after RoPE (a cached prefix's keys, then this pass's)
+        rows = self.rows.to(query.device)
+        q = query[0].index_select(1, rows - self.offset)
+        self.per_layer[module.layer_idx] = kernels.q2c_scores(
+            q, key[0], rows, self.ctx[0], self.ctx[1], scale=module.scaling
+        )
+
+
+@dataclass
+class _HeadMaxCapture:
+    """KVzip-style capture: per KV head, the largest attention any query of this pass (and any query head
+    of the head's group) pays to each position of `span`. Softmax over the first `sink` positions, the
+    span and this pass's own positions (causal), as KVzip scores a reconstruction chunk."""
+
+    span: tuple[int, int]
+    sink: int
+    offset: int
+    per_layer: dict[int, torch.Tensor]
+
+    def record(self, module, query: torch.Tensor, key: torch.Tensor) -> None:
+        start, end = self.span
+        q = query[0].float()  # [Hq, S, D]
+        hq, s, _ = q.shape
+        k = key[0].float()  # [Hkv, offset+S, D]
+        hkv = k.shape[0]
+        cols = torch.cat([k[:, : self.sink], k[:, start:end], k[:, self.offset :]], dim=1)
+        cols = cols.repeat_interleave(hq // hkv, dim=0)  # query head i reads KV head i // group
+        logits = torch.matmul(q, cols.transpose(1, 2)) * module.scaling  # [Hq, S, sink + span + S]
+        own = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)  # a row sees its pass only up to itself
+        logits[:, :, -s:].masked_fill_(own, float("-inf"))
+        weights = torch.softmax(logits, dim=-1)[:, :, self.sink : self.sink + end - start]
+        self.per_layer[module.layer_idx] = weights.view(hkv, hq // hkv, s, end - start).amax(dim=(1, 2))
+
 
 # the capture of the prefill running in this context (thread or task); None outside a capturing prefill
-_capture: ContextVar[_Capture | None] = ContextVar("kvwire_capture", default=None)
+_capture: ContextVar[_Capture | _HeadMaxCapture | None] = ContextVar("kvwire_capture", default=None)
 # whether the caller of the forward pass running in this context has gone (checked before every layer)
 _cancelled: ContextVar[Callable[[], bool] | None] = ContextVar("kvwire_cancelled", default=None)
 
@@ -68,13 +106,8 @@ def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
         raise PrefillCancelled(f"the caller left: the forward pass stopped at layer {module.layer_idx}")
     cap = _capture.get()
     if cap is not None:
-        # query: [1, Hq, S, D] after RoPE, positions offset..offset+S-1; key: [1, Hkv, offset+S, D]
-        # after RoPE (a cached prefix's keys, then this pass's)
-        rows = cap.rows.to(query.device)
-        q = query[0].index_select(1, rows - cap.offset)
-        cap.per_layer[module.layer_idx] = kernels.q2c_scores(
-            q, key[0], rows, cap.ctx[0], cap.ctx[1], scale=module.scaling
-        )
+        cap.record(module, query, key)
+    attention_mask = head_padding_mask(module.layer_idx, query, key, attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -156,3 +189,33 @@ def prefill_from(
         _capture.reset(token)
     attention = torch.stack([cap.per_layer[i] for i in sorted(cap.per_layer)])
     return PrefillResult(out.cache, attention, rows)
+
+
+@torch.inference_mode()
+def head_max_attention(
+    model,
+    prefix: tuple[list[torch.Tensor], list[torch.Tensor]],
+    ids: list[int],
+    span: tuple[int, int],
+    sink: int = 0,
+) -> torch.Tensor:
+    """Run `ids` on top of the KV of P positions (`prefix`: keys and values per layer, each
+    [kv_heads, P, head_dim]; the new ids sit at positions P..) and return, per layer and KV head, the
+    largest attention any of the new rows pays to each position of `span` (inside the prefix):
+    [layers, kv_heads, span_end - span_start] fp32. The softmax runs over the first `sink` positions,
+    the span and the new rows themselves (see _HeadMaxCapture). The prefix tensors are not changed and
+    the new rows' KV is dropped: one call costs one forward pass over `ids`."""
+    start = prefix[0][0].shape[1]
+    if not 0 <= span[0] < span[1] <= start:
+        raise ValueError(f"span {span} does not lie inside the {start}-position prefix")
+    install_capture(model)
+    cache = DynamicCache([(k[None], v[None]) for k, v in zip(*prefix, strict=True)])
+    positions = torch.arange(start, start + len(ids), device=model.device)[None]
+    cap = _HeadMaxCapture(span=span, sink=min(sink, span[0]), offset=start, per_layer={})
+    token = _capture.set(cap)
+    try:
+        ids_t = torch.tensor([ids], dtype=torch.long, device=model.device)
+        model(input_ids=ids_t, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+    finally:
+        _capture.reset(token)
+    return torch.stack([cap.per_layer[i] for i in sorted(cap.per_layer)]).cpu()

@@ -6,6 +6,7 @@ known exactly; it is never recovered by searching for delimiters in the token st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,18 @@ def build_prompt(
         )
     start = len(prefix_ids)
     return Prompt(ids=ids, context_start=start, context_end=start + len(context_ids))
+
+
+def reconstruction_ids(
+    tokenizer, request: str, quoted: Sequence[int] = (), instruction: str = DEFAULT_INSTRUCTION
+) -> list[int]:
+    """The ids that close the user turn after a prompt's context with `request` instead of the question
+    (e.g. "Repeat the previous context exactly."), then `quoted` ids (context ids the request refers to),
+    up to the start of the model's reply: what a context-reconstruction pass (the kvzip selector) appends
+    to [template prefix][context] before teacher-forcing the context's own ids as the reply. Built from
+    build_prompt's template."""
+    _, _, suffix = _template_parts(tokenizer, instruction)
+    return user_token_ids(tokenizer, request) + list(quoted) + _encode(tokenizer, suffix, special=False)
 
 
 def model_window(model) -> int | None:

@@ -13,11 +13,14 @@ from kvwire.kvcodec.selectors import get_selector, selector_names
 PARAMETERS: dict[str, list[dict]] = {
     "snapkv": [{"window": 4, "kernel": 3}],
     "random": [{"seed": 7}],
+    # chunk 9: a tiny model's context takes several reconstruction passes; a weight: the question's rows too
+    "kvzip": [{"chunk": 9, "sink": 0, "reduce": "mean"}, {"question_weight": 1.0}],
 }
 # name -> parameters __post_init__ must refuse with ConfigError
 INVALID: dict[str, list[dict]] = {
     "snapkv": [{"window": 0}, {"kernel": 4}, {"kernel": 2.0}],
     "random": [{"seed": -1}, {"seed": "0"}],
+    "kvzip": [{"chunk": 8}, {"sink": -1}, {"reduce": "sum"}, {"question_weight": -1.0}, {"question_weight": True}],
 }
 
 

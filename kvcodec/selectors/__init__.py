@@ -1,6 +1,7 @@
 """Selectors: which context positions to keep. One file per selector; each registers itself."""
 
 from kvwire.kvcodec.selectors.base import (
+    HEAD_BUDGETS,
     ScoreInputs,
     Selection,
     Selector,
@@ -8,6 +9,8 @@ from kvwire.kvcodec.selectors.base import (
     check_retention,
     context_budget,
     full_selection,
+    head_selection,
+    top_k_selection,
 )
 from kvwire.kvcodec.selectors.registry import (
     DEFAULT_SELECTOR,
@@ -21,6 +24,7 @@ from kvwire.kvcodec.selectors.registry import (
 discover()
 
 __all__ = [
+    "HEAD_BUDGETS",
     "DEFAULT_SELECTOR",
     "ScoreInputs",
     "Selection",
@@ -29,6 +33,8 @@ __all__ = [
     "check_retention",
     "context_budget",
     "full_selection",
+    "head_selection",
+    "top_k_selection",
     "get_selector",
     "register_selector",
     "selector_names",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,6 +27,8 @@ class ScoreInputs:
     attention: torch.Tensor | None
     keys: Sequence[torch.Tensor]
     values: Sequence[torch.Tensor]
+    model: Any = None  # the model that prefilled: for a selector that runs passes of its own (kvzip)
+    tokenizer: Any = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,12 @@ class Selection:
 
     kept: ascending kept positions. order: the same positions, most important first (template and
     question positions, then context positions by descending score) — the order chunks are sent in.
-    scores: one score per context position (higher = more important).
+    scores: one score per context position (higher = more important), or [layers, kv_heads,
+    context_len] for a per-head selection.
+    heads: None for one set serving every layer and head (what the wire carries today); for a per-head
+    selection, per layer and KV head the ascending positions that head keeps (template and question
+    positions in every head). `kept` and `order` are then the union over heads, and `context_kept`
+    the context positions one head keeps on average (ceil(r x context), as for one set).
     """
 
     kept: torch.Tensor
@@ -43,6 +50,17 @@ class Selection:
     scores: torch.Tensor
     context_kept: int
     context_len: int
+    heads: tuple[tuple[torch.Tensor, ...], ...] | None = None
+
+    def head_counts(self, prompt: Prompt) -> list[list[int]]:
+        """Context positions each (layer, KV head) keeps, per layer (a per-head selection only)."""
+        if self.heads is None:
+            raise ValueError("a one-set selection has no per-head position sets")
+        fixed = prompt.stream_len - prompt.context_len
+        return [[len(p) - fixed for p in layer] for layer in self.heads]
+
+
+HEAD_BUDGETS = ("global", "layer")  # how select_heads spreads the context budget; the default (measured best) first
 
 
 def check_retention(retention: float) -> float:
@@ -77,25 +95,92 @@ class Selector:
         return None
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        """One score per context position, [context_len]; higher = more important."""
+        """One score per context position, [context_len], or per layer and KV head, [layers, kv_heads,
+        context_len]; higher = more important."""
         raise NotImplementedError
 
-    def select(self, inputs: ScoreInputs, retention: float) -> Selection:
-        """Keep every template/question position and the top ceil(r x context) context positions."""
-        prompt = inputs.prompt
+    def one_set(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-head scores [layers, kv_heads, context_len] reduced to one per context position, for the
+        one-set selection (what today's wire carries): the largest over layers and heads by default."""
+        return scores.amax(dim=(0, 1))
+
+    def _checked_scores(self, inputs: ScoreInputs) -> torch.Tensor:
+        n = inputs.prompt.context_len
         scores = self.score(inputs).float().cpu()
-        if scores.shape != (prompt.context_len,):
-            raise RuntimeError(
-                f"{self.name} returned scores of shape {tuple(scores.shape)}, want ({prompt.context_len},)"
-            )
-        k = context_budget(retention, prompt.context_len)
-        # stable sort: ties go to the earlier position, so selection is deterministic
-        ranked = torch.sort(scores, descending=True, stable=True).indices
-        top = ranked[:k] + prompt.context_start
-        fixed = prompt.fixed_positions()
-        kept = torch.sort(torch.cat([fixed, top])).values
-        order = torch.cat([fixed, top])
-        return Selection(kept=kept, order=order, scores=scores, context_kept=k, context_len=prompt.context_len)
+        heads = (len(inputs.keys), inputs.keys[0].shape[0]) if len(inputs.keys) else None
+        if scores.shape != (n,) and (heads is None or scores.shape != (*heads, n)):
+            want = f"({n},)" + (f" or ({heads[0]}, {heads[1]}, {n})" if heads else "")
+            raise RuntimeError(f"{self.name} returned scores of shape {tuple(scores.shape)}, want {want}")
+        return scores
+
+    def select(self, inputs: ScoreInputs, retention: float) -> Selection:
+        """Keep every template/question position and the top ceil(r x context) context positions: one set
+        for all layers and heads (per-head scores are reduced by `one_set` first)."""
+        scores = self._checked_scores(inputs)
+        return top_k_selection(inputs.prompt, self.one_set(scores) if scores.dim() == 3 else scores, retention)
+
+    def select_heads(self, inputs: ScoreInputs, retention: float, budget: str = "global") -> Selection:
+        """A position set per (layer, KV head) (head_selection). A selector with one score per position
+        gives every head the same set: its one-set selection."""
+        check_budget(budget)  # before scoring, which may run passes of the model
+        scores = self._checked_scores(inputs)
+        if scores.dim() == 1:
+            scores = scores.expand(len(inputs.keys), inputs.keys[0].shape[0], -1)
+        return head_selection(inputs.prompt, scores, retention, budget)
+
+
+def check_budget(budget: str) -> str:
+    if budget not in HEAD_BUDGETS:
+        raise ConfigError(f"per-head budget {budget!r}: use one of {', '.join(HEAD_BUDGETS)}")
+    return budget
+
+
+def top_k_selection(prompt: Prompt, scores: torch.Tensor, retention: float) -> Selection:
+    """One set: every template/question position and the ceil(r x context) best-scored context positions
+    (scores: [context_len])."""
+    k = context_budget(retention, prompt.context_len)
+    # stable sort: ties go to the earlier position, so selection is deterministic
+    ranked = torch.sort(scores, descending=True, stable=True).indices
+    top = ranked[:k] + prompt.context_start
+    fixed = prompt.fixed_positions()
+    kept = torch.sort(torch.cat([fixed, top])).values
+    order = torch.cat([fixed, top])
+    return Selection(kept=kept, order=order, scores=scores, context_kept=k, context_len=prompt.context_len)
+
+
+def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "global") -> Selection:
+    """A position set per (layer, KV head) from scores [layers, kv_heads, context_len]: template and
+    question positions in every head, and the best-scored context entries under a budget of
+    k = ceil(r x context) per head on average. budget "layer": each layer keeps kv_heads x k entries,
+    split freely across its heads; "global": all layers together keep layers x kv_heads x k, split
+    freely across layers and heads."""
+    check_budget(budget)
+    layers, kv_heads, _ = scores.shape
+    k = context_budget(retention, prompt.context_len)
+    keep = torch.zeros(scores.shape, dtype=torch.bool)
+    if budget == "layer":
+        for layer in range(layers):  # ties: the lower head, then the earlier position (stable)
+            ranked = torch.sort(scores[layer].reshape(-1), descending=True, stable=True).indices
+            keep[layer].view(-1)[ranked[: kv_heads * k]] = True
+    else:
+        ranked = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
+        keep.view(-1)[ranked[: layers * kv_heads * k]] = True
+    fixed, start = prompt.fixed_positions(), prompt.context_start
+    heads = tuple(
+        tuple(torch.sort(torch.cat([fixed, mask.nonzero()[:, 0] + start])).values for mask in layer_keep)
+        for layer_keep in keep
+    )
+    # the union, most important first: by each position's best kept score over layers and heads
+    best = torch.where(keep, scores, torch.full_like(scores, float("-inf"))).amax(dim=(0, 1))
+    ranked = torch.sort(best, descending=True, stable=True).indices[: int(keep.any(dim=(0, 1)).sum())] + start
+    return Selection(
+        kept=torch.sort(torch.cat([fixed, ranked])).values,
+        order=torch.cat([fixed, ranked]),
+        scores=scores,
+        context_kept=k,
+        context_len=prompt.context_len,
+        heads=heads,
+    )
 
 
 def full_selection(prompt: Prompt) -> Selection:

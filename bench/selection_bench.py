@@ -1,0 +1,220 @@
+"""Per-head selection measured in process: agreement F1 with the full-KV answer for one-set and
+per-(layer, KV head) selections, before streams can carry per-head positions.
+
+For each question: one prefill with q2c's rows captured (Edge.prefill, KVWire's prompt), the full answer
+on all of its KV (what Cloud.answer_text, `kvwire eval`'s reference, computes), q2c's scores and kvzip's reconstruction scores
+computed once, then every variant at every retention: a one-set variant answers on a DynamicCache of
+its kept positions, a per-head variant on a padded per-head cache (Cloud.answer_heads). The KV is the
+prefill's own (no quantization), so the variants differ only in what they keep.
+
+    python -m kvwire.bench.selection_bench --data squad-sample --limit 50 --out runs/selection
+
+Writes records.jsonl (one line per question; a rerun skips the questions there), results.json and
+results.md: mean agreement F1 +/- SE, the paired difference with q2c +/- SE, identical answers, and
+kvzip's reconstruction time relative to the context's prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {  # name -> what it keeps
+    "q2c": "q2c, one set",
+    "kvzip-max": "kvzip, one set (max over layers and heads)",
+    "kvzip-mean": "kvzip, one set (mean over layers and heads)",
+    "kvzip-layer": "kvzip per head, per-layer budget free across heads",
+    "kvzip-global": "kvzip per head, one budget across layers and heads",
+    "kvzip+q2c-layer": "kvzip + question_weight x q2c per head, per-layer budget",
+}
+BASELINE = "q2c"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="squad-sample", help="squad-sample (default), squad-dev, or a .json/.jsonl path")
+    p.add_argument("--limit", type=int, default=50, help="questions (default 50; 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle (default 0, as kvwire eval)")
+    p.add_argument("--retentions", default="0.5,0.25", help="comma list in (0, 1) (default 0.5,0.25)")
+    p.add_argument("--question-weight", type=float, default=1.0, help="kvzip+q2c's weight of q2c (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24, as kvwire eval)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
+
+
+def _answer_one_set(cloud, prompt, pre, sel, max_new_tokens):
+    from transformers import DynamicCache
+
+    kept = sel.kept
+    cache = DynamicCache([(k[None][:, :, kept], v[None][:, :, kept]) for k, v in zip(pre.keys, pre.values)])
+    return cloud.generate(cache, prompt.ids, (prompt.context_start, prompt.context_end), max_new_tokens, "kv")
+
+
+def run_question(edge, cloud, ex, retentions, weight, max_new_tokens) -> dict:
+    """Every variant at every retention for one question: a record of predictions, agreement and times."""
+    from kvwire.bench.squad_metrics import best_over_golds, f1_score
+    from kvwire.kvcodec.pipeline import EdgeRequest
+    from kvwire.kvcodec.selectors import full_selection, get_selector, head_selection, top_k_selection
+
+    prompt = edge.prompt(EdgeRequest(ex.context, ex.question))
+    q2c = get_selector("q2c")
+    t = time.perf_counter()
+    pre = edge.prefill(prompt, q2c)
+    prefill_s = time.perf_counter() - t
+    # the full answer: the whole prefill's KV (a copy: generation appends to its cache), which is what
+    # Cloud.answer_text computes (prefill of prompt[:-1], then the last token at its position)
+    full = _answer_one_set(cloud, prompt, pre, full_selection(prompt), max_new_tokens)
+    q2c_scores = q2c.score(edge.score_inputs(prompt, q2c, pre))
+    kvzip = get_selector("kvzip", question_weight=weight)
+    inputs = edge.score_inputs(prompt, kvzip, pre)
+    t = time.perf_counter()
+    recon = kvzip.reconstruction_scores(inputs)
+    recon_s = time.perf_counter() - t
+    combined = kvzip.with_question(recon, inputs.attention)
+    rec = {
+        "example": ex.id,
+        "context_tokens": prompt.context_len,
+        "prompt_tokens": len(prompt),
+        "prefill_s": round(prefill_s, 4),
+        "reconstruction_s": round(recon_s, 4),
+        "full": full.text,
+        "full_f1": best_over_golds(f1_score, full.text, list(ex.answers)),
+        "answers": {},
+    }
+    for r in retentions:
+        sels = {
+            "q2c": top_k_selection(prompt, q2c_scores, r),
+            "kvzip-max": top_k_selection(prompt, recon.amax(dim=(0, 1)), r),
+            "kvzip-mean": top_k_selection(prompt, recon.mean(dim=(0, 1)), r),
+            "kvzip-layer": head_selection(prompt, recon, r, "layer"),
+            "kvzip-global": head_selection(prompt, recon, r, "global"),
+            "kvzip+q2c-layer": head_selection(prompt, combined, r, "layer"),
+        }
+        for name, sel in sels.items():
+            if sel.heads is None:
+                ans = _answer_one_set(cloud, prompt, pre, sel, max_new_tokens)
+            else:
+                ans = cloud.answer_heads(prompt, pre, sel, max_new_tokens)
+            rec["answers"][f"{name}@{r:g}"] = {
+                "prediction": ans.text,
+                "agreement_f1": f1_score(ans.text, full.text),
+                "identical": ans.tokens == full.tokens,
+                "f1": best_over_golds(f1_score, ans.text, list(ex.answers)),
+            }
+    return rec
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mean = sum(xs) / n
+    var = sum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def summarize(records: list[dict], retentions: list[float]) -> list[dict]:
+    """Per (variant, retention): agreement F1 mean +/- SE, paired difference with q2c +/- SE, identical share, F1."""
+    rows = []
+    for r in retentions:
+        base = [rec["answers"][f"{BASELINE}@{r:g}"]["agreement_f1"] for rec in records]
+        for name in VARIANTS:
+            got = [rec["answers"][f"{name}@{r:g}"] for rec in records]
+            agree = [a["agreement_f1"] for a in got]
+            mean, se = _mean_se(agree)
+            diff, diff_se = _mean_se([a - b for a, b in zip(agree, base)])
+            rows.append(
+                {
+                    "variant": name,
+                    "retention": r,
+                    "n": len(got),
+                    "agreement_f1": round(mean, 4),
+                    "se": round(se, 4),
+                    "vs_q2c": round(diff, 4),
+                    "vs_q2c_se": round(diff_se, 4),
+                    "identical": round(sum(a["identical"] for a in got) / len(got), 4),
+                    "f1": round(sum(a["f1"] for a in got) / len(got), 4),
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict], records: list[dict]) -> str:
+    lines = [
+        "| variant | retention | agreement F1 ± SE | vs q2c (paired) ± SE | identical | F1 (gold) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {VARIANTS[row['variant']]} | {row['retention']:g} | {row['agreement_f1']:.3f} ± {row['se']:.3f} | "
+            f"{row['vs_q2c']:+.3f} ± {row['vs_q2c_se']:.3f} | {100 * row['identical']:.0f}% | {row['f1']:.3f} |"
+        )
+    prefill = sum(r["prefill_s"] for r in records)
+    recon = sum(r["reconstruction_s"] for r in records)
+    ctx = sum(r["context_tokens"] for r in records) / len(records)
+    full_f1 = sum(r["full_f1"] for r in records) / len(records)
+    lines += [
+        "",
+        f"{len(records)} questions, {ctx:.0f} context tokens on average; full-KV F1 {full_f1:.3f}. "
+        f"kvzip's reconstruction took {recon / prefill:.2f}x the prompt's prefill time "
+        f"({1000 * recon / len(records):.0f} ms vs {1000 * prefill / len(records):.0f} ms per question).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    import torch
+
+    from kvwire.bench.data import load_examples, pick
+    from kvwire.kvcodec.models import load_model
+    from kvwire.kvcodec.pipeline import Cloud, Edge
+
+    retentions = [float(x) for x in args.retentions.split(",") if x.strip()]
+    if not retentions or not all(0.0 < r < 1.0 for r in retentions):
+        print(f"--retentions {args.retentions!r}: give retentions in (0, 1)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model, dtype="fp32")
+    edge, cloud = Edge(loaded), Cloud(loaded)
+    examples = pick(load_examples(args.data), args.limit or None, shuffle=True, seed=args.seed)
+    path = out / "records.jsonl"
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line: recomputed
+            if all(f"{v}@{r:g}" in rec["answers"] for v in VARIANTS for r in retentions):
+                done[rec["example"]] = rec
+    with open(path, "a", encoding="utf-8") as fh:
+        for i, ex in enumerate(examples):
+            if ex.id in done:
+                continue
+            rec = run_question(edge, cloud, ex, retentions, args.question_weight, args.max_new_tokens)
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            done[ex.id] = rec
+            print(f"[{i + 1}/{len(examples)}] {ex.id}", file=sys.stderr, flush=True)
+    records = [done[ex.id] for ex in examples]
+    rows = summarize(records, retentions)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    text = markdown(rows, records)
+    (out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvwire.bench.selection_bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
