@@ -280,6 +280,8 @@ def _link_run(args) -> int:
     _emit(res.rows + questions, args.json, rep.format_rows(res.rows))
     _note("\n" + "\n".join(f"- {line}" for line in rep.verdicts(res.rows)), args.json)
     _note("\n" + "\n".join(f"- {line}" for line in rep.target_verdicts(res.rows)), args.json)
+    if any(r["mode"] == rep.AUTO for r in res.rows):
+        _note("\n" + "\n".join(f"- {line}" for line in rep.auto_verdicts(res.rows)), args.json)
     if res.question_rows:
         _note("\n" + rep.format_questions(res.question_rows, res.question_meta), args.json)
     _note("\n" + link.describe(cfg), args.json)

@@ -55,6 +55,9 @@ MODES: dict[str, dict] = {
     "kv-q2c0.5-mixed-int4": {"mode": "kv", "profile": "mixed-int4", "selector": "q2c", "retention": 0.5},
     "scout-sparse-q2c0.5": {"mode": "scout", "selector": "q2c", "retention": 0.5, "scout_prefill": "sparse"},
     "scout-full-q2c0.5": {"mode": "scout", "selector": "q2c", "retention": 0.5, "scout_prefill": "full"},
+    # the cloud chooses (docs/auto.md) at the default min_quality, without a deadline (a deadline would make it
+    # take the highest quality that fits instead of the fastest): compared with the best fixed mode of its cell
+    "auto": {"mode": "auto"},
 }
 WARMUP_TOKENS = 48  # a short context: the warm-up pays first-call costs, not prefill time
 DELAY_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -225,13 +228,8 @@ def _request(cfg: LinkConfig, mode: str, question: str, context: str | None = No
     # the request's deadline is its own timeout, so the cloud does not cut a slow stream short (an
     # anytime answer would make a slow link look fast); a row whose stream was cut anyway says so
     source = {"doc_id": doc_id} if doc_id is not None else {"context": context}
-    return {
-        "question": question,
-        **source,
-        "max_new_tokens": cfg.max_new_tokens,
-        "deadline_ms": int(cfg.timeout_s * 1000),
-        **MODES[mode],
-    }
+    deadline = {} if MODES[mode]["mode"] == "auto" else {"deadline_ms": int(cfg.timeout_s * 1000)}
+    return {"question": question, **source, "max_new_tokens": cfg.max_new_tokens, **deadline, **MODES[mode]}
 
 
 def measure(res: dict) -> dict:
@@ -259,6 +257,7 @@ def measure(res: dict) -> dict:
         "prompt_tokens": body["prompt_tokens"],
         "kept_positions": body["kept_positions"],
         "answer": body["answer"],
+        "auto_chose": (body.get("auto") or {}).get("chose", {}).get("label"),
         "timings_ms": t,
         "complete": body["complete"],  # false: a deadline cut the stream
     }

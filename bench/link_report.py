@@ -62,6 +62,9 @@ def summarize(bandwidth: str, tokens: int, case: str, mode: str, request: dict, 
         "timings_ms": {k: round(statistics.median(s["timings_ms"][k] for s in ok), 1) for k in stages},
         "errors": [s["error"] for s in samples if "error" in s],
     }
+    chose = [s["auto_chose"] for s in ok if s.get("auto_chose")]
+    if chose:
+        out["auto_chose"] = ", ".join(f"{c} x{chose.count(c)}" for c in dict.fromkeys(chose))
     if any("cache_hits" in s for s in ok):
         out["cache_hits"] = sum(s.get("cache_hits", 0) for s in ok)
         out["cache_misses"] = sum(s.get("cache_misses", 0) for s in ok)
@@ -138,6 +141,32 @@ def verdicts(rows: list[dict]) -> list[str]:
             wins = sorted((r[metric], r["mode"]) for r in group if r.get(metric) is not None and r[metric] < 1.0)
             parts.append(f"beats text on {label}: " + (", ".join(f"{m} ({x:.2f})" for x, m in wins) or "none"))
         out.append(f"{key[0]}, {key[1]} tokens, {key[2]}: " + "; ".join(parts))
+    return out
+
+
+AUTO = "auto"
+AUTO_VS_ORACLE, AUTO_VS_TEXT = 1.1, 1.05  # issue 13's targets
+
+
+def auto_verdicts(rows: list[dict]) -> list[str]:
+    """Per cell with an auto row: auto's TTFT over the best fixed mode's measured in the same run (the
+    oracle) and over text's, against the targets (<= 1.1x the oracle, <= 1.05x text), and what it chose."""
+    out = []
+    for key in dict.fromkeys(_group(r) for r in rows):
+        cell = [r for r in rows if _group(r) == key and "error" not in r]
+        auto = next((r for r in cell if r["mode"] == AUTO), None)
+        fixed = [r for r in cell if r["mode"] != AUTO]
+        text = next((r for r in fixed if r["mode"] == BASELINE), None)
+        if auto is None or not fixed or text is None:
+            continue
+        oracle = min(fixed, key=lambda r: r["ttft_s"])
+        vs_oracle, vs_text = auto["ttft_s"] / oracle["ttft_s"], auto["ttft_s"] / text["ttft_s"]
+        ok = vs_oracle <= AUTO_VS_ORACLE and vs_text <= AUTO_VS_TEXT
+        out.append(
+            f"{key[0]}, {key[1]} tokens, {key[2]}: auto {vs_oracle:.2f}x the oracle ({oracle['mode']}), "
+            f"{vs_text:.2f}x text; chose {auto.get('auto_chose', '?')}: "
+            + ("met" if ok else f"MISSED (targets <= {AUTO_VS_ORACLE:g}x oracle, <= {AUTO_VS_TEXT:g}x text)")
+        )
     return out
 
 
@@ -234,6 +263,9 @@ def summarize_questions(samples: list[dict]) -> list[dict]:
         paired = [s["ttft_s"] / text[s["question"]]["ttft_s"] for s in ok if s["question"] in text]
         row["ttft_vs_text"], row["ttft_vs_text_se"] = (round(x, 3) for x in mean_se(paired)) if paired else (None, None)
         row["bytes"] = int(statistics.median(s["bytes"] for s in ok))
+        chose = [s["auto_chose"] for s in ok if s.get("auto_chose")]
+        if chose:
+            row["auto_chose"] = ", ".join(f"{c} x{chose.count(c)}" for c in dict.fromkeys(chose))
         if any("cache_hits" in s for s in ok):
             row["cache_hits"] = sum(s.get("cache_hits", 0) for s in ok)
             row["cache_misses"] = sum(s.get("cache_misses", 0) for s in ok)

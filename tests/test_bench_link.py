@@ -141,6 +141,26 @@ def test_text_mode_of_the_same_cell_and_case_is_the_unit_of_every_ratio():
     assert "| 1gbit | 8 | kv-fp16 | " in table and table.rstrip().endswith("| hit 1/1 |")
 
 
+def test_auto_is_judged_against_the_best_fixed_mode_of_its_cell_and_text():
+    rows = [
+        _row("text", 2.0),
+        _row("kv-fp16", 1.0),
+        _row("auto", 1.05, auto_chose="kv q2c@1 fp16 x1"),
+        _row("text", 2.0, case="cached"),
+        _row("kv-fp16", 1.0, case="cached"),
+        _row("auto", 2.0, case="cached", auto_chose="text x1"),
+        _row("text", 1.0, bandwidth="10mbit"),  # a cell without auto: no line
+    ]
+    assert link_report.auto_verdicts(rows) == [
+        "1gbit, 8 tokens, cold: auto 1.05x the oracle (kv-fp16), 0.53x text; chose kv q2c@1 fp16 x1: met",
+        "1gbit, 8 tokens, cached: auto 2.00x the oracle (kv-fp16), 1.00x text; chose text x1: "
+        "MISSED (targets <= 1.1x oracle, <= 1.05x text)",
+    ]
+    request = link._request(link.LinkConfig(bandwidths=["1gbit"]), "auto", "q?", doc_id="d")
+    assert request["mode"] == "auto" and "deadline_ms" not in request  # a deadline would change auto's rule
+    assert "deadline_ms" in link._request(link.LinkConfig(bandwidths=["1gbit"]), "kv-fp16", "q?", doc_id="d")
+
+
 def test_a_row_without_its_text_row_has_no_ratio():
     rows = link_report.add_ratios([_row("kv-fp16", 3.0, bandwidth="10mbit"), _row("text", 1.0)])
     assert rows[0]["ttft_vs_text"] is None and rows[1]["ttft_vs_text"] == 1.0
