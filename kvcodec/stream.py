@@ -47,8 +47,8 @@ _TENSOR_HEAD = struct.Struct("<BBHII")
 # where a fixed segment's KV comes from: the edge streams it, or the cloud computes it itself
 FIXED_SOURCES = ("stream", "cloud")
 # the defaults of a request's template_kv and question_kv (chosen by `kvwire eval`: docs/results.md)
-DEFAULT_TEMPLATE_KV = "cloud"
-DEFAULT_QUESTION_KV = "cloud"
+DEFAULT_TEMPLATE_KV = "stream"
+DEFAULT_QUESTION_KV = "stream"
 # which token ids a header carries: "kept" the kept positions' (sparse scout), "all" every position the cloud
 # prefills (full scout), "tail" none of the kept ones (kv); each then adds the tail the cloud computes
 ID_LAYOUTS = ("kept", "all", "tail")

@@ -76,6 +76,8 @@ def test_chunks_send_template_and_question_first_then_context_by_descending_scor
     prompt = edge.prompt(req)
     selector = get_selector(name)
     scores = selector.score(edge.score_inputs(prompt, selector, edge.prefill(prompt, selector))).float()
+    if scores.dim() == 3:  # per-(layer, head) scores (kvzip): a one-set stream ranks by their reduction
+        scores = selector.one_set(scores)
     start, end = prompt.context_start, prompt.context_end
     # template/question positions outrank every context position; context positions rank by score
     priority = [[math.inf if not start <= p < end else float(scores[p - start]) for p in chunk] for chunk in chunks]
