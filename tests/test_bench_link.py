@@ -66,9 +66,10 @@ def test_bad_options_exit_2_with_a_message(flags, message, capsys):
 
 def test_the_run_is_bounded_by_its_request_count():
     cfg = link.LinkConfig(bandwidths=["10mbit", "1gbit"], tokens=[512, 2048], repeats=3, questions=20)
-    # warm-ups 6 modes x 2 pairs, 2 documents prefilled + the workload's, grid 6 x 2 cases x 2 x 2 x 3, 20 x 6
+    # warm-ups 7 modes x 2 pairs, 2 documents prefilled + the workload's, grid 7 x 2 cases x 2 x 2 x 3, 20 x 7
     assert cfg.pairs == ["cold", "cached"]
-    assert cfg.requests == 12 + 2 + 1 + 144 + 120
+    assert len(cfg.modes) == 7
+    assert cfg.requests == 14 + 2 + 1 + 168 + 140
     only_cold = link.LinkConfig(bandwidths=["1gbit"], cases=["cold"], questions=5, modes=["kv-fp16"])
     assert only_cold.pairs == ["cold", "cached"]  # the workload needs the cached pair
     assert only_cold.requests == 2 * 2 + 0 + 1 + 2 * 2 + 2 * 5
