@@ -102,8 +102,8 @@ class LinkEstimate:
 
     A stream's transfer time (its wall time minus the edge's compute and the cloud's decode) is latency
     plus bytes/throughput. A small stream (< MIN_THROUGHPUT_BYTES) is all latency to within the noise: it
-    feeds the latency. A larger one whose payload time (transfer - latency) is a real share of it feeds
-    the throughput. One line through both (a LineFit) would not do: with streams of one size it can only
+    feeds the latency. A larger one feeds the throughput with its payload time (transfer - latency, at
+    least a tenth of the transfer). One line through both (a LineFit) would not do: with streams of one size it can only
     be proportional, and small scout streams would make a fast link look slow. `probe_rtt` feeds the
     latency from a health check's round trip."""
 
@@ -129,8 +129,10 @@ class LinkEstimate:
                 self.latency.add(seconds, now)
                 return
             latency = self.latency.value if self.latency.value is not None else 0.0
-            payload_s = seconds - latency
-            if payload_s > 0.2 * seconds:  # otherwise the payload is lost in the latency's noise
+            # a stream faster than the latency estimate says the link is fast, not infinitely so: its payload
+            # is taken as at least a tenth of its time (a noisy latency must not keep the throughput unmeasured)
+            payload_s = max(seconds - latency, 0.1 * seconds)
+            if payload_s > 0:
                 self.s_per_byte.add(payload_s / nbytes, now)
 
     def predict(self, nbytes: int) -> float:

@@ -448,7 +448,14 @@ class AnswerService:
             if setting.scout_prefill is not None:
                 update["scout_prefill"] = setting.scout_prefill
         self.metrics.auto_choices.labels(setting.mode).inc()
-        log_event(log, "auto_choice", chose=setting.label(), **chosen.describe()["predicted_ms"])
+        log_event(
+            log,
+            "auto_choice",
+            chose=setting.label(),
+            predicted_ttft_ms={p.candidate.setting.label(): round(p.ttft_s * 1000) for p in chosen.predictions},
+            edge_holds_prefix=held,
+            known=self.costs.known(),
+        )
         return req.model_copy(update=update), chosen
 
     def _probe_if_stale(self) -> None:
