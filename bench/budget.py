@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvwire.bench.run_dir import write_atomic
+from kvwire.bench.run_dir import complete_records, write_atomic
 from kvwire.bench.teacher_forcing import compare, forced_logprobs, fresh_cache
 from kvwire.kvcodec.encodings import encodings
 from kvwire.kvcodec.errors import ConfigError
@@ -211,11 +211,7 @@ def check_question(loaded, edge, ex, record: dict, profile: PrecisionProfile) ->
 def _load_sweep(path: Path, cands: list[Candidate]) -> dict[str, dict]:
     done = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line: that question is swept again
+        for rec in complete_records(path.read_text(encoding="utf-8")):
             if all(slot_key(0, "k", c.kind) in rec["kl"] for c in cands):
                 done[rec["example"]] = rec
     return done

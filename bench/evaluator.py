@@ -19,6 +19,7 @@ from pathlib import Path
 from kvwire.bench.data import Example
 from kvwire.bench.eval_stats import bootstrap_pct, paired_se
 from kvwire.bench.prefill_memo import PrefillMemo
+from kvwire.bench.run_dir import complete_records
 from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score
 from kvwire.bench.teacher_forcing import compare, forced_logprobs, fresh_cache
 from kvwire.kvcodec.errors import ConfigError
@@ -149,11 +150,7 @@ class RecordStore:
                 data = fh.read()
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for rec in complete_records(data.decode("utf-8", errors="replace")):
             self.records[(rec["example"], rec["setting"])] = rec
 
     def get(self, example_id: str, setting: Setting) -> dict | None:

@@ -4,12 +4,23 @@ writes that replace a file whole (a reader sees the old file or the new one, nev
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 LOCK_FILE = ".lock"
+
+
+def complete_records(text: str) -> Iterator[dict]:
+    """The JSON records of a JSONL text, one per line; a line that does not parse (the torn last line of a
+    run that was stopped mid-write) is skipped, and its work is done again."""
+    for line in text.splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 @contextmanager

@@ -168,6 +168,7 @@ def run(args) -> int:
     import torch
 
     from kvwire.bench.data import load_examples, pick
+    from kvwire.bench.run_dir import complete_records
     from kvwire.kvcodec.models import load_model
     from kvwire.kvcodec.pipeline import Cloud, Edge
 
@@ -185,11 +186,7 @@ def run(args) -> int:
     path = out / "records.jsonl"
     done = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line: recomputed
+        for rec in complete_records(path.read_text(encoding="utf-8")):
             if all(f"{v}@{r:g}" in rec["answers"] for v in VARIANTS for r in retentions):
                 done[rec["example"]] = rec
     with open(path, "a", encoding="utf-8") as fh:
