@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread in the test process and the daemons it starts: the suite's models are tiny, where a second
+# thread costs more in synchronisation than it gains (test_per_head + test_modes: 8.7 s with 1 thread, 22.8 s
+# with 2, on an idle 2-core host), and on a host loaded by other work the gap grows.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CORPUS = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France. "
