@@ -51,7 +51,7 @@ class Daemon:
                     self.listening = record
                     self._listening.set()
 
-    def wait_listening(self, timeout: float = 180.0) -> dict:
+    def wait_listening(self, timeout: float = 600.0) -> dict:
         """The `listening` record (with grpc_port/http_port); RuntimeError with the log tail if it never comes."""
         deadline = time.monotonic() + timeout
         while not self._listening.wait(0.1):
@@ -76,7 +76,7 @@ class Daemon:
     def events(self, event: str) -> list[dict]:
         return [r for r in self.records if r.get("event") == event]
 
-    def wait_events(self, event: str, timeout: float = 60.0, **fields) -> list[dict]:
+    def wait_events(self, event: str, timeout: float = 300.0, **fields) -> list[dict]:
         """The `event` records whose fields match, once there is at least one: the log is read on a
         thread of its own, so a record the daemon wrote before answering may be read after the answer.
         RuntimeError with the log tail if none comes within `timeout`."""

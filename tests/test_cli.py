@@ -47,7 +47,7 @@ def probed() -> dict:
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)

@@ -559,7 +559,7 @@ def test_locked_or_corrupt_store_stops_the_edge_with_exit_2(tmp_path):
             for d in cases
         }
         for d, proc in procs.items():
-            _, err = proc.communicate(timeout=120)
+            _, err = proc.communicate(timeout=600)
             assert proc.returncode == 2, err
             assert f"edge-agent: error: document store {str(d / DB_NAME)!r}" in err and cases[d] in err
             assert "Traceback" not in err

@@ -549,7 +549,7 @@ def test_torch_path_never_imports_triton():
         "assert 'triton' not in sys.modules and 'kvwire.kernels.triton_kernels' not in sys.modules\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KVWIRE_KERNELS")}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
 
 
 def test_interpreter_works_when_triton_was_imported_first():
@@ -569,7 +569,7 @@ def test_interpreter_works_when_triton_was_imported_first():
         "torch.testing.assert_close(T.q2c_scores(x[:, :3], x, pos, 1, 7), R.q2c_scores(x[:, :3], x, pos, 1, 7))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
 
 
 @pytest.mark.parametrize("bits,head_dim,want", [(8, 80, 80), (4, 80, 40), (3, 96, 36), (3, 128, 48)])
