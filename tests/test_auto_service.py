@@ -30,7 +30,8 @@ TABLE = QualityTable("tiny", "test", [KV, SCOUT])
 
 @pytest.fixture
 def hosts(tiny_loaded, tiny_model_dir, tmp_path):
-    settings = EdgeSettings(profile="fp16", data_dir=str(tmp_path / "edge-data"))
+    # prefill_documents off: a background prefill racing the first request would make its costs vary per run
+    settings = EdgeSettings(profile="fp16", data_dir=str(tmp_path / "edge-data"), prefill_documents=False)
     store = DocumentStore(settings.data_dir, count_tokens=lambda text: len(tiny_loaded.tokenizer(text)["input_ids"]))
     with running_edge(tiny_loaded, settings, documents=store) as edge:
         service = AnswerService(
