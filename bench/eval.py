@@ -166,7 +166,7 @@ def run(args) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     questions = load_questions(args, loaded.tokenizer)
     store = RecordStore(out / "records.jsonl")
-    evaluator = Evaluator(loaded, args.max_new_tokens, store, source=args.data)
+    evaluator = Evaluator(loaded, args.max_new_tokens, store, source=args.data, measure=args.measure)
     needle = {"needle": args.needle, "needle_depths": args.needle_depths if args.needle else ""}
     config = start_run(out, args, loaded, evaluator, settings=[s.key for s in settings], **needle)
 
@@ -196,7 +196,7 @@ def run(args) -> int:
     )
     with locked(out):  # the other shards' answers as they are now, and one report at a time
         store.reload()
-        done = completeness(store, questions, settings)
+        done = completeness(store, questions, settings, args.measure)
         rows = summarize(store, questions, settings)
         runtime = runtime_summary(store, questions, settings, computed, wall, evaluator.prefills)
         note = partial_note(done, args.shard)
@@ -206,7 +206,8 @@ def run(args) -> int:
         write_atomic(
             out / "results.md",
             f"# {title}{' (PARTIAL)' if done['partial'] else ''}\n\n{note}{count}, answers capped at "
-            f"{args.max_new_tokens} tokens.\n\n{table}\n{runtime_text(runtime)}\n",
+            f"{args.max_new_tokens} tokens.{MEASURE_NOTE if args.measure == 'tf' else ''}\n\n{table}\n"
+            f"{runtime_text(runtime)}\n",
         )
         with replacing(out / "pareto.png") as tmp:
             pareto_plot(rows, tmp, title + (" (PARTIAL)" if done["partial"] else ""))
@@ -216,6 +217,12 @@ def run(args) -> int:
         write_quality_table(args, rows, done, loaded, title)
     print(f"wrote {out}/results.json, results.md, pareto.png ({time.perf_counter() - started:.0f} s in all)")
     return 0
+
+
+MEASURE_NOTE = (
+    " --measure tf: kv settings were scored teacher-forced only (no answer of their own: their F1 columns are"
+    " empty unless an earlier run generated them)."
+)
 
 
 def write_quality_table(args, rows: list[dict], done: dict, loaded, title: str) -> None:

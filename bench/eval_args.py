@@ -82,6 +82,14 @@ def add_eval_arguments(p) -> None:
         metavar="K/N",
         help="compute only questions i with i %% N == K (run N processes on one --out, then once without)",
     )
+    p.add_argument(
+        "--measure",
+        default="answers",
+        choices=("answers", "tf"),
+        help="answers (default): generate every setting's answer and score kv settings teacher-forced too; tf: "
+        "generate only the full-KV answer and score kv settings teacher-forced (one forward pass each instead of "
+        "a generation: for wide grids; no F1 columns for them)",
+    )
     p.add_argument("--title", default="", help="title of the report and plot (default: model and data)")
     p.add_argument(
         "--quality-table",

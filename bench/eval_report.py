@@ -60,7 +60,7 @@ def markdown_table(rows: list[dict]) -> str:
         for r in group:
             out.append(
                 f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {r['n']} | {_pm(r, 'f1', '.3f')} | "
-                f"{r['em']:.3f} | {_ci(r)} | {_pm(r, 'agreement_f1', '.3f')} | "
+                f"{_fmt(r['em'], '.3f')} | {_ci(r)} | {_pm(r, 'agreement_f1', '.3f')} | "
                 f"{_pm(r, 'identical', '.0f', 100)}% | {_pm(r, 'tf_top1', '.3f')} | {_pm(r, 'tf_kl', '.4f')} | "
                 f"{r['bytes']:,} | {r['wire_ratio']:.4f} |"
             )
@@ -71,23 +71,23 @@ def markdown_table(rows: list[dict]) -> str:
         for r in timed:
             cells = " | ".join(f"{r['stage_ms'].get(s, 0.0):.1f}" for s in STAGES)
             out.append(
-                f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {cells} | {r['answer_tokens']:.1f} |"
+                f"| {r['selector']} | {r['retention']:g} | {r['profile']} | {cells} | {_fmt(r['answer_tokens'], '.1f')} |"
             )
         out.append("")
     return "\n".join(out)
 
 
-def pareto_points(rows: list[dict]) -> list[dict]:
-    """Rows not dominated by another (lower or equal wire ratio with higher or equal % of full F1)."""
-    pts = [r for r in rows if r["selector"] not in (FULL, TEXT) and r["pct_of_full_f1"] is not None]
+def pareto_points(rows: list[dict], metric: str = "pct_of_full_f1") -> list[dict]:
+    """Rows not dominated by another (lower or equal wire ratio with a higher or equal `metric`)."""
+    pts = [r for r in rows if r["selector"] not in (FULL, TEXT) and r.get(metric) is not None]
     front = [
         r
         for r in pts
         if not any(
             o is not r
             and o["wire_ratio"] <= r["wire_ratio"]
-            and o["pct_of_full_f1"] >= r["pct_of_full_f1"]
-            and (o["wire_ratio"] < r["wire_ratio"] or o["pct_of_full_f1"] > r["pct_of_full_f1"])
+            and o[metric] >= r[metric]
+            and (o["wire_ratio"] < r["wire_ratio"] or o[metric] > r[metric])
             for o in pts
         )
     ]
@@ -97,20 +97,22 @@ def pareto_points(rows: list[dict]) -> list[dict]:
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     """Quality against wire ratio, one line per selector (NONE = all positions, quantization only),
     one column per context length: % of full-KV F1 on top (the Pareto front dashed), agreement with
-    the full-KV answer below (less noisy than gold F1 on few questions)."""
+    the full-KV answer (less noisy than gold F1 on few questions), and teacher-forced top-1 agreement
+    (the least noisy; kv rows only; its Pareto front dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = list(dict.fromkeys(r["length"] for r in rows))
-    fig, axes = plt.subplots(2, len(lengths), figsize=(6.2 * len(lengths), 8.2), squeeze=False)
+    fig, axes = plt.subplots(3, len(lengths), figsize=(6.2 * len(lengths), 12.3), squeeze=False)
     for col, length in enumerate(lengths):
         group = [r for r in rows if r["length"] == length and r["selector"] not in (FULL, TEXT)]
         n = max((r["n"] for r in rows if r["length"] == length), default=0)
         for ax, metric, label in (
             (axes[0][col], "pct_of_full_f1", "% of full-KV F1"),
             (axes[1][col], "agreement_f1", "agreement with the full-KV answer (F1)"),
+            (axes[2][col], "tf_top1", "teacher-forced top-1 agreement with full KV"),
         ):
             pts_all = [r for r in group if r[metric] is not None]
             for selector in dict.fromkeys(r["selector"] for r in pts_all):
@@ -129,8 +131,8 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
                         xytext=(3, 3),
                         textcoords="offset points",
                     )
-            if metric == "pct_of_full_f1":
-                front = pareto_points(pts_all)
+            if metric in ("pct_of_full_f1", "tf_top1"):
+                front = pareto_points(pts_all, metric)
                 if front:
                     ax.plot(
                         [r["wire_ratio"] for r in front],

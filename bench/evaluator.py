@@ -30,6 +30,10 @@ from kvwire.kvcodec.profiles import PrecisionProfile, get_profile
 from kvwire.kvcodec.selectors import check_retention, get_selector
 from kvwire.kvcodec.stream import DEFAULT_QUESTION_KV, DEFAULT_TEMPLATE_KV, FIXED_SOURCES
 
+# what `kvwire eval --measure` computes per kv setting: its generated answer and teacher-forced scores, or
+# the teacher-forced scores only (one forward pass instead of a generation; no F1 or agreement columns)
+MEASURES = ("answers", "tf")
+
 # baseline selectors; NONE: retention 1.0, no selection (every position in prompt order, nothing scored)
 FULL, TEXT, NONE = "full", "text", "none"
 BASELINE_PROFILE = "-"
@@ -194,8 +198,11 @@ class Evaluator:
     recorded with every answer unless the example's own metadata names a source.
     """
 
-    def __init__(self, loaded, max_new_tokens: int, store: RecordStore, source: str = ""):
+    def __init__(self, loaded, max_new_tokens: int, store: RecordStore, source: str = "", measure: str = "answers"):
+        if measure not in MEASURES:
+            raise ConfigError(f"measure {measure!r}: use one of {', '.join(MEASURES)}")
         self.loaded = loaded
+        self.measure = measure
         self.edge, self.cloud = Edge(loaded), Cloud(loaded)
         self.geometry = self.edge.geometry
         self.max_new_tokens = max_new_tokens
@@ -204,7 +211,7 @@ class Evaluator:
         self.prefills = 0  # prefills run by the edge (the full baseline's own prefill not included)
 
     def pending(self, ex: Example, settings: list[Setting]) -> list[Setting]:
-        return [s for s in settings if self.store.get(ex.id, s) is None]
+        return [s for s in settings if not measured(self.store.get(ex.id, s), self.measure)]
 
     def run_example(self, ex: Example, settings: list[Setting]) -> None:
         """Compute and record every setting of `ex` not yet recorded; the full baseline comes first
@@ -245,7 +252,8 @@ class Evaluator:
             )
             frames = list(memo.stream(req, timings))
             received = self.cloud.receive(frames, timings)
-            ans = self.cloud.answer(received, self.max_new_tokens, timings, options)
+            generate = self.measure == "answers" or not get_mode(mode).carries_kv
+            ans = self.cloud.answer(received, self.max_new_tokens, timings, options) if generate else None
             forced = None
             if get_mode(mode).carries_kv:  # scout's cache is the cloud's own prefill: no KV of the edge to score
                 t = time.perf_counter()
@@ -255,7 +263,12 @@ class Evaluator:
                 prompt_ids = self.edge.prompt(req).ids  # the header carries only the ids the cloud needs
                 forced = compare(reference, forced_logprobs(self.loaded.model, cache, prompt_ids, full["tokens"]))
                 timings.add("teacher_forced", time.perf_counter() - t)
-            self._record(ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0, forced)
+            if ans is None:
+                self._record_forced(ex, s, received, timings, t0, forced)
+            else:
+                self._record(
+                    ex, s, ans.text, ans.tokens, full, ans.bytes_on_wire, ans.wire_ratio, ans, timings, t0, forced
+                )
         self.prefills += memo.runs
 
     def _reference(self, memo: PrefillMemo, req: EdgeRequest, answer: list[int]):
@@ -283,6 +296,25 @@ class Evaluator:
         self.store.add(rec)
         return rec
 
+    def _record_forced(self, ex, s: Setting, received, timings, t0, forced) -> None:
+        """A setting measured teacher-forced only (--measure tf): no answer of its own, so no F1 columns."""
+        h = received.header
+        start, end = h.context_span
+        rec = self._base(ex, s, None, None, None)
+        rec.update(
+            bytes=received.wire_bytes,
+            wire_ratio=received.wire_bytes / fp16_kv_bytes(self.geometry, h.n_prompt),
+            prompt_len=h.n_prompt,
+            context_tokens=end - start,
+            kept=received.held,
+            timings_ms=timings.ms(),
+            seconds=round(time.perf_counter() - t0, 4),
+            tf_top1=forced.top1,
+            tf_kl=forced.kl,
+            tf_positions=forced.positions,
+        )
+        self.store.add(rec)
+
     def _record_text(self, ex, s: Setting, full: dict, nbytes: int, ratio: float) -> None:
         rec = self._base(ex, s, full["prediction"], full["tokens"], full)
         rec.update(
@@ -298,9 +330,9 @@ class Evaluator:
         )
         self.store.add(rec)
 
-    def _base(self, ex: Example, s: Setting, text: str, tokens: list[int], full: dict | None) -> dict:
-        golds = list(ex.answers)
-        return {
+    def _base(self, ex: Example, s: Setting, text: str | None, tokens: list[int] | None, full: dict | None) -> dict:
+        """The fields every record has; with text None (teacher-forced only) no answer columns."""
+        rec = {
             "example": ex.id,
             "setting": s.key,
             "selector": s.selector,
@@ -312,11 +344,21 @@ class Evaluator:
             "meta": ex.meta,
             "prediction": text,
             "tokens": tokens,
-            "f1": best_over_golds(f1_score, text, golds),
-            "em": best_over_golds(exact_match, text, golds),
-            "agreement_f1": 1.0 if full is None else f1_score(text, full["prediction"]),
-            "identical": True if full is None else tokens == full["tokens"],
         }
+        if text is not None:
+            golds = list(ex.answers)
+            rec.update(
+                f1=best_over_golds(f1_score, text, golds),
+                em=best_over_golds(exact_match, text, golds),
+                agreement_f1=1.0 if full is None else f1_score(text, full["prediction"]),
+                identical=True if full is None else tokens == full["tokens"],
+            )
+        return rec
+
+
+def measured(rec: dict | None, measure: str = "answers") -> bool:
+    """Whether a record holds what `measure` asks for (a teacher-forced-only record lacks the answer)."""
+    return rec is not None and (measure == "tf" or rec.get("prediction") is not None)
 
 
 def _mean(values) -> float:
@@ -346,13 +388,20 @@ def summarize(store: RecordStore, examples: list[Example], settings: list[Settin
             if not pairs:
                 continue
             recs = [r for r, _ in pairs]
-            f1, full_f1 = _mean(r["f1"] for r in recs), _mean(f["f1"] for _, f in pairs)
+            answered = [(r, f) for r, f in pairs if "f1" in r]  # all but teacher-forced-only records
+            ans = [r for r, _ in answered]
+            f1 = _mean(r["f1"] for r in ans) if ans else None
+            full_f1 = _mean(f["f1"] for _, f in answered) if ans else None
             stages = sorted({k for r in recs for k in r["timings_ms"]})
             forced = [(r, f) for r, f in pairs if "tf_top1" in r and "tf_top1" in f]
             se = {}
             for col in PAIRED:
-                have = forced if col.startswith("tf_") else pairs
+                have = forced if col.startswith("tf_") else answered
                 se[col] = _round(paired_se([float(r[col]) for r, _ in have], [float(f[col]) for _, f in have]), 5)
+
+            def answer_mean(col: str):
+                return round(_mean(float(r[col]) for r in ans), 4) if ans else None
+
             rows.append(
                 {
                     "selector": s.selector,
@@ -360,22 +409,25 @@ def summarize(store: RecordStore, examples: list[Example], settings: list[Settin
                     "profile": s.profile_name,
                     "length": length,
                     "n": len(recs),
-                    "f1": round(f1, 4),
-                    "em": round(_mean(r["em"] for r in recs), 4),
-                    "agreement_f1": round(_mean(r["agreement_f1"] for r in recs), 4),
-                    "identical": round(_mean(float(r["identical"]) for r in recs), 4),
+                    "answered_n": len(ans),
+                    "f1": answer_mean("f1"),
+                    "em": answer_mean("em"),
+                    "agreement_f1": answer_mean("agreement_f1"),
+                    "identical": answer_mean("identical"),
                     "tf_top1": _round(_mean(r["tf_top1"] for r, _ in forced), 4) if forced else None,
                     "tf_kl": _round(_mean(r["tf_kl"] for r, _ in forced), 5) if forced else None,
                     "tf_n": len(forced),
-                    "f1_diff": round(f1 - full_f1, 4),
+                    "f1_diff": round(f1 - full_f1, 4) if ans else None,
                     "se": se,
-                    "pct_of_full_f1": round(100 * f1 / full_f1, 2) if full_f1 > 0 else None,
-                    "pct_of_full_f1_ci": bootstrap_pct([r["f1"] for r in recs], [f["f1"] for _, f in pairs]),
+                    "pct_of_full_f1": round(100 * f1 / full_f1, 2) if ans and full_f1 > 0 else None,
+                    "pct_of_full_f1_ci": bootstrap_pct([r["f1"] for r in ans], [f["f1"] for _, f in answered])
+                    if ans
+                    else None,
                     "bytes": round(_mean(r["bytes"] for r in recs)),
                     "wire_ratio": round(_mean(r["wire_ratio"] for r in recs), 5),
                     "prompt_tokens": round(_mean(r["prompt_len"] for r in recs), 1),
                     "kept_positions": round(_mean(r["kept"] for r in recs), 1),
-                    "answer_tokens": round(_mean(len(r["tokens"]) for r in recs), 2),
+                    "answer_tokens": round(_mean(len(r["tokens"]) for r in ans), 2) if ans else None,
                     "stage_ms": {k: round(_mean(r["timings_ms"].get(k, 0.0) for r in recs), 2) for k in stages},
                     "setting": s.key,
                 }
@@ -387,8 +439,10 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def completeness(store: RecordStore, examples: list[Example], settings: list[Setting]) -> dict:
+def completeness(
+    store: RecordStore, examples: list[Example], settings: list[Setting], measure: str = "answers"
+) -> dict:
     """How much of the run's grid is on disk: answers recorded and expected, and whether that is all."""
-    done = sum(store.get(ex.id, s) is not None for ex in examples for s in settings)
+    done = sum(measured(store.get(ex.id, s), measure) for ex in examples for s in settings)
     expected = len(examples) * len(settings)
     return {"partial": done < expected, "answers": done, "expected": expected}

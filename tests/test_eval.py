@@ -197,6 +197,34 @@ def test_resume_skips_finished_work(eval_run, tiny_model_dir, qa_file, capsys):
     assert json.loads((eval_run / "run.json").read_text())["runtime"]["this_invocation"]["questions_computed"] == 0
 
 
+def test_measure_tf_scores_without_generating_then_answers_fill_in(eval_run, tiny_model_dir, qa_file, tmp_path):
+    out = tmp_path / "tf"
+    out.mkdir()
+    assert _eval(tiny_model_dir, qa_file, out, "--measure", "tf") == 0
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    kv = [r for r in recs if r["selector"] not in ("full", "text")]
+    assert kv and all(r["prediction"] is None and "f1" not in r and "tf_top1" in r for r in kv)
+    assert all("generate" not in r["timings_ms"] for r in kv)  # no generation for them
+    # the teacher-forced scores and bytes are those of the run that generated every answer
+    lines = [line for line in (eval_run / "records.jsonl").read_text().splitlines() if line.endswith("}")]
+    want = {(r["example"], r["setting"]): r for r in map(json.loads, lines)}
+    for r in kv:
+        full_run = want[(r["example"], r["setting"])]
+        assert (r["tf_top1"], r["bytes"], r["kept"]) == (full_run["tf_top1"], full_run["bytes"], full_run["kept"])
+        assert r["tf_kl"] == pytest.approx(full_run["tf_kl"], abs=1e-6)
+    rows = {r["setting"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert json.loads((out / "results.json").read_text())["partial"] is False
+    q2c = next(r for k, r in rows.items() if k.startswith("q2c:0.5:int8"))
+    assert q2c["f1"] is None and q2c["pct_of_full_f1"] is None and q2c["answered_n"] == 0 and q2c["tf_n"] == 3
+    assert "--measure tf" in (out / "results.md").read_text()
+    # the default measure on the same folder generates what is missing, and only that
+    assert _eval(tiny_model_dir, qa_file, out) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["runtime"]["this_invocation"]["questions_computed"] == 3
+    rows = {r["setting"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert all(r["answered_n"] == r["n"] == 3 for r in rows.values())
+
+
 def test_resume_refuses_a_different_run(eval_run, tiny_model_dir, qa_file, capsys):
     assert (
         main(
