@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvwire.bench.evaluator import check_fixed
 from kvwire.bench.run_dir import complete_records, write_atomic
 from kvwire.bench.teacher_forcing import compare, forced_logprobs, fresh_cache
 from kvwire.kvcodec.encodings import encodings
@@ -116,17 +117,30 @@ def sweep_question(loaded, edge, ex, cands: list[Candidate], max_new_tokens: int
         "prompt_len": len(prompt.ids),
         "stream_len": prompt.stream_len,
         "context_tokens": prompt.context_end - prompt.context_start,
+        "context_start": prompt.context_start,
         "answer": gen.tokens,
         "kl": kl,
     }
 
 
-def kept_fraction(sweep: list[dict], retention: float) -> float:
-    """The most, over the questions, of (positions a request at `retention` streams) / (prompt tokens)."""
+def kept_fraction(sweep: list[dict], retention: float, fixed: str = "stream/stream") -> float:
+    """The most, over the questions, of (positions a request at `retention` streams) / (prompt tokens).
+
+    fixed (TEMPLATE/QUESTION, eval's --fixed): a segment the cloud computes ("cloud") is not streamed."""
+    template, question = fixed.split("/")
     fractions = []
     for r in sweep:
-        fixed = r["stream_len"] - r["context_tokens"]
-        kept = fixed + (context_budget(retention, r["context_tokens"]) if r["context_tokens"] else 0)
+        outside = r["stream_len"] - r["context_tokens"]  # template prefix + question and template suffix
+        if template == question:
+            streamed = outside if template == "stream" else 0
+        elif "context_start" not in r:
+            raise ConfigError(
+                f"--fixed {fixed}: the sweep in this --out predates the prefix length it needs; use a new --out"
+            )
+        else:
+            prefix = r["context_start"]
+            streamed = prefix if template == "stream" else outside - prefix
+        kept = streamed + (context_budget(retention, r["context_tokens"]) if r["context_tokens"] else 0)
         fractions.append(kept / r["prompt_len"])
     return max(fractions)
 
@@ -223,6 +237,7 @@ def run_budget(args, loaded, ev, questions, out: Path) -> int:
 
     if not 0.0 < args.budget <= 1.0:
         raise ConfigError(f"--budget {args.budget}: a fraction of the FP16 bytes in (0, 1]")
+    check_fixed(args.fixed)
     geometry, num_layers = ev.geometry, ev.geometry["num_layers"]
     only = [x.strip() for x in args.encodings.split(",") if x.strip()] if args.encodings else None
     cands = candidates(geometry, only)
@@ -237,7 +252,7 @@ def run_budget(args, loaded, ev, questions, out: Path) -> int:
             fh.flush()
             done[q.id] = rec
     sweep = [done[q.id] for q in questions]
-    kept = kept_fraction(sweep, args.retention)
+    kept = kept_fraction(sweep, args.retention, args.fixed)
     fp16_position = fp16_kv_bytes(geometry, 1)
     capacity = math.floor(args.budget / kept * fp16_position)
     sens = sensitivities(sweep, num_layers, cands)
@@ -249,8 +264,8 @@ def run_budget(args, loaded, ev, questions, out: Path) -> int:
         raise ConfigError(
             f"--budget {args.budget:g} is below the cheapest profile at retention {args.retention:g}: "
             f"{cheapest.kind} everywhere is {floor:.4f} of the FP16 bytes ({100 * kept:.0f}% of the positions "
-            f"kept, template and question included); raise --budget, lower --retention, or register a cheaper "
-            f"encoding"
+            f"kept, {FIXED_WORDS[args.fixed]}); raise --budget, lower --retention, leave the fixed positions to "
+            f"the cloud (--fixed cloud/cloud), or register a cheaper encoding"
         ) from None
     name = args.name or f"{Path(loaded.source).name}-budget-{args.budget:g}"
     profile = to_profile(name, chosen, num_layers)
@@ -264,6 +279,7 @@ def run_budget(args, loaded, ev, questions, out: Path) -> int:
         "questions": len(questions),
         "budget": args.budget,
         "retention": args.retention,
+        "fixed": args.fixed,
         "kept_fraction": kept,
         "candidates": [{"kind": c.kind, "bytes_per_position": c.bytes_per_position} for c in cands],
         "profile_fraction": round(profile_fraction(profile, geometry, kept), 6),
@@ -288,6 +304,15 @@ def run_budget(args, loaded, ev, questions, out: Path) -> int:
     return 0
 
 
+# what the streamed positions include, per --fixed
+FIXED_WORDS = {
+    "stream/stream": "template and question included",
+    "cloud/stream": "the question included, the template the cloud's",
+    "stream/cloud": "the template included, the question the cloud's",
+    "cloud/cloud": "context only: template and question are the cloud's",
+}
+
+
 def _se(values: list[float]) -> float | None:
     return round(float(np.std(values, ddof=1) / math.sqrt(len(values))), 6) if len(values) > 1 else None
 
@@ -298,7 +323,7 @@ def render_budget(result: dict, num_layers: int) -> str:
         f"# kvwire diagnose --budget {result['budget']:g}: {Path(result['model']).name}",
         "",
         f"{result['questions']} questions; retention {result['retention']:g} keeps at most "
-        f"{100 * result['kept_fraction']:.1f}% of a prompt's positions.",
+        f"{100 * result['kept_fraction']:.1f}% of a prompt's positions ({FIXED_WORDS[result.get('fixed', 'stream/stream')]}).",
         "",
         f"- profile `{result['profile']['name']}`: {result['profile_fraction']:.4f} of the FP16 bytes (scales and "
         f"payload, framing not included)",

@@ -19,6 +19,7 @@ from pathlib import Path
 from kvwire.bench.data import load_examples, needle_set, pick
 from kvwire.bench.eval_report import markdown_table, pareto_plot, partial_note
 from kvwire.bench.evaluator import (
+    DEFAULT_FIXED,
     TEXT,
     Evaluator,
     RecordStore,
@@ -33,6 +34,7 @@ from kvwire.bench.run_dir import locked, replacing, write_atomic
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.prompt import DEFAULT_INSTRUCTION
 from kvwire.kvcodec.selectors import selector_names
+from kvwire.kvcodec.stream import FIXED_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,28 @@ def parse_settings(args) -> list[Setting]:
                     for how in _csv(args.scout):  # the same selection sent as positions only
                         settings.append(scout_setting(selector, retention, how, fixed))
     for spec in (s for item in args.setting for s in _csv(item)):
+        spec, fixed = split_fixed(spec)
         parts = spec.split(":", 2)  # a profile path may itself hold a colon
         if len(parts) != 3:
-            raise ConfigError(f"--setting {spec!r}: expected SELECTOR:RETENTION:PROFILE, e.g. q2c:0.5:mixed-int4")
+            raise ConfigError(
+                f"--setting {spec!r}: expected SELECTOR:RETENTION:PROFILE[:T/Q], e.g. q2c:0.5:mixed-int4 or "
+                "none:1:int8:cloud/cloud"
+            )
         try:
             retention = float(parts[1])
         except ValueError:
             raise ConfigError(f"--setting {spec!r}: retention {parts[1]!r} is not a number") from None
-        settings.append(make_setting(parts[0], retention, parts[2]))
+        settings.append(make_setting(parts[0], retention, parts[2], fixed))
     return _dedupe(settings)
+
+
+def split_fixed(spec: str) -> tuple[str, str]:
+    """(the spec without it, the fixed positions) of a --setting that may end in :T/Q (e.g. :cloud/cloud)."""
+    head, sep, tail = spec.rpartition(":")
+    parts = tail.split("/")
+    if sep and len(parts) == 2 and all(p in FIXED_SOURCES for p in parts):
+        return head, tail
+    return spec, DEFAULT_FIXED
 
 
 def _dedupe(settings: list[Setting]) -> list[Setting]:

@@ -63,7 +63,8 @@ def add_eval_arguments(p) -> None:
         action="append",
         default=[],
         metavar="SELECTOR:RETENTION:PROFILE",
-        help="an extra setting outside the grid, e.g. q2c:0.5:mixed-int4 or none:1:int4 (repeatable, or comma list)",
+        help="an extra setting outside the grid, e.g. q2c:0.5:mixed-int4 or none:1:int4, optionally with fixed "
+        "positions as in --fixed: none:1:int8:cloud/cloud (repeatable, or comma list)",
     )
     p.add_argument(
         "--needle",
@@ -139,7 +140,14 @@ def add_diagnose_arguments(p) -> None:
         type=float,
         default=1.0,
         help="with --budget: the retention the profile will be used at; the budget covers the positions it keeps "
-        "(template and question included). Default 1.0",
+        "(template and question included unless --fixed leaves them to the cloud). Default 1.0",
+    )
+    p.add_argument(
+        "--fixed",
+        default="stream/stream",
+        metavar="T/Q",
+        help="with --budget: where the template prefix (T) and the question + template suffix (Q) KV will come "
+        "from, each stream or cloud (eval's --fixed); the budget covers only what is streamed. Default stream/stream",
     )
     p.add_argument(
         "--encodings",

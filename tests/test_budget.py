@@ -102,3 +102,35 @@ def test_a_budget_below_the_cheapest_profile_is_a_clear_error(budget_run, tiny_m
     assert (budget_run / "budget-sweep.jsonl").read_text() == sweep  # the sweep was reused, not redone
     assert _diagnose(tiny_model_dir, qa_file, budget_run, "0.3", "--encodings", "int4,nope") == 2
     assert "--encodings nope: not usable here" in capsys.readouterr().err
+
+
+def test_kept_fraction_counts_only_what_is_streamed():
+    from kvwire.bench.budget import kept_fraction
+
+    # a prompt of 100 tokens: a 10-token template prefix, 60 context tokens, 29 question and suffix tokens
+    sweep = [{"prompt_len": 100, "stream_len": 99, "context_tokens": 60, "context_start": 10}]
+    assert kept_fraction(sweep, 0.5) == pytest.approx((10 + 30 + 29) / 100)
+    assert kept_fraction(sweep, 0.5, "stream/stream") == pytest.approx(0.69)
+    assert kept_fraction(sweep, 0.5, "cloud/stream") == pytest.approx(0.59)
+    assert kept_fraction(sweep, 0.5, "stream/cloud") == pytest.approx(0.40)
+    assert kept_fraction(sweep, 0.5, "cloud/cloud") == pytest.approx(0.30)
+    old = [{k: v for k, v in sweep[0].items() if k != "context_start"}]  # a sweep written before the field
+    assert kept_fraction(old, 0.5, "cloud/cloud") == pytest.approx(0.30)
+    with pytest.raises(Exception, match="predates the prefix length"):
+        kept_fraction(old, 0.5, "cloud/stream")
+
+
+def test_a_budget_for_cloud_computed_fixed_positions_reuses_the_sweep(budget_run, tiny_model_dir, qa_file, capsys):
+    streamed = json.loads((budget_run / "budget.json").read_text())
+    sweep = (budget_run / "budget-sweep.jsonl").read_text()
+    out = budget_run.parent / (budget_run.name + "-cloud")
+    out.mkdir()
+    (out / "budget-sweep.jsonl").write_text(sweep)
+    assert _diagnose(tiny_model_dir, qa_file, out, "0.3", "--fixed", "cloud/cloud") == 0
+    result = json.loads((out / "budget.json").read_text())
+    assert result["fixed"] == "cloud/cloud" and result["kept_fraction"] < streamed["kept_fraction"]
+    assert result["profile_fraction"] <= 0.3
+    assert (out / "budget-sweep.jsonl").read_text() == sweep  # nothing swept again
+    assert "context only" in (out / "budget.md").read_text()
+    assert _diagnose(tiny_model_dir, qa_file, out, "0.3", "--fixed", "cloud") == 2
+    assert "expected TEMPLATE/QUESTION" in capsys.readouterr().err

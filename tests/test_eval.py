@@ -537,3 +537,21 @@ def test_two_shards_started_together_both_finish(tiny_model_dir, qa_file, tmp_pa
     assert len(recs) == 4 * 3 and len({(r["example"], r["setting"]) for r in recs}) == 4 * 3  # whole lines, no repeats
     assert json.loads((tmp_path / "run.json").read_text())["config"]["limit"] == 4
     assert not list(tmp_path.glob(".*.tmp*"))  # no temporary file left behind
+
+
+def test_a_setting_may_name_its_fixed_positions():
+    from kvwire.bench.eval import split_fixed
+
+    assert split_fixed("none:1:int8:cloud/cloud") == ("none:1:int8", "cloud/cloud")
+    assert split_fixed("q2c:0.5:out/profile.json") == ("q2c:0.5:out/profile.json", "stream/stream")
+    assert split_fixed("q2c:0.5:c:/x/profile.json:stream/cloud") == ("q2c:0.5:c:/x/profile.json", "stream/cloud")
+    assert split_fixed("q2c:0.5:int4") == ("q2c:0.5:int4", "stream/stream")
+
+
+def test_setting_with_fixed_positions_runs(tiny_model_dir, qa_file, tmp_path):
+    argv = ["eval", "--model", tiny_model_dir, "--data", qa_file, "--limit", "2", "--max-new-tokens", "3"]
+    argv += ["--selectors", "q2c", "--retentions", "1.0", "--profiles", "int8", "--measure", "tf"]
+    assert main(argv + ["--setting", "none:1:int8:cloud/cloud", "--out", str(tmp_path)]) == 0
+    rows = {r["profile"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows["int8 fixed=cloud/cloud"]["bytes"] < rows["int8"]["bytes"]  # the fixed positions stay home
+    assert rows["int8 fixed=cloud/cloud"]["tf_n"] == 2
