@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from kvwire.bench.data import load_examples, needle_set, pick
-from kvwire.bench.eval_report import markdown_table, pareto_plot, partial_note
+from kvwire.bench.eval_report import frontier_text, markdown_table, pareto_plot, partial_note
 from kvwire.bench.evaluator import (
     DEFAULT_FIXED,
     TEXT,
@@ -215,7 +215,7 @@ def run(args) -> int:
         rows = summarize(store, questions, settings)
         runtime = runtime_summary(store, questions, settings, computed, wall, evaluator.prefills)
         note = partial_note(done, args.shard)
-        table = markdown_table(rows)
+        table = markdown_table(rows) + frontier_text(rows)
         write_atomic(out / "results.json", json.dumps({**done, "rows": rows}, indent=1))
         write_atomic(out / "run.json", json.dumps({"config": config, "runtime": runtime, **done}, indent=1))
         write_atomic(

@@ -94,6 +94,39 @@ def pareto_points(rows: list[dict], metric: str = "pct_of_full_f1") -> list[dict
     return sorted(front, key=lambda r: r["wire_ratio"])
 
 
+TOP1_FLOOR = 0.95  # the quality goal's teacher-forced floor: the full answer's next token at 95% of positions
+
+
+def frontier_text(rows: list[dict], floor: float = TOP1_FLOOR) -> str:
+    """Per context length group: the teacher-forced Pareto front (top-1 agreement against wire ratio) and
+    the cheapest setting whose top-1 agreement is at least `floor` ('' when no row has teacher-forced scores)."""
+    out = []
+    for length in dict.fromkeys(r["length"] for r in rows):
+        group = [r for r in rows if r["length"] == length]
+        front = pareto_points(group, "tf_top1")
+        if not front:
+            continue
+        where = f" ({length} tokens)" if length is not None else ""
+        out.append(f"Teacher-forced Pareto front{where}, cheapest first:")
+        out.extend(
+            f"- {_name(r)}: wire ratio {r['wire_ratio']:.4f}, top-1 {_pm(r, 'tf_top1', '.3f')}, "
+            f"KL {_pm(r, 'tf_kl', '.4f')}"
+            for r in front
+        )
+        held = [r for r in front if r["tf_top1"] >= floor]
+        out.append(
+            f"Cheapest with top-1 >= {floor:g}: {_name(held[0])} at wire ratio {held[0]['wire_ratio']:.4f}"
+            if held
+            else f"No setting reaches top-1 {floor:g}."
+        )
+        out.append("")
+    return "\n".join(out)
+
+
+def _name(row: dict) -> str:
+    return f"{row['selector']} {row['retention']:g} {row['profile']}"
+
+
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     """Quality against wire ratio, one line per selector (NONE = all positions, quantization only),
     one column per context length: % of full-KV F1 on top (the Pareto front dashed), agreement with

@@ -176,6 +176,7 @@ def test_reports_written(eval_run):
     md = (eval_run / "results.md").read_text()
     assert "| selector | retention | profile | n | F1 |" in md and "| q2c | 0.5 | mixed-int4 | 3 |" in md
     assert "top-1 agreement | KL (nats/token)" in md and "PARTIAL" not in md
+    assert "Teacher-forced Pareto front, cheapest first:" in md and "top-1 >= 0.95" in md
     assert json.loads((eval_run / "results.json").read_text())["partial"] is False
     assert (eval_run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((eval_run / "run.json").read_text())
@@ -555,3 +556,29 @@ def test_setting_with_fixed_positions_runs(tiny_model_dir, qa_file, tmp_path):
     rows = {r["profile"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     assert rows["int8 fixed=cloud/cloud"]["bytes"] < rows["int8"]["bytes"]  # the fixed positions stay home
     assert rows["int8 fixed=cloud/cloud"]["tf_n"] == 2
+
+
+def test_frontier_text_names_the_cheapest_setting_above_the_floor():
+    from kvwire.bench.eval_report import frontier_text
+
+    def row(selector, retention, profile, ratio, top1):
+        return {"selector": selector, "retention": retention, "profile": profile, "length": None,
+                "wire_ratio": ratio, "tf_top1": top1, "tf_kl": 0.1, "se": {}}  # fmt: skip
+
+    rows = [
+        row("full", 1.0, "-", 1.0, 1.0),  # baselines are never candidates
+        row("none", 1.0, "int8", 0.5, 0.99),
+        row("none", 1.0, "int4", 0.26, 0.85),
+        row("none", 1.0, "kivi-4", 0.3, 0.96),
+        row("q2c", 0.5, "int8", 0.3, 0.80),  # dominated by kivi-4: not on the front
+        row("none", 1.0, "int2", 0.1, None),  # no teacher-forced score: not a point
+    ]
+    text = frontier_text(rows)
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("- ")] == [
+        "- none 1 int4",
+        "- none 1 kivi-4",
+        "- none 1 int8",
+    ]
+    assert "Cheapest with top-1 >= 0.95: none 1 kivi-4 at wire ratio 0.3000" in text
+    assert "No setting reaches top-1 0.999." in frontier_text(rows, floor=0.999)
+    assert frontier_text([row("none", 1.0, "x", 0.1, None)]) == ""
