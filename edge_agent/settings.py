@@ -13,6 +13,12 @@ from kvwire.edge_agent.documents import DocumentLimits, default_data_dir
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8081
 
+# the precision profile of requests that name none: the cheapest on SQuAD's teacher-forced frontier that keeps the
+# full cache's next token at >= 95% of positions (asymmetric INT4 per token after a per-head Hadamard rotation:
+# top-1 0.963 at 0.19 of FP16 with the fixed positions on the cloud, where mixed-int4 streaming them held 0.858 at
+# 0.29; docs/results.md, "The frontier")
+DEFAULT_PROFILE = "asym4_rot"
+
 
 class EdgeSettings(DaemonSettings):
     model_config = SettingsConfigDict(env_prefix="KVWIRE_EDGE_", extra="forbid")
@@ -35,7 +41,7 @@ class EdgeSettings(DaemonSettings):
         description="HTTP port of /healthz, /readyz, /metrics and the documents API /v1/documents (0: a free port, logged)",
     )
     profile: str = Field(
-        "mixed-int4",
+        DEFAULT_PROFILE,
         description="precision profile used when a request names none: a named profile or a JSON file (see kvwire diagnose)",
     )
     chunk_bytes: int = Field(MIB, ge=4096, le=2 * MIB, description="target size of one chunk frame in bytes")

@@ -162,10 +162,15 @@ def total(samples: dict, name: str) -> float:
 
 def test_kv_fp16_full_retention_is_exactly_the_text_answer(daemons):
     text = ok(ask(daemons.cloud, mode="text", max_new_tokens=16))
-    kv = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=16))
+    stream = {"template_kv": "stream", "question_kv": "stream"}  # every position from the edge
+    kv = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=16, **stream))
     assert text["answer"] and kv["answer"] == text["answer"]
     assert kv["kept_positions"] == kv["prompt_tokens"] - 1 == text["kept_positions"]
     assert 1.0 <= kv["wire_ratio"] < 1.05  # all positions at FP16 plus framing
+    default = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=16))
+    assert default["answer"] == text["answer"]  # the cloud's template and question: still exact
+    context_share = default["context_tokens"] / default["prompt_tokens"]
+    assert context_share <= default["wire_ratio"] < context_share + 0.05  # only the context travels
     assert text["bytes_on_wire"] == len(CONTEXT.encode()) + len(QUESTION.encode()) and kv["bytes_on_wire"] > 0
     t = kv["timings_ms"]
     assert t["edge_prefill"] > 0 and t["decode"] > 0 and t["generate"] > 0 and t["total"] >= t["generate"]
@@ -185,7 +190,17 @@ def test_scout_keeps_the_edge_positions_and_sends_only_ids(daemons):
 def test_fixed_positions_computed_on_the_cloud_through_the_daemons(daemons):
     """template_kv/question_kv travel from /answer to the edge: the stream leaves those positions out, the
     cloud computes them, and at fp16 and retention 1.0 the answer is still exactly the streamed one."""
-    streamed = ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=8))
+    streamed = ok(
+        ask(
+            daemons.cloud,
+            mode="kv",
+            profile="fp16",
+            retention=1.0,
+            max_new_tokens=8,
+            template_kv="stream",
+            question_kv="stream",
+        )
+    )
     cloud = ok(
         ask(
             daemons.cloud,
