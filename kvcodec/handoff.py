@@ -73,9 +73,9 @@ def matched_prefix(held: list[int], prompt: list[int]) -> int:
     return n
 
 
-def usable_tokens(held: int, prompt_len: int, block_size: int) -> int:
-    """Tokens an engine with paged blocks of `block_size` can take from `held` injected ones: whole blocks
-    only (a partial block would be reported as a hit and hold nothing), and at least one prompt token
-    left for the engine to compute (it needs the last token's logits to start generating)."""
-    n = min(held, prompt_len - 1)
-    return max(0, n // block_size * block_size)
+def usable_tokens(held: int, prompt_len: int) -> int:
+    """Tokens an engine can take from `held` injected ones: all of them but never the last prompt token (the
+    engine needs that token's logits to start generating). Not rounded down to whole blocks: a kv stream's
+    header carries no ids for the positions whose KV it carries (the last block's remainder could not be
+    recomputed), and the connector writes a partial last block slot by slot."""
+    return max(0, min(held, prompt_len - 1))

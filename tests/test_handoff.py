@@ -38,18 +38,17 @@ def test_a_foreign_file_and_inconsistent_shapes_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("held", "prompt_len", "block", "want"),
+    ("held", "prompt_len", "want"),
     [
-        (167, 168, 32, 160),  # whole blocks only
-        (168, 168, 32, 160),  # never the last prompt token: the engine needs its logits
-        (65, 65, 32, 64),  # 64 + 1: the last token is left to compute, both blocks are whole
-        (64, 64, 32, 32),  # 63 usable: one whole block
-        (31, 200, 32, 0),  # less than a block: nothing (a partial block would be a false hit)
-        (0, 10, 32, 0),
+        (167, 168, 167),  # not rounded to blocks: the header has no ids to recompute a remainder from
+        (168, 168, 167),  # never the last prompt token: the engine needs its logits
+        (300, 20, 19),
+        (0, 10, 0),
+        (5, 1, 0),
     ],
 )
-def test_usable_tokens_are_whole_blocks_leaving_a_prompt_token(held, prompt_len, block, want):
-    assert usable_tokens(held, prompt_len, block) == want
+def test_usable_tokens_leave_the_last_prompt_token_to_the_engine(held, prompt_len, want):
+    assert usable_tokens(held, prompt_len) == want
 
 
 def test_matched_prefix_stops_at_the_first_different_id():

@@ -24,7 +24,12 @@ CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "2",
     "VLLM_HOST_IP": "127.0.0.1",
 }
-VENV_ERROR = ".venv-vllm.error"  # what `make setup-vllm` writes when the venv cannot be built
+VENV_ERROR = ".venv-vllm.error"
+VLLM_DTYPES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+}  # kvwire's names -> vLLM's  # what `make setup-vllm` writes when the venv cannot be built
 
 
 class WorkerError(RuntimeError):
@@ -65,7 +70,7 @@ class VllmWorker:
         self,
         model: str,
         python: str | os.PathLike | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "bf16",
         block_size: int = 32,
         max_model_len: int = 4096,
         max_num_seqs: int = 16,
@@ -78,7 +83,9 @@ class VllmWorker:
         reason = unavailable_reason(python)
         if reason:
             raise ConfigError(f"--engine vllm needs the vLLM venv: {reason}")
-        self.block_size = block_size
+        if dtype not in VLLM_DTYPES:
+            raise ConfigError(f"vLLM dtype {dtype!r}: use one of {', '.join(VLLM_DTYPES)}")
+        self.block_size, self.dtype = block_size, dtype
         req_r, self._req_w = os.pipe()
         self._rep_r, rep_w = os.pipe()
         child_env = {**os.environ, **CPU_ENV, **(env or {})}
@@ -94,7 +101,7 @@ class VllmWorker:
             "--replies-fd",
             str(rep_w),
             "--dtype",
-            dtype,
+            VLLM_DTYPES[dtype],
             "--block-size",
             str(block_size),
             "--max-model-len",
@@ -185,8 +192,10 @@ class VllmWorker:
                 if new and not tokens:
                     first_s = time.perf_counter() - started
                 for t in new:
+                    if cancelled:
+                        break  # tokens generated after the caller said stop are not its answer's
                     tokens.append(t)
-                    if on_token is not None and not cancelled and on_token(t) is False:
+                    if on_token is not None and on_token(t) is False:
                         cancelled = True
                         self._send({"op": "abort", "id": rid})
                 if msg["done"]:

@@ -4,7 +4,7 @@ vLLM's paged cache, so vLLM computes only the rest of the prompt (docs/vllm.md).
 Runs inside vLLM (the .venv-vllm interpreter), loaded by `KVTransferConfig(kv_connector="KVWireConnector",
 kv_connector_module_path="kvwire.cloud_agent.vllm_engine.connector", kv_role="kv_consumer")`. A request
 names its handoff file (kvcodec/handoff.py) in `kv_transfer_params={"kvwire_kv": PATH}`; the scheduler
-side reports the whole blocks of it that match the prompt's ids, the worker side loads them before the
+side reports the tokens of it that match the prompt's ids (all but the last prompt token at most), the worker side loads them before the
 forward pass. Requests without that parameter are untouched.
 """
 
@@ -70,7 +70,7 @@ class KVWireConnector(KVConnectorBase_V1):
             return 0, False
         prompt = list(request.prompt_token_ids or [])
         held = handoff_token_ids(path)  # a missing or foreign file raises here, not in the forward pass
-        end = usable_tokens(matched_prefix(held, prompt), len(prompt), self.block_size)
+        end = usable_tokens(matched_prefix(held, prompt), len(prompt))
         if end <= num_computed_tokens:
             return 0, False
         self._matched[request.request_id] = (path, num_computed_tokens, end)
