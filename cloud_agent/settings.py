@@ -31,7 +31,8 @@ class CloudSettings(DaemonSettings):
         4,
         ge=1,
         le=256,
-        description="/answer requests served at once; more get HTTP 429 at once (forward passes run one at a time)",
+        description="/answer requests served at once; more get HTTP 429 at once (engine hf: forward passes run one at a "
+        "time; engine vllm: they share one batch, and this is also vLLM's max_num_seqs)",
     )
     max_context_tokens: int = Field(
         4096, ge=1, description="longest context accepted, in tokens of this model's tokenizer (longer: HTTP 413)"

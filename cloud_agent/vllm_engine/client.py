@@ -88,7 +88,7 @@ class VllmWorker:
         self.block_size, self.dtype = block_size, dtype
         req_r, self._req_w = os.pipe()
         self._rep_r, rep_w = os.pipe()
-        child_env = {**os.environ, **CPU_ENV, **(env or {})}
+        child_env = {**CPU_ENV, **os.environ, **(env or {})}  # the cloud's environment overrides the CPU defaults
         child_env.pop("PYTHONPATH", None)  # the vLLM venv has its own kvwire (installed editable, --no-deps)
         cmd = [
             str(python),
@@ -199,7 +199,9 @@ class VllmWorker:
                         cancelled = True
                         self._send({"op": "abort", "id": rid})
                 if msg["done"]:
-                    finish = "cancelled" if cancelled else (msg.get("finish") or "length")
+                    finish = msg.get("finish") or "length"
+                    if cancelled or finish not in ("stop", "length"):  # vLLM's abort: the request was stopped
+                        finish = "cancelled"
                     if not first_s:
                         first_s = time.perf_counter() - started
                     return WorkerResult(tokens, finish, msg.get("cached", 0), first_s, time.perf_counter() - started)
