@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from kvwire.cloud_agent.vllm_engine.client import default_python, unavailable_reason
+from kvwire.cloud_agent.vllm_engine.client import WorkerError, default_python, unavailable_reason
 from kvwire.kvcodec.generate import Decoding
 from kvwire.kvcodec.handoff import Handoff, write_handoff
 from kvwire.kvcodec.pipeline import Cloud, Edge, EdgeRequest
@@ -92,8 +92,8 @@ def test_the_injected_kv_is_what_vllm_attends_to(worker, embedded_loaded, tmp_pa
 
 
 def test_a_prompt_shorter_than_a_block_and_a_foreign_prefix(worker, embedded_loaded, tmp_path):
-    """19 of a 20-token prompt go into a partial block (a sub-block match is not a false hit); a handoff whose
-    ids part from the prompt's is used only up to where they agree."""
+    """19 of a 20-token prompt go into a partial block (a sub-block match is not a false hit); a missing file
+    fails its request alone; a handoff whose ids part from the prompt's is used only up to where they agree."""
     ids = embedded_loaded.tokenizer(CONTEXT)["input_ids"][:20]
     assert len(ids) == 20
     k, v = _kv(embedded_loaded, ids[:-1])
@@ -101,6 +101,8 @@ def test_a_prompt_shorter_than_a_block_and_a_foreign_prefix(worker, embedded_loa
     own = worker.generate(ids, 12, stop=EOS)
     short = worker.generate(ids, 12, kv_path=str(tmp_path / "short.safetensors"), stop=EOS)
     assert short.cached == 19 and short.tokens == own.tokens
+    with pytest.raises(WorkerError, match="refused the request: .*No such file"):
+        worker.generate(ids, 4, kv_path=str(tmp_path / "missing.safetensors"))
     forked = [*ids[:7], (ids[7] + 1) % 1000, *ids[8:-1]]
     write_handoff(tmp_path / "forked.safetensors", Handoff(forked, k, v))
     assert worker.generate(ids, 4, kv_path=str(tmp_path / "forked.safetensors"), stop=EOS).cached == 7

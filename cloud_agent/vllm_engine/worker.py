@@ -86,6 +86,8 @@ def serve(engine, inbox: queue.Queue, send) -> None:
     """Step the engine while anything runs; take new requests between steps; reply with token deltas."""
     from vllm.inputs import TokensPrompt
 
+    from kvwire.kvcodec.handoff import handoff_token_ids
+
     running: set[str] = set()
     while True:
         block = not engine.has_unfinished_requests()
@@ -99,6 +101,8 @@ def serve(engine, inbox: queue.Queue, send) -> None:
                 return
             if msg["op"] == "generate":
                 try:
+                    if msg.get("kv"):  # a missing or foreign file is refused here, not raised inside a step
+                        handoff_token_ids(msg["kv"])
                     engine.add_request(msg["id"], TokensPrompt(prompt_token_ids=msg["prompt"]), sampling(msg))
                     running.add(msg["id"])
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone, the engine keeps serving
