@@ -1,4 +1,4 @@
-"""`kvwire bench`: the benchmark subcommands (wire-size, codec, encodings, kernels, link). They print figures; they never pass or fail.
+"""`kvwire bench`: the benchmark subcommands (wire-size, codec, encodings, kernels, link, vllm). They print figures; they never pass or fail.
 
 Each benchmark is one entry of BENCHES: its help line, its arguments, and a runner that imports
 the benchmark module only when that benchmark runs, so `kvwire bench --help` loads no torch.
