@@ -161,3 +161,19 @@ def test_concurrent_kv_requests_share_the_engine(engine, embedded_loaded):
         t.join(timeout=600)
     assert sorted(results) == [0, 1, 2, 3]
     assert all(r.tokens and r.complete for r in results.values())
+
+
+def test_eval_with_the_vllm_engine_records_the_full_answer_for_full_kv(engine, embedded_loaded, tmp_path):
+    """`kvwire eval --engine vllm`: the evaluator answers through the engine; full KV gives the full answer."""
+    from kvwire.bench.data import Example
+    from kvwire.bench.evaluator import NONE, Evaluator, RecordStore, make_setting
+
+    store = RecordStore(tmp_path / "records.jsonl")
+    ev = Evaluator(embedded_loaded, 12, store, engine=engine)
+    example = Example("q1", CONTEXT, QUESTION, ("Gustave Eiffel",))
+    setting = make_setting(NONE, 1.0, "fp32")
+    ev.run_example(example, [setting])
+    rec = store.get("q1", setting)
+    assert rec["identical"] and rec["tokens"]
+    assert "tf_top1" not in rec  # teacher-forced scores are the hf cache's: not recorded for vllm
+    store.close()
