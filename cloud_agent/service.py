@@ -274,10 +274,14 @@ class AnswerService:
             self.metrics.requests.labels(req.mode, outcome).inc()
 
     async def ready(self) -> tuple[bool, dict]:
-        """(ready, details): the model is loaded (always, once serving) and the edge answers its health check."""
+        """(ready, details): the model is loaded (always, once serving), the engine can answer (a vLLM worker
+        is alive) and the edge answers its health check."""
         info = {"model": self.loaded.source, "edge": self.edge.address}
         if self.draining:
             return False, {**info, "reason": "shutting down"}
+        problem = self.engine.problem()
+        if problem is not None:
+            return False, {**info, "reason": problem}
         try:
             await asyncio.to_thread(self.edge.check_health, self.settings.readyz_timeout_s)
         except ServiceError as exc:

@@ -177,3 +177,12 @@ def test_eval_with_the_vllm_engine_records_the_full_answer_for_full_kv(engine, e
     assert rec["identical"] and rec["tokens"]
     assert "tf_top1" not in rec  # teacher-forced scores are the hf cache's: not recorded for vllm
     store.close()
+
+
+def test_a_dead_worker_is_named_and_fails_requests_at_once(engine, worker):
+    """Last in the module: it stops the shared worker."""
+    assert engine.problem() is None
+    worker.close()
+    assert "the vLLM worker exited with 0" in engine.problem()
+    with pytest.raises(WorkerError):
+        engine.answer_text(CONTEXT, QUESTION, 4)

@@ -44,5 +44,9 @@ class Engine:
     ) -> Answer:
         raise NotImplementedError
 
+    def problem(self) -> str | None:
+        """Why the engine cannot answer now (a dead worker), for /readyz; None: it can."""
+        return None
+
     def close(self) -> None:
         """Release what the engine started (processes, files)."""

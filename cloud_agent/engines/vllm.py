@@ -113,6 +113,10 @@ class VllmEngine(Engine):
         self.last_cached = res.cached  # prompt tokens vLLM took from the handoff (tests and benchmarks read it)
         return Generation(res.tokens, torch.empty(0), res.first_token_s, res.total_s, steps, res.finish_reason)
 
+    def problem(self) -> str | None:
+        code = self.worker.proc.poll()
+        return None if code is None else f"the vLLM worker exited with {code} (log: --vllm-log-file)"
+
     def close(self) -> None:
         if self._owns_worker:
             self.worker.close()

@@ -148,7 +148,10 @@ class VllmWorker:
 
     def _send(self, obj: dict) -> None:
         with self._send_lock:
-            self._requests.write(json.dumps(obj) + "\n")
+            try:
+                self._requests.write(json.dumps(obj) + "\n")
+            except (OSError, ValueError) as exc:  # a closed pipe: the worker is gone or was closed
+                raise WorkerError(f"the vLLM worker is not running ({self.proc.poll()})") from exc
 
     def generate(
         self,
@@ -183,7 +186,12 @@ class VllmWorker:
                 }
             )
             while True:
-                msg = box.get()
+                try:
+                    msg = box.get(timeout=5.0)
+                except queue.Empty:
+                    if self._reader.is_alive():
+                        continue
+                    msg = None  # the reader ended before this request was registered: nothing will come
                 if msg is None:
                     raise WorkerError(f"the vLLM worker exited ({self.proc.poll()}) during a request")
                 if msg.get("finish") == "error":
