@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvwire-installed
 
-.PHONY: setup run demo test proto clean
+.PHONY: setup setup-vllm run demo test proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The second venv of the cloud's `--engine vllm` (docs/vllm.md): vLLM needs other pins than ours. Fail-soft:
+# a build that fails writes $(VLLM_VENV).error, and the vLLM tests skip with its reason.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.kvwire-installed: pyproject.toml deploy/vllm/setup-venv.sh
+	VENV=$(VLLM_VENV) deploy/vllm/setup-venv.sh
+
+setup-vllm: $(VLLM_VENV)/.kvwire-installed
+
 # Both daemons on loopback with the embedded model, one question in kv, scout and text mode, then a clean stop.
 run: setup
 	$(PY) -m kvwire.bench.loopback_demo
@@ -22,7 +30,7 @@ run: setup
 demo: setup
 	$(VENV)/bin/kvwire demo
 
-test: setup
+test: setup setup-vllm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra
@@ -36,4 +44,4 @@ proto: setup
 	rm -rf build/protoc
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_VENV).error .pytest_cache

@@ -1,4 +1,4 @@
-"""`kvwire bench`: the benchmark subcommands (wire-size, codec, encodings, kernels, link). They print figures; they never pass or fail.
+"""`kvwire bench`: the benchmark subcommands (wire-size, codec, encodings, kernels, link, vllm). They print figures; they never pass or fail.
 
 Each benchmark is one entry of BENCHES: its help line, its arguments, and a runner that imports
 the benchmark module only when that benchmark runs, so `kvwire bench --help` loads no torch.
@@ -288,6 +288,58 @@ def _link_run(args) -> int:
     return 0
 
 
+# ---- vllm -----------------------------------------------------------------------------------
+
+
+def _vllm_args(p) -> None:
+    p.add_argument("part", choices=["quality", "concurrency"], help="which comparison of the engines")
+    p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="squad-dev", help="QA data (default squad-dev: run `kvwire data fetch`)")
+    p.add_argument("--questions", type=int, default=20, help="quality: questions (default 20)")
+    p.add_argument(
+        "--retention", type=float, action="append", dest="retentions", help="quality: repeatable (default 1, 0.5, 0.25)"
+    )
+    p.add_argument("--levels", default="1,4,16", help="concurrency: concurrent requests per run (default 1,4,16)")
+    p.add_argument("--kv-retention", type=float, default=1.0, help="concurrency: retention of the kv streams")
+    p.add_argument("--profile", default="fp32", help="precision profile of the streams (default fp32: no codec loss)")
+    p.add_argument("--vllm-dtype", default="fp32", help="vLLM's dtype (default fp32: the hf engine's)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--worker-log", default=None, help="file for the vLLM worker's log")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
+
+def _vllm_run(args) -> int:
+    from kvwire.bench import vllm_bench as vb
+    from kvwire.cloud_agent.vllm_engine.client import default_python, unavailable_reason
+
+    reason = unavailable_reason(default_python())
+    if reason:
+        print(f"kvwire bench vllm: the vLLM venv is unavailable: {reason}", file=sys.stderr)
+        return 2
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    engines = vb.start(args.model, args.vllm_dtype, log_file=args.worker_log)
+    try:
+        if args.part == "quality":
+            rows = vb.quality(
+                engines,
+                args.data,
+                args.questions,
+                args.retentions or [1.0, 0.5, 0.25],
+                args.profile,
+                args.max_new_tokens,
+                progress,
+            )
+        else:
+            levels = [int(n) for n in args.levels.split(",")]
+            rows = vb.concurrency(
+                engines, args.data, levels, args.kv_retention, args.profile, args.max_new_tokens, progress
+            )
+    finally:
+        engines.close()
+    _emit(rows, args.json, vb.format_rows(rows))
+    return 0
+
+
 # name -> (help, add_arguments, run)
 BENCHES: dict[str, tuple[str, Callable, Callable]] = {
     "wire-size": (
@@ -310,6 +362,12 @@ BENCHES: dict[str, tuple[str, Callable, Callable]] = {
         "time to first token and total latency per mode over a shaped link, as ratios to text mode",
         _link_args,
         _link_run,
+    ),
+    "vllm": (
+        "the cloud's hf and vllm engines: answer quality of pruned KV (absolute vs re-rotated positions), "
+        "answers/s and time to first token at N concurrent kv requests",
+        _vllm_args,
+        _vllm_run,
     ),
 }
 

@@ -169,20 +169,36 @@ def start_run(out: Path, args, loaded, evaluator: Evaluator, **extra) -> dict:
     return config
 
 
+def _engine(args, loaded):
+    """None for the hf engine (the evaluator makes it); the vllm engine with its worker started."""
+    if args.engine == "hf":
+        return None
+    from kvwire.cloud_agent.engines.vllm import VllmEngine
+    from kvwire.cloud_agent.vllm_engine.client import VllmWorker
+    from kvwire.kvcodec.pipeline import Cloud
+
+    return VllmEngine(Cloud(loaded), worker=VllmWorker(loaded.source, dtype=args.vllm_dtype))
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
     from kvwire.kvcodec.models import load_model
 
     settings = parse_settings(args)
+    if args.measure == "tf" and args.engine != "hf":  # refused before a worker starts (the evaluator refuses too)
+        raise ConfigError(f"--measure tf scores the hf engine's cache; --engine {args.engine} answers only")
     out = Path(args.out)
     started = time.perf_counter()
     set_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     questions = load_questions(args, loaded.tokenizer)
     store = RecordStore(out / "records.jsonl")
-    evaluator = Evaluator(loaded, args.max_new_tokens, store, source=args.data, measure=args.measure)
+    engine = _engine(args, loaded)
+    evaluator = Evaluator(loaded, args.max_new_tokens, store, source=args.data, engine=engine, measure=args.measure)
     needle = {"needle": args.needle, "needle_depths": args.needle_depths if args.needle else ""}
+    if args.engine != "hf":  # runs of the hf engine keep the config they always had (and resume)
+        needle["engine"] = f"{args.engine} {args.vllm_dtype}"
     config = start_run(out, args, loaded, evaluator, settings=[s.key for s in settings], **needle)
 
     k, n = parse_shard(args.shard)
@@ -200,6 +216,9 @@ def run(args) -> int:
             computed += 1
     finally:
         store.close()
+        if engine is not None:
+            engine.close()
+            engine.worker.close()
     wall = time.perf_counter() - run_started
 
     title = args.title or f"{Path(loaded.source).name} on {args.data}" + (" (needles)" if args.needle else "")

@@ -29,6 +29,14 @@ def add_eval_arguments(p) -> None:
     """The options of `kvwire eval` (bench/eval.py)."""
     add_model_arguments(p)
     p.add_argument("--limit", type=int, default=100, help="questions to use (default 100; 0 = all)")
+    p.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="the cloud engine that answers (default hf; vllm: a vLLM worker in .venv-vllm, docs/vllm.md; "
+        "its kv answers get no teacher-forced scores, those are the hf cache's)",
+    )
+    p.add_argument("--vllm-dtype", default="fp32", help="engine vllm: vLLM's dtype (default fp32, the edge's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the question shuffle and the needle filler (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="take questions in file order instead of a seeded shuffle")
     p.add_argument(

@@ -22,6 +22,7 @@ from kvwire.bench.prefill_memo import PrefillMemo
 from kvwire.bench.run_dir import complete_records
 from kvwire.bench.squad_metrics import best_over_golds, exact_match, f1_score
 from kvwire.bench.teacher_forcing import compare, forced_logprobs, fresh_cache
+from kvwire.cloud_agent.engines.hf import HfEngine
 from kvwire.kvcodec.errors import ConfigError
 from kvwire.kvcodec.modes import get_mode
 from kvwire.kvcodec.modes.scout import SCOUT_PREFILLS
@@ -198,12 +199,22 @@ class Evaluator:
     recorded with every answer unless the example's own metadata names a source.
     """
 
-    def __init__(self, loaded, max_new_tokens: int, store: RecordStore, source: str = "", measure: str = "answers"):
+    def __init__(
+        self, loaded, max_new_tokens: int, store: RecordStore, source: str = "", engine=None, measure: str = "answers"
+    ):
+        """engine: the cloud engine that answers (cloud_agent/engines; None: the hf engine on a fresh Cloud)."""
         if measure not in MEASURES:
             raise ConfigError(f"measure {measure!r}: use one of {', '.join(MEASURES)}")
         self.loaded = loaded
         self.measure = measure
-        self.edge, self.cloud = Edge(loaded), Cloud(loaded)
+        self.edge = Edge(loaded)
+        self.engine = engine if engine is not None else HfEngine(Cloud(loaded))
+        self.cloud = self.engine.cloud
+        if measure == "tf" and self.engine.name != "hf":
+            raise ConfigError(
+                f"--measure tf scores the hf engine's cache; the {self.engine.name} engine answers only (use "
+                "--measure answers)"
+            )
         self.geometry = self.edge.geometry
         self.max_new_tokens = max_new_tokens
         self.store = store
@@ -220,7 +231,7 @@ class Evaluator:
         full = self.store.get(ex.id, full_setting)
         if full is None:
             t0, timings = time.perf_counter(), Timings()
-            ans = self.cloud.answer_text(ex.context, ex.question, self.max_new_tokens, timings)
+            ans = self.engine.answer_text(ex.context, ex.question, self.max_new_tokens, timings)
             full_bytes = fp16_kv_bytes(self.geometry, ans.prompt_len)
             full = self._record(ex, full_setting, ans.text, ans.tokens, None, full_bytes, 1.0, ans, timings, t0)
         memo = PrefillMemo(self.edge)
@@ -253,9 +264,10 @@ class Evaluator:
             frames = list(memo.stream(req, timings))
             received = self.cloud.receive(frames, timings)
             generate = self.measure == "answers" or not get_mode(mode).carries_kv
-            ans = self.cloud.answer(received, self.max_new_tokens, timings, options) if generate else None
+            ans = self.engine.answer(received, self.max_new_tokens, timings, options) if generate else None
             forced = None
-            if get_mode(mode).carries_kv:  # scout's cache is the cloud's own prefill: no KV of the edge to score
+            # scout's cache is the cloud's own prefill: no KV of the edge to score; the scores are of the hf cache
+            if get_mode(mode).carries_kv and self.engine.name == "hf":
                 t = time.perf_counter()
                 if reference is None:
                     reference = self._reference(memo, req, full["tokens"])

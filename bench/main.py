@@ -38,7 +38,7 @@ COMMANDS: dict[str, Command] = {
         "kvwire.bench.demo:run",
     ),
     "bench": Command(
-        "benchmarks: wire-size, codec, encodings, kernels, link (they print figures, they do not pass or fail)",
+        "benchmarks: wire-size, codec, encodings, kernels, link, vllm (they print figures, they do not pass or fail)",
         "kvwire.bench.benchmarks:add_arguments",
         "kvwire.bench.benchmarks:run",
     ),

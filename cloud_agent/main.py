@@ -88,6 +88,8 @@ def quality_table(settings: CloudSettings):
 async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
     from kvwire.cloud_agent.app import create_app
     from kvwire.cloud_agent.service import AnswerService
+    from kvwire.cloud_agent.vllm_engine.client import WorkerError
+    from kvwire.kvcodec.errors import ConfigError
 
     warn_if_exposed(
         log,
@@ -108,7 +110,12 @@ async def serve(settings: CloudSettings, security: CloudSecurity) -> int:
     log_event(log, "model_loaded", model=loaded.source, seconds=seconds)
     metrics = Metrics("cloud", outcomes=outcome_labels())
     edge = edge_client(settings, security)
-    service = AnswerService(loaded, settings, edge, metrics, quality_table=table)
+    try:
+        service = AnswerService(loaded, settings, edge, metrics, quality_table=table)  # --engine vllm starts it here
+    except (ConfigError, WorkerError) as exc:
+        edge.close()
+        raise StartupConfigError(f"engine {settings.engine}: {exc}") from None
+    log_event(log, "engine_ready", engine=settings.engine)
     log_event(log, "warmed_up", **await asyncio.to_thread(service.warm_up))
     http = HttpServer(
         create_app(service, metrics, settings.max_body_bytes, security.auth_token),

@@ -28,6 +28,8 @@ from kvwire.agent_common.logs import log_event
 from kvwire.agent_common.metrics import Metrics
 from kvwire.cloud_agent.api import AnswerRequest, AnswerResponse, AutoChoice, TimingsMs
 from kvwire.cloud_agent.auto import AUTO, CostModel, LineFit, Plan, QualityTable, RequestFacts, plan
+from kvwire.cloud_agent.engines.base import Engine
+from kvwire.cloud_agent.engines.registry import get_engine
 from kvwire.cloud_agent.errors import classify, message_of
 from kvwire.cloud_agent.settings import CloudSettings
 from kvwire.cloud_agent.streaming import AnswerStream, TextStream
@@ -150,10 +152,13 @@ class AnswerService:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         quality_table: QualityTable | None = None,
+        engine: Engine | None = None,
     ):
+        """engine: what generates the answers (None: the one settings.engine names, started here)."""
         self.loaded, self.settings, self.edge, self.metrics = loaded, settings, edge, metrics
         self.clock = clock
-        self.cloud = Cloud(loaded)
+        self.cloud = engine.cloud if engine is not None else Cloud(loaded)
+        self.engine = engine if engine is not None else get_engine(settings.engine)(self.cloud, settings)
         self.reserve = ReserveEstimator(settings.deadline_reserve_ms)
         self.costs = CostModel(self.reserve, clock)  # mode auto's estimates (docs/auto.md)
         self.quality_table: QualityTable | None = quality_table
@@ -162,11 +167,11 @@ class AnswerService:
         self.probe_thread: threading.Thread | None = None  # the latest link probe (tests join it)
         self.inflight = 0
         self.draining = False
-        self._model_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="cloud-work")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.engine.close()
 
     def warm_up(self) -> dict:
         """Short text answers before serving: the first forward passes pay one-time costs (lazy
@@ -269,10 +274,14 @@ class AnswerService:
             self.metrics.requests.labels(req.mode, outcome).inc()
 
     async def ready(self) -> tuple[bool, dict]:
-        """(ready, details): the model is loaded (always, once serving) and the edge answers its health check."""
+        """(ready, details): the model is loaded (always, once serving), the engine can answer (a vLLM worker
+        is alive) and the edge answers its health check."""
         info = {"model": self.loaded.source, "edge": self.edge.address}
         if self.draining:
             return False, {**info, "reason": "shutting down"}
+        problem = self.engine.problem()
+        if problem is not None:
+            return False, {**info, "reason": problem}
         try:
             await asyncio.to_thread(self.edge.check_health, self.settings.readyz_timeout_s)
         except ServiceError as exc:
@@ -377,10 +386,9 @@ class AnswerService:
                 timings = Timings()  # the failed stream's stages are not this answer's
                 ans = self._answer_text(req, timings, text, decoding)
             else:
-                with self._model_lock:
-                    ans = self.cloud.answer(
-                        decoded, req.max_new_tokens, timings, {"scout_prefill": req.scout_prefill}, decoding
-                    )
+                ans = self.engine.answer(
+                    decoded, req.max_new_tokens, timings, {"scout_prefill": req.scout_prefill}, decoding
+                )
                 self.metrics.wire_ratio.labels(req.mode).observe(ans.wire_ratio)
                 self.metrics.retention_achieved.labels(req.mode).observe(ans.retention_achieved)
                 if not ans.complete:
@@ -492,8 +500,7 @@ class AnswerService:
         """Text mode: the context text (a document's is fetched from the edge, and counted as crossing)."""
         if text is None:
             text = req.context if req.doc_id is None else self._document(req.doc_id, True).text
-        with self._model_lock:
-            return self.cloud.answer_text(text, req.question, req.max_new_tokens, timings, decoding)
+        return self.engine.answer_text(text, req.question, req.max_new_tokens, timings, decoding)
 
     def _refuse_text_unless_it_fits(self, req: AnswerRequest, prompt_len: int, deadline_at: float) -> None:
         """DeadlineExceededError (504) at once when a text answer is estimated not to fit before the deadline."""

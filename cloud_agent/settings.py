@@ -31,7 +31,8 @@ class CloudSettings(DaemonSettings):
         4,
         ge=1,
         le=256,
-        description="/answer requests served at once; more get HTTP 429 at once (forward passes run one at a time)",
+        description="/answer requests served at once; more get HTTP 429 at once (engine hf: forward passes run one at a "
+        "time; engine vllm: they share one batch, and this is also vLLM's max_num_seqs)",
     )
     max_context_tokens: int = Field(
         4096, ge=1, description="longest context accepted, in tokens of this model's tokenizer (longer: HTTP 413)"
@@ -69,6 +70,40 @@ class CloudSettings(DaemonSettings):
         None,
         description="file holding the bearer token sent to the edge-agent (its auth_token_file; may be the same file as ours)",
     )
+
+    engine: str = Field(
+        "hf",
+        description="what generates the answers: hf (transformers in this process, one request at a time) or vllm "
+        "(a vLLM engine in a worker process of the .venv-vllm venv `make setup-vllm` builds, docs/vllm.md)",
+    )
+    vllm_python: str | None = Field(
+        None, description="engine vllm: the vLLM venv's python (none: .venv-vllm/bin/python of this checkout)"
+    )
+    vllm_dtype: str = Field(
+        "bf16", description="engine vllm: the dtype vLLM runs the model and its KV cache in (fp32, bf16, fp16)"
+    )
+    vllm_block_size: int = Field(32, ge=1, le=1024, description="engine vllm: tokens per paged KV block")
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="engine vllm: GPUs the model is split across (tensor parallel; GPU hosts only)"
+    )
+    vllm_log_file: str | None = Field(None, description="engine vllm: file the vLLM worker's output is appended to")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_known(cls, value: str) -> str:
+        from kvwire.cloud_agent.engines.registry import get_engine
+
+        get_engine(value)  # ValueError listing the engines
+        return value
+
+    @field_validator("vllm_dtype")
+    @classmethod
+    def _vllm_dtype(cls, value: str) -> str:
+        from kvwire.cloud_agent.vllm_engine.client import VLLM_DTYPES
+
+        if value not in VLLM_DTYPES:
+            raise ValueError(f"{value!r}: use one of {', '.join(VLLM_DTYPES)}")
+        return value
 
     @field_validator("edge")
     @classmethod

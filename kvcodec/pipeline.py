@@ -501,6 +501,20 @@ class Cloud:
         prompt_len = len(prompt_ids) if received is None else received.header.n_prompt
         last = prompt_ids[-1] if received is None else received.header.ids_at([prompt_len - 1])[0]
         gen = generate(self.loaded.model, cache, last, prompt_len - 1, max_new_tokens, self.stop, decoding)
+        return self.answer_of(gen, prompt_len, context_span, mode, timings, received, wire_bytes)
+
+    def answer_of(
+        self,
+        gen: Generation,
+        prompt_len: int,
+        context_span: tuple[int, int],
+        mode: str,
+        timings: Timings | None = None,
+        received: DecodedKV | None = None,
+        wire_bytes: int = 0,
+    ) -> Answer:
+        """The Answer of a generation over a prompt of prompt_len (whichever engine ran it); received: the
+        stream it came from, as in `generate`."""
         if timings is not None:
             timings.add("first_token", gen.first_token_s)
             timings.add("generate", gen.total_s)

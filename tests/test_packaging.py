@@ -55,7 +55,7 @@ def _top_level(names: list[str]) -> set[str]:
 
 def _source_packages() -> list[Path]:
     """The source folders that are Python packages (an __init__.py), tests aside."""
-    skip = {"tests", ".git", ".venv", ".shim", "build", "dist"}
+    skip = {"tests", ".git", ".venv", ".venv-vllm", ".shim", "build", "dist"}
     return sorted(p.parent for p in REPO.glob("**/__init__.py") if skip.isdisjoint(p.relative_to(REPO).parts))
 
 
