@@ -105,7 +105,12 @@ def test_streams_feed_the_cost_model(hosts):
     assert known["edge_prefill"], known
     assert known["decode"] and known["edge_select"], known
     assert known["link_latency"] or known["link_throughput"]  # a small stream measures the latency only
-    assert service.costs.holds_context(context_key(INLINE))  # the edge now holds this context's prefix
+    # the edge now holds this context's prefix, but until it has served one stream from its prefix cache the cloud
+    # does not count on it (an edge without a prefix cache would never): the second stream is that hit
+    assert not service.costs.holds_context(context_key(INLINE)) and not service.costs.edge_keeps_prefixes
+    again = ask(service, context=INLINE, mode="kv")
+    assert again.timings_ms.edge_prefill == again.timings_ms.edge_question_prefill > 0  # only the question
+    assert service.costs.edge_keeps_prefixes and service.costs.holds_context(context_key(INLINE))
 
 
 def test_with_nothing_measured_auto_probes_the_link(hosts):
