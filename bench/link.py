@@ -191,7 +191,8 @@ class LinkConfig:
         warm = len(self.modes) * len(self.pairs) + len(self.documents) + bool(self.questions)
         grid = len(self.modes) * len(self.cases) * len(self.bandwidths) * len(self.tokens) * self.repeats
         change = sum(self.rate_change_requests) + 1 if self.rate_change is not None else 0  # + text at the new rate
-        return warm + grid + len(self.modes) * self.questions + change
+        settle = len(self.pairs) * len(self.bandwidths) if AUTO in self.modes else 0  # link.py _settle
+        return warm + settle + grid + len(self.modes) * self.questions + change
 
 
 def parse_rate_change(text: str) -> tuple[str, str]:
@@ -437,6 +438,15 @@ def _warm_up(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, questio
             pair.cache_events(lab)  # from here on, deltas are the measured requests' own
 
 
+def _settle(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, question: str) -> None:
+    """After the link's rate changed, one uncounted short fp16 kv stream per pair (what the cloud's own probe
+    sends when its link measurement is stale, docs/auto.md): each cell then measures auto on a link its cloud
+    has seen, as between long-running daemons; how fast auto follows a change is the rate-change run's."""
+    for pair in pairs.values():
+        src = {"doc_id": WARMUP_DOC_ID} if pair.case == "cached" else {"context": context}
+        _ask(lab, pair, cfg, _request(cfg, "kv-fp16", question, **src))
+
+
 def register(lab, pair: Pair, cfg: LinkConfig, doc_id: str, text: str, question: str, progress) -> dict:
     """Put a document on the cached pair's edge and prefill it with one uncounted kv request (the
     prefill a put-time prefill would do); that request's measured sample (prefix_prefill_s, edge_cpu_s)."""
@@ -498,6 +508,8 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
             register(lab, pairs["cached"], cfg, doc_id_of(tokens), context, question, progress)
         for bandwidth in cfg.bandwidths:
             lab.shape(bandwidth)
+            if AUTO in cfg.modes:
+                _settle(lab, pairs, cfg, *contexts[WARMUP_TOKENS][:2])
             for tokens in cfg.tokens:
                 context, question, _ = contexts[tokens]
                 samples: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in cfg.cases for m in cfg.modes}

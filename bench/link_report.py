@@ -65,6 +65,7 @@ def summarize(bandwidth: str, tokens: int, case: str, mode: str, request: dict, 
     chose = [s["auto_chose"] for s in ok if s.get("auto_chose")]
     if chose:
         out["auto_chose"] = ", ".join(f"{c} x{chose.count(c)}" for c in dict.fromkeys(chose))
+        out["auto_chose_counts"] = {c: chose.count(c) for c in dict.fromkeys(chose)}
         out.update(prediction_figures(ok))
     if any("cache_hits" in s for s in ok):
         out["cache_hits"] = sum(s.get("cache_hits", 0) for s in ok)
@@ -233,8 +234,20 @@ def auto_cells(rows: list[dict], min_quality: float = DEFAULT_MIN_QUALITY) -> li
             "repeats": auto["answered"] if "answered" in auto else None,
         }
         c["met"] = c["auto_vs_oracle"] <= AUTO_VS_ORACLE and c["auto_vs_text"] <= AUTO_VS_TEXT
+        # independent of the host's noise: how many of auto's requests chose the oracle's very setting
+        c["chose_oracle"] = sum(
+            n for label, n in auto.get("auto_chose_counts", {}).items() if label == oracle_label(oracle)
+        )
         out.append(c)
     return out
+
+
+def oracle_label(row: dict) -> str:
+    """The label auto's responses give the setting of a fixed row (cloud_agent.auto.Setting.label)."""
+    from kvwire.cloud_agent.auto import Setting
+
+    mode, selector, retention, profile, scout = setting_of(row["request"])
+    return Setting(mode, selector, retention, profile, scout).label()
 
 
 def auto_verdicts(rows: list[dict], min_quality: float = DEFAULT_MIN_QUALITY) -> list[str]:
@@ -245,7 +258,8 @@ def auto_verdicts(rows: list[dict], min_quality: float = DEFAULT_MIN_QUALITY) ->
         out.append(
             f"{c['bandwidth']}, {c['tokens']} tokens, {c['case']}: auto {c['auto_vs_oracle']:.2f}x the oracle "
             f"({c['oracle']}, quality >= {min_quality:g}), {c['auto_vs_text']:.2f}x text, {c['auto_vs_fastest']:.2f}x "
-            f"the fastest regardless of quality ({c['fastest']}); chose {c['auto_chose']}{pred}: "
+            f"the fastest regardless of quality ({c['fastest']}); chose {c['auto_chose']} (the oracle's setting "
+            f"{c['chose_oracle']} of {c['repeats']}){pred}: "
             + ("met" if c["met"] else f"MISSED (targets <= {AUTO_VS_ORACLE:g}x oracle, <= {AUTO_VS_TEXT:g}x text)")
         )
     return out
@@ -262,8 +276,8 @@ def format_auto(rows: list[dict], min_quality: float = DEFAULT_MIN_QUALITY) -> s
         "predicted/measured: auto's predicted TTFT over the cloud's measured one, median [range])",
         "",
         "| case | bandwidth | tokens | text s | oracle | oracle s | fastest (any quality) | auto s | auto chose "
-        "| auto/oracle | auto/text | predicted/measured | target |",
-        "|---|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|---|",
+        "| chose the oracle's | auto/oracle | auto/text | predicted/measured | target |",
+        "|---|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for c in cells:
         rng = c["prediction_ratios"]
@@ -272,7 +286,8 @@ def format_auto(rows: list[dict], min_quality: float = DEFAULT_MIN_QUALITY) -> s
         lines.append(
             f"| {c['case']} | {c['bandwidth']} | {c['tokens']} | {c['text_ttft_s']:.2f} | {c['oracle']} | "
             f"{c['oracle_ttft_s']:.2f} | {c['fastest']} {c['fastest_ttft_s']:.2f} s{fq} | {c['auto_ttft_s']:.2f} | "
-            f"{c['auto_chose']} | {c['auto_vs_oracle']:.2f} | {c['auto_vs_text']:.2f} | {pred} | "
+            f"{c['auto_chose']} | {c['chose_oracle']}/{c['repeats']} | {c['auto_vs_oracle']:.2f} | "
+            f"{c['auto_vs_text']:.2f} | {pred} | "
             f"{'met' if c['met'] else 'MISSED'} |"
         )
     return "\n".join(lines)
@@ -444,6 +459,9 @@ def summarize_rate_change(samples: list[dict]) -> dict:
         "ttft_after_switch_s": med([s["ttft_s"] for s in later]),
         "text_ttft_s": text[0]["ttft_s"] if text else None,
         "errors": [s["error"] for s in samples if "error" in s],
+        "failed_before_switch": sum(
+            1 for s in samples if "error" in s and s["phase"] == "after" and (at is None or s["index"] < at)
+        ),
     }
 
 
@@ -471,7 +489,9 @@ def format_rate_change(samples: list[dict]) -> str:
     else:
         summary = (
             f"auto switched from {r['chose_before']} to {r['chose_after']} on request {r['switched_at']} after the "
-            f"change ({r['switched_at'] - 1} answered the old way first)"
+            f"change ({r['switched_at'] - 1 - r['failed_before_switch']} answered the old way first"
+            + (f", {r['failed_before_switch']} failed" if r["failed_before_switch"] else "")
+            + ")"
         )
     until = ", ".join(f"{x:.2f}" for x in r["ttft_until_switch_s"])
     lines += [

@@ -445,6 +445,8 @@ class AnswerService:
         update = {"mode": setting.mode}
         if setting.mode != "text":
             update.update(selector=setting.selector, retention=setting.retention, profile=setting.profile)
+            if "fallback" not in req.model_fields_set:  # text is auto's own candidate: a failed stream falls back
+                update["fallback"] = "text"
             if setting.scout_prefill is not None:
                 update["scout_prefill"] = setting.scout_prefill
         self.metrics.auto_choices.labels(setting.mode).inc()

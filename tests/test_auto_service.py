@@ -95,6 +95,24 @@ def test_a_slow_link_moves_auto_to_text(hosts):
     assert ask(service, doc_id="normans", mode="auto", min_quality=0.9).auto.chose.mode in ("scout", "text")
 
 
+def test_a_failed_stream_that_auto_chose_falls_back_to_text(hosts, monkeypatch):
+    from kvwire.agent_common.errors import EdgeUnavailableError
+
+    service = hosts
+    link(service, 1e9)
+    speeds(service, edge_s_per_token=1e-5, cloud_s_per_token=1e-2)
+
+    def unreachable(*args, **kwargs):
+        raise EdgeUnavailableError("edge-agent is unreachable (Stream removed (ping timeout))")
+
+    monkeypatch.setattr(service.edge, "prefill", unreachable)
+    ans = ask(service, doc_id="normans", mode="auto", min_quality=0.99)
+    assert ans.auto.chose.mode == "kv"  # what it chose; text is what answered, as a fallback
+    assert ans.mode == "text" and ans.fallback == "text" and "unreachable" in ans.fallback_reason
+    with pytest.raises(EdgeUnavailableError):  # a request that asks for no fallback gets the error
+        ask(service, doc_id="normans", mode="auto", min_quality=0.99, fallback="none")
+
+
 def test_streams_feed_the_cost_model(hosts):
     service = hosts
     assert not service.costs.known()["edge_prefill"]

@@ -66,10 +66,11 @@ def test_bad_options_exit_2_with_a_message(flags, message, capsys):
 
 def test_the_run_is_bounded_by_its_request_count():
     cfg = link.LinkConfig(bandwidths=["10mbit", "1gbit"], tokens=[512, 2048], repeats=3, questions=20)
-    # warm-ups 7 modes x 2 pairs, 2 documents prefilled + the workload's, grid 7 x 2 cases x 2 x 2 x 3, 20 x 7
+    # warm-ups 7 modes x 2 pairs, 2 documents prefilled + the workload's, with auto a settling stream per pair
+    # and rate (2 x 2), grid 7 x 2 cases x 2 x 2 x 3, 20 x 7
     assert cfg.pairs == ["cold", "cached"]
     assert len(cfg.modes) == 7
-    assert cfg.requests == 14 + 2 + 1 + 168 + 140
+    assert cfg.requests == 14 + 2 + 1 + 4 + 168 + 140
     only_cold = link.LinkConfig(bandwidths=["1gbit"], cases=["cold"], questions=5, modes=["kv-fp16"])
     assert only_cold.pairs == ["cold", "cached"]  # the workload needs the cached pair
     assert only_cold.requests == 2 * 2 + 0 + 1 + 2 * 2 + 2 * 5
@@ -146,10 +147,10 @@ def test_auto_is_judged_against_the_best_fixed_mode_of_its_cell_and_text():
     rows = [
         _row("text", 2.0),
         _row("kv-fp16", 1.0),
-        _row("auto", 1.05, auto_chose="kv q2c@1 fp16 x1"),
+        _row("auto", 1.05, auto_chose="kv q2c@1 fp16 x1", auto_chose_counts={"kv q2c@1 fp16": 1}, answered=1),
         _row("text", 2.0, case="cached"),
         _row("kv-fp16", 1.0, case="cached"),
-        _row("auto", 2.0, case="cached", auto_chose="text x1"),
+        _row("auto", 2.0, case="cached", auto_chose="text x1", auto_chose_counts={"text": 1}, answered=1),
         _row("text", 1.0, bandwidth="10mbit"),  # a cell without auto: no line
     ]
     for r in rows:
@@ -157,9 +158,10 @@ def test_auto_is_judged_against_the_best_fixed_mode_of_its_cell_and_text():
     link_report.add_quality(rows, [{"mode": "kv", "profile": "fp16", "retention": 1.0, "quality": 0.999}])
     assert link_report.auto_verdicts(rows) == [
         "1gbit, 8 tokens, cold: auto 1.05x the oracle (kv-fp16, quality >= 0.95), 0.53x text, 1.05x the fastest "
-        "regardless of quality (kv-fp16); chose kv q2c@1 fp16 x1: met",
+        "regardless of quality (kv-fp16); chose kv q2c@1 fp16 x1 (the oracle's setting 1 of 1): met",
         "1gbit, 8 tokens, cached: auto 2.00x the oracle (kv-fp16, quality >= 0.95), 1.00x text, 2.00x the fastest "
-        "regardless of quality (kv-fp16); chose text x1: MISSED (targets <= 1.1x oracle, <= 1.05x text)",
+        "regardless of quality (kv-fp16); chose text x1 (the oracle's setting 0 of 1): MISSED (targets <= 1.1x oracle, "
+        "<= 1.05x text)",
     ]
     request = link._request(link.LinkConfig(bandwidths=["1gbit"]), "auto", "q?", doc_id="d")
     assert request["mode"] == "auto" and "deadline_ms" not in request  # a deadline would change auto's rule
@@ -176,6 +178,8 @@ def test_the_oracle_is_the_fastest_fixed_mode_at_or_above_the_quality_floor():
             "auto",
             1.05,
             auto_chose="kv q2c@1 fp16 x2",
+            auto_chose_counts={"kv q2c@1 fp16": 2},
+            answered=2,
             auto_quality=0.999,
             prediction_ratio=0.9,
             prediction_ratios=[0.8, 1.0],
@@ -192,13 +196,13 @@ def test_the_oracle_is_the_fastest_fixed_mode_at_or_above_the_quality_floor():
     (cell,) = link_report.auto_cells(rows)
     assert (cell["oracle"], cell["fastest"], cell["fastest_quality"]) == ("kv-fp16", "scout-sparse-q2c0.5", None)
     assert (cell["auto_vs_oracle"], cell["auto_vs_text"], cell["auto_vs_fastest"]) == (1.05, 0.525, 2.625)
-    assert cell["met"] and cell["prediction_ratio"] == 0.9
+    assert cell["met"] and cell["prediction_ratio"] == 0.9 and cell["chose_oracle"] == 2
     # a floor nothing but text meets: text is the oracle
     (strict,) = link_report.auto_cells(rows, min_quality=0.9995)
     assert strict["oracle"] == "text" and strict["auto_vs_oracle"] == 0.525
     table_md = link_report.format_auto(rows)
     assert "| cold | 1gbit | 8 | 2.00 | kv-fp16 | 1.00 | scout-sparse-q2c0.5 0.40 s | 1.05 |" in table_md
-    assert "| 1.05 | 0.53 | 0.90 [0.80–1.00] | met |" in table_md
+    assert "| kv q2c@1 fp16 x2 | 2/2 | 1.05 | 0.53 | 0.90 [0.80–1.00] | met |" in table_md
 
 
 def test_prediction_error_is_predicted_over_the_clouds_measured_ttft():
@@ -210,6 +214,7 @@ def test_prediction_error_is_predicted_over_the_clouds_measured_ttft():
     row = link_report.summarize("1gbit", 8, "cold", "auto", {"mode": "auto"}, samples)
     assert row["prediction_ratios"] == [1.2, 0.5, 0.9] and row["prediction_ratio"] == 0.9
     assert row["auto_quality"] == 0.999 and row["auto_chose"] == "text x2, kv q2c@1 fp16 x1"
+    assert row["auto_chose_counts"] == {"text": 2, "kv q2c@1 fp16": 1}
 
 
 def test_modes_rotate_between_repeats():
@@ -242,6 +247,9 @@ def test_rate_change_counts_the_requests_until_auto_switches():
     assert (r["ttft_after_switch_s"], r["text_ttft_s"], r["ttft_before_s"]) == (2.9, 3.0, 0.75)
     text = link_report.format_rate_change(samples)
     assert "switched from kv q2c@1 fp16 to text on request 2 after the change (1 answered the old way first)" in text
+    failed = [samples[0], samples[1], {"phase": "after", "index": 1, "rate": slow, "error": "HTTP 503"}, *samples[3:]]
+    assert link_report.summarize_rate_change(failed)["failed_before_switch"] == 1
+    assert "(0 answered the old way first, 1 failed)" in link_report.format_rate_change(failed)
     never = link_report.summarize_rate_change(samples[:3])
     assert never["switched_at"] is None and never["ttft_until_switch_s"] == [12.0]
     assert "kept kv q2c@1 fp16 for all 1 requests" in link_report.format_rate_change(samples[:3])
@@ -266,8 +274,9 @@ def test_rate_change_options_are_checked_and_bound_the_run():
         rate_change=("1gbit", "10mbit"),
     )
     assert cfg.modes == ["text", "kv-fp16", "auto"] and cfg.pairs == ["cold", "cached"] and cfg.documents == [512]
-    # warm-ups 3 modes x 2 pairs, one document, grid 3 x 1 case, the change's 5 + 10 and one text
-    assert cfg.requests == 6 + 1 + 3 + 16
+    # warm-ups 3 modes x 2 pairs, one document, a settling stream per pair and rate, grid 3 x 1 case, the change's
+    # 5 + 10 and one text
+    assert cfg.requests == 6 + 1 + 2 + 3 + 16
 
 
 def test_a_row_without_its_text_row_has_no_ratio():
