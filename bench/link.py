@@ -438,13 +438,14 @@ def _warm_up(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, questio
             pair.cache_events(lab)  # from here on, deltas are the measured requests' own
 
 
-def _settle(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, question: str) -> None:
+def _settle(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, question: str, progress) -> None:
     """After the link's rate changed, one uncounted short fp16 kv stream per pair (what the cloud's own probe
     sends when its link measurement is stale, docs/auto.md): each cell then measures auto on a link its cloud
     has seen, as between long-running daemons; how fast auto follows a change is the rate-change run's."""
     for pair in pairs.values():
         src = {"doc_id": WARMUP_DOC_ID} if pair.case == "cached" else {"context": context}
-        _ask(lab, pair, cfg, _request(cfg, "kv-fp16", question, **src))
+        s = _ask(lab, pair, cfg, _request(cfg, "kv-fp16", question, **src))
+        progress(f"settling stream ({pair.case}, uncounted): {_describe_sample(s)}")
 
 
 def register(lab, pair: Pair, cfg: LinkConfig, doc_id: str, text: str, question: str, progress) -> dict:
@@ -509,7 +510,7 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
         for bandwidth in cfg.bandwidths:
             lab.shape(bandwidth)
             if AUTO in cfg.modes:
-                _settle(lab, pairs, cfg, *contexts[WARMUP_TOKENS][:2])
+                _settle(lab, pairs, cfg, *contexts[WARMUP_TOKENS][:2], progress)
             for tokens in cfg.tokens:
                 context, question, _ = contexts[tokens]
                 samples: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in cfg.cases for m in cfg.modes}
