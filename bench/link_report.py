@@ -66,6 +66,8 @@ def summarize(bandwidth: str, tokens: int, case: str, mode: str, request: dict, 
     if chose:
         out["auto_chose"] = ", ".join(f"{c} x{chose.count(c)}" for c in dict.fromkeys(chose))
         out["auto_chose_counts"] = {c: chose.count(c) for c in dict.fromkeys(chose)}
+        # every candidate's predicted TTFT per request (the cloud's auto_choice log line): why it chose so
+        out["auto_predictions"] = [s["auto_predictions_ms"] for s in ok if s.get("auto_predictions_ms")]
         out.update(prediction_figures(ok))
     if any("cache_hits" in s for s in ok):
         out["cache_hits"] = sum(s.get("cache_hits", 0) for s in ok)
