@@ -215,6 +215,16 @@ def test_prediction_error_is_predicted_over_the_clouds_measured_ttft():
     assert row["prediction_ratios"] == [1.2, 0.5, 0.9] and row["prediction_ratio"] == 0.9
     assert row["auto_quality"] == 0.999 and row["auto_chose"] == "text x2, kv q2c@1 fp16 x1"
     assert row["auto_chose_counts"] == {"text": 2, "kv q2c@1 fp16": 1}
+    assert row["auto_predictions"] == []  # no auto_choice log line was read for these samples
+    logged = [
+        {"event": "auto_choice", "chose": "text", "predicted_ttft_ms": {"text": 900}, "edge_holds_prefix": False},
+        {"event": "answer", "mode": "text"},
+        {"event": "auto_choice", "chose": "kv q2c@1 fp16", "predicted_ttft_ms": {"text": 900, "kv q2c@1 fp16": 500}},
+        {"event": "answer", "mode": "kv"},
+    ]
+    last = link.last_auto_choice(logged)
+    assert last["chose"] == "kv q2c@1 fp16" and last["predicted_ttft_ms"]["kv q2c@1 fp16"] == 500
+    assert link.last_auto_choice(logged[1:2]) is None
 
 
 def test_modes_rotate_between_repeats():
