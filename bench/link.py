@@ -305,6 +305,7 @@ def measure(res: dict) -> dict:
         "cloud_ttft_s": t["time_to_first_token"] / 1000,  # what the cloud measured (auto's prediction is of this)
         "timings_ms": t,
         "complete": body["complete"],  # false: a deadline cut the stream
+        "fallback": body.get("fallback"),  # "text": the stream failed and text answered (auto's requests fall back)
     }
 
 
@@ -373,7 +374,8 @@ def _describe_sample(s: dict) -> str:
     if "error" in s:
         return s["error"]
     hit = f", edge cache hit {s['cache_hits']:.0f} miss {s['cache_misses']:.0f}" if "cache_hits" in s else ""
-    return f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s{hit}"
+    fell = f", fell back to {s['fallback']}" if s.get("fallback") else ""
+    return f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s{hit}{fell}"
 
 
 def _start_pairs(lab, cfg: LinkConfig, progress) -> dict[str, Pair]:

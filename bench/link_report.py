@@ -481,7 +481,9 @@ def format_rate_change(samples: list[dict]) -> str:
             continue
         pred = s.get("auto_predicted_ttft_s")
         ratio = f"{pred / s['cloud_ttft_s']:.2f}" if pred is not None and s.get("cloud_ttft_s") else "–"
-        chose = s.get("auto_chose") or s.get("mode", "text (reference)")
+        chose = s.get("auto_chose") or "text (reference)"
+        if s.get("fallback"):
+            chose += f" (the stream failed: {s['fallback']} answered)"
         lines.append(
             f"| {n} | {s['phase']} | {s['rate']} | {chose} | {s['ttft_s']:.2f} | {_f(pred, '.2f')} | {ratio} |"
         )

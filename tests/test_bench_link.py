@@ -257,6 +257,8 @@ def test_rate_change_counts_the_requests_until_auto_switches():
     assert (r["ttft_after_switch_s"], r["text_ttft_s"], r["ttft_before_s"]) == (2.9, 3.0, 0.75)
     text = link_report.format_rate_change(samples)
     assert "switched from kv q2c@1 fp16 to text on request 2 after the change (1 answered the old way first)" in text
+    fell = {**samples[2], "fallback": "text"}
+    assert "| kv q2c@1 fp16 (the stream failed: text answered) | 12.00 |" in link_report.format_rate_change([fell])
     failed = [samples[0], samples[1], {"phase": "after", "index": 1, "rate": slow, "error": "HTTP 503"}, *samples[3:]]
     assert link_report.summarize_rate_change(failed)["failed_before_switch"] == 1
     assert "(0 answered the old way first, 1 failed)" in link_report.format_rate_change(failed)
