@@ -241,10 +241,31 @@ def _link_args(p) -> None:
         help="seconds one request may take, also its edge-stream deadline (default 300)",
     )
     p.add_argument(
+        "--quality-table",
+        default=None,
+        metavar="PATH",
+        help="the clouds' --quality-table for mode auto, and the report's: its oracle is the fastest fixed mode "
+        "whose quality there is >= 0.95 (default: the table shipped for the model)",
+    )
+    p.add_argument(
+        "--rate-change",
+        default=None,
+        metavar="BEFORE:AFTER",
+        help="after the grid, on the cached pair: auto requests at tc rate BEFORE, then the rate is replaced by "
+        "AFTER under the running daemons and auto asked again (e.g. 1gbit:10mbit); the requests until auto "
+        "switches and their latency (default: not run)",
+    )
+    p.add_argument(
+        "--rate-change-requests",
+        default="5:10",
+        metavar="BEFORE:AFTER",
+        help="auto requests before and after the rate change, each in [1, 100] (default 5:10)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help='print the rows as one JSON list (the grid\'s rows, "table": "link", then the workload\'s, '
-        '"table": "questions", each with its "document")',
+        '"table": "questions", each with its "document", then the rate change\'s requests, "table": "rate_change")',
     )
 
 
@@ -268,6 +289,9 @@ def _link_run(args) -> int:
         qa_tokens=args.qa_tokens,
         qa_bandwidth=args.qa_bandwidth,
         qa_data=args.qa_data,
+        quality_table=args.quality_table,
+        rate_change=link.parse_rate_change(args.rate_change) if args.rate_change else None,
+        rate_change_requests=link.parse_counts(args.rate_change_requests),
     )
     try:
         res = link.run_link(cfg, progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -277,11 +301,15 @@ def _link_run(args) -> int:
     from kvwire.bench import link_report as rep
 
     questions = [{**r, "document": res.question_meta} for r in res.question_rows]
-    _emit(res.rows + questions, args.json, rep.format_rows(res.rows))
+    change = [{"table": "rate_change", **s} for s in res.rate_change]
+    _emit(res.rows + questions + change, args.json, rep.format_rows(res.rows))
     _note("\n" + "\n".join(f"- {line}" for line in rep.verdicts(res.rows)), args.json)
     _note("\n" + "\n".join(f"- {line}" for line in rep.target_verdicts(res.rows)), args.json)
     if any(r["mode"] == rep.AUTO for r in res.rows):
+        _note("\n" + rep.format_auto(res.rows), args.json)
         _note("\n" + "\n".join(f"- {line}" for line in rep.auto_verdicts(res.rows)), args.json)
+    if res.rate_change:
+        _note("\n" + rep.format_rate_change(res.rate_change), args.json)
     if res.question_rows:
         _note("\n" + rep.format_questions(res.question_rows, res.question_meta), args.json)
     _note("\n" + link.describe(cfg), args.json)

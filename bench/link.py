@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvwire.bench.link_report import BASELINE, CASES
+from kvwire.bench.link_report import AUTO, BASELINE, CASES, add_quality
 from kvwire.kvcodec.errors import ConfigError
 
 # name -> the /answer request fields of that mode (besides question, context/doc_id, max_new_tokens,
@@ -137,6 +137,11 @@ class LinkConfig:
     qa_tokens: int = 2048
     qa_bandwidth: str = "100mbit"
     qa_data: str = "squad-dev"
+    quality_table: str | None = None  # the clouds' --quality-table (None: the shipped one for the model)
+    # a mid-run link rate change (before, after): on the cached pair, rate_change_requests[0] auto requests at
+    # the first rate, then [1] at the second, after the grid; None: not run
+    rate_change: tuple[str, str] | None = None
+    rate_change_requests: tuple[int, int] = (5, 10)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -158,18 +163,54 @@ class LinkConfig:
         self.modes = parse_modes(",".join(self.modes))
         self.cases = parse_cases(",".join(self.cases))
         parse_bandwidths(self.qa_bandwidth)
+        if self.rate_change is not None:
+            parse_bandwidths(",".join(self.rate_change))
+            if AUTO not in self.modes:
+                self.modes = [*self.modes, AUTO]  # the rate change measures auto; its warm-up must include it
+            if min(self.rate_change_requests) < 1 or max(self.rate_change_requests) > 100:
+                raise ConfigError(
+                    f"--rate-change-requests must be two counts in [1, 100], got {self.rate_change_requests}"
+                )
 
     @property
     def pairs(self) -> list[str]:
-        """The cases that get an edge + cloud pair: the grid's, and cached for the workload."""
-        return self.cases + (["cached"] if self.questions and "cached" not in self.cases else [])
+        """The cases that get an edge + cloud pair: the grid's, and cached for the workload and the rate change."""
+        wants_cached = self.questions or self.rate_change is not None
+        return self.cases + (["cached"] if wants_cached and "cached" not in self.cases else [])
+
+    @property
+    def documents(self) -> list[int]:
+        """Token counts of the documents registered (and prefilled) on the cached pair's edge."""
+        if "cached" in self.cases:
+            return self.tokens
+        return self.tokens[:1] if self.rate_change is not None else []
 
     @property
     def requests(self) -> int:
         """Requests the run sends, warm-ups included: the run's bound is this x (timeout + 30 s) plus start-up."""
-        warm = len(self.modes) * len(self.pairs) + ("cached" in self.cases) * len(self.tokens) + bool(self.questions)
+        warm = len(self.modes) * len(self.pairs) + len(self.documents) + bool(self.questions)
         grid = len(self.modes) * len(self.cases) * len(self.bandwidths) * len(self.tokens) * self.repeats
-        return warm + grid + len(self.modes) * self.questions
+        change = sum(self.rate_change_requests) + 1 if self.rate_change is not None else 0  # + text at the new rate
+        settle = len(self.pairs) * len(self.bandwidths) if AUTO in self.modes else 0  # link.py _settle
+        return warm + settle + grid + len(self.modes) * self.questions + change
+
+
+def parse_rate_change(text: str) -> tuple[str, str]:
+    """ "1gbit:10mbit" -> ("1gbit", "10mbit"), both checked tc rates."""
+    parts = [x.strip() for x in text.split(":")]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--rate-change {text!r}: use BEFORE:AFTER tc rates, e.g. 1gbit:10mbit")
+    parse_bandwidths(",".join(parts))
+    return parts[0], parts[1]
+
+
+def parse_counts(text: str) -> tuple[int, int]:
+    """ "5:10" -> (5, 10): requests before and after the rate change."""
+    try:
+        before, after = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--rate-change-requests {text!r}: use BEFORE:AFTER request counts, e.g. 5:10") from None
+    return before, after
 
 
 # ---- contexts --------------------------------------------------------------------------------
@@ -245,6 +286,7 @@ def measure(res: dict) -> dict:
         return {"error": f"HTTP {res.get('status')}: {detail}"[:300]}
     body = res["body"]
     t = body["timings_ms"]
+    auto = body.get("auto") or {}
     total = float(res["seconds"])
     ttft = total - (t["generate"] - t["first_token"]) / 1000
     return {
@@ -257,9 +299,13 @@ def measure(res: dict) -> dict:
         "prompt_tokens": body["prompt_tokens"],
         "kept_positions": body["kept_positions"],
         "answer": body["answer"],
-        "auto_chose": (body.get("auto") or {}).get("chose", {}).get("label"),
+        "auto_chose": auto.get("chose", {}).get("label"),
+        "auto_quality": auto.get("quality"),
+        "auto_predicted_ttft_s": auto["predicted_ms"]["time_to_first_token"] / 1000 if auto else None,
+        "cloud_ttft_s": t["time_to_first_token"] / 1000,  # what the cloud measured (auto's prediction is of this)
         "timings_ms": t,
         "complete": body["complete"],  # false: a deadline cut the stream
+        "fallback": body.get("fallback"),  # "text": the stream failed and text answered (auto's requests fall back)
     }
 
 
@@ -310,14 +356,26 @@ def _ask(lab, pair: Pair, cfg: LinkConfig, request: dict) -> dict:
         s.update(edge_cpu_s=edge1 - edge0, cloud_cpu_s=cloud1 - cloud0)
     if pair.case == "cached" and request["mode"] != BASELINE:
         s["cache_hits"], s["cache_misses"] = pair.cache_events(lab)  # after the CPU reading: not counted in it
+    if request["mode"] == AUTO and "error" not in s:
+        s["auto_predictions_ms"] = last_auto_choice(pair.cloud.proc.json_lines())
     return s
+
+
+def last_auto_choice(log_records: list[dict]) -> dict | None:
+    """The cloud's last `auto_choice` log line's per-candidate predicted TTFT (ms), edge_holds_prefix and
+    what it knew: one request is in flight at a time, so that is the request just answered's."""
+    rec = next((r for r in reversed(log_records) if r.get("event") == "auto_choice"), None)
+    if rec is None:
+        return None
+    return {k: rec.get(k) for k in ("chose", "predicted_ttft_ms", "edge_holds_prefix", "known")}
 
 
 def _describe_sample(s: dict) -> str:
     if "error" in s:
         return s["error"]
     hit = f", edge cache hit {s['cache_hits']:.0f} miss {s['cache_misses']:.0f}" if "cache_hits" in s else ""
-    return f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s{hit}"
+    fell = f", fell back to {s['fallback']}" if s.get("fallback") else ""
+    return f"{s['bytes']} B, TTFT {s['ttft_s']:.2f} s, total {s['total_s']:.2f} s{hit}{fell}"
 
 
 def _start_pairs(lab, cfg: LinkConfig, progress) -> dict[str, Pair]:
@@ -347,7 +405,7 @@ def _start_pairs(lab, cfg: LinkConfig, progress) -> dict[str, Pair]:
             edge_opts["prefix_cache_bytes"] = 0  # the cold case: see the module docstring
         launched[case] = (
             launch_edge(lab, cfg.model, grpc_port=port, **edge_opts, **daemon_opts),
-            launch_cloud(lab, cfg.model, target, **daemon_opts),
+            launch_cloud(lab, cfg.model, target, quality_table=cfg.quality_table, **daemon_opts),
         )
     pairs = {}
     for case, (edge_proc, cloud_proc) in launched.items():
@@ -382,6 +440,16 @@ def _warm_up(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, questio
             pair.cache_events(lab)  # from here on, deltas are the measured requests' own
 
 
+def _settle(lab, pairs: dict[str, Pair], cfg: LinkConfig, context: str, question: str, progress) -> None:
+    """After the link's rate changed, one uncounted short fp16 kv stream per pair (what the cloud's own probe
+    sends when its link measurement is stale, docs/auto.md): each cell then measures auto on a link its cloud
+    has seen, as between long-running daemons; how fast auto follows a change is the rate-change run's."""
+    for pair in pairs.values():
+        src = {"doc_id": WARMUP_DOC_ID} if pair.case == "cached" else {"context": context}
+        s = _ask(lab, pair, cfg, _request(cfg, "kv-fp16", question, **src))
+        progress(f"settling stream ({pair.case}, uncounted): {_describe_sample(s)}")
+
+
 def register(lab, pair: Pair, cfg: LinkConfig, doc_id: str, text: str, question: str, progress) -> dict:
     """Put a document on the cached pair's edge and prefill it with one uncounted kv request (the
     prefill a put-time prefill would do); that request's measured sample (prefix_prefill_s, edge_cpu_s)."""
@@ -408,6 +476,7 @@ class LinkResult:
     question_rows: list[dict] = field(default_factory=list)
     question_meta: dict | None = None
     question_samples: list[dict] = field(default_factory=list)
+    rate_change: list[dict] = field(default_factory=list)
 
 
 def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) -> LinkResult:
@@ -437,25 +506,31 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
         pairs = _start_pairs(lab, cfg, progress)
         context, question, _ = contexts[WARMUP_TOKENS]
         _warm_up(lab, pairs, cfg, context, question)
-        if "cached" in cfg.cases:
-            for tokens in cfg.tokens:
-                context, question, _ = contexts[tokens]
-                register(lab, pairs["cached"], cfg, doc_id_of(tokens), context, question, progress)
+        for tokens in cfg.documents:
+            context, question, _ = contexts[tokens]
+            register(lab, pairs["cached"], cfg, doc_id_of(tokens), context, question, progress)
         for bandwidth in cfg.bandwidths:
             lab.shape(bandwidth)
+            if AUTO in cfg.modes:
+                _settle(lab, pairs, cfg, *contexts[WARMUP_TOKENS][:2], progress)
             for tokens in cfg.tokens:
                 context, question, _ = contexts[tokens]
                 samples: dict[tuple[str, str], list[dict]] = {(c, m): [] for c in cfg.cases for m in cfg.modes}
                 for rep in range(cfg.repeats):
                     for case in cfg.cases:
                         src = {"doc_id": doc_id_of(tokens)} if case == "cached" else {"context": context}
-                        for mode in cfg.modes:
+                        for mode in rotated(cfg.modes, rep):
                             s = _ask(lab, pairs[case], cfg, _request(cfg, mode, question, **src))
                             samples[case, mode].append(s)
                             progress(f"{bandwidth} {tokens} tokens {case} {mode} #{rep + 1}: {_describe_sample(s)}")
                 rows += [
                     summarize(bandwidth, tokens, c, m, MODES[m], samples[c, m]) for c in cfg.cases for m in cfg.modes
                 ]
+        if cfg.rate_change is not None:
+            _, question, _ = contexts[cfg.documents[0]]
+            result.rate_change = run_rate_change(
+                lab, pairs["cached"], cfg, doc_id_of(cfg.documents[0]), question, progress
+            )
         if qs is not None:
             pair = pairs["cached"]
             lab.shape(cfg.qa_bandwidth)
@@ -474,7 +549,45 @@ def run_link(cfg: LinkConfig, progress: Callable[[str], None] = lambda s: None) 
                 "prefix_edge_cpu_s": first["edge_cpu_s"],
             }
     add_ratios(rows)
+    add_quality(rows, quality_rows(cfg))
     return result
+
+
+def quality_rows(cfg: LinkConfig) -> list[dict]:
+    """The rows of the quality table the clouds loaded (the report's oracle filters by them)."""
+    from kvwire.cloud_agent.auto import QualityTable, shipped_quality_table
+
+    table = QualityTable.load(cfg.quality_table) if cfg.quality_table else shipped_quality_table(cfg.model)
+    return table.to_dict()["rows"] if table is not None else []
+
+
+def rotated(modes: list[str], rep: int) -> list[str]:
+    """The modes in the order repeat `rep` asks them: rotated by one each repeat, so that a drift in the shared
+    CPUs' load (or a background probe) does not always land on the same mode."""
+    k = rep % len(modes)
+    return modes[k:] + modes[:k]
+
+
+def run_rate_change(lab, pair: Pair, cfg: LinkConfig, doc_id: str, question: str, progress) -> list[dict]:
+    """The link's rate changes under a running cloud: cfg.rate_change_requests[0] auto requests at the first
+    rate, then the tc rate is replaced and [1] more at the second, then one text request there for reference.
+    Bounded: a fixed count of requests, each within cfg.timeout_s + 30 s. One sample per request, with its
+    index, phase (before/after/text) and rate."""
+    before, after = cfg.rate_change
+    out = []
+    for phase, rate, count, mode in (
+        ("before", before, cfg.rate_change_requests[0], AUTO),
+        ("after", after, cfg.rate_change_requests[1], AUTO),
+        ("text", after, 1, BASELINE),
+    ):
+        lab.shape(rate)
+        for i in range(count):
+            s = _ask(lab, pair, cfg, _request(cfg, mode, question, doc_id=doc_id))
+            s.update(phase=phase, rate=rate, index=i + 1)
+            out.append(s)
+            chose = f" chose {s.get('auto_chose')}" if mode == AUTO else ""
+            progress(f"rate change {phase} {rate} #{i + 1}:{chose} {_describe_sample(s)}")
+    return out
 
 
 def describe(cfg: LinkConfig) -> str:

@@ -90,7 +90,7 @@ class AnswerRequest(BaseModel):
         "none",
         description=(
             "text: when the edge stream fails (unreachable, killed, busy, rejected, nothing usable by the deadline), "
-            "answer in text mode instead of an error, if the deadline leaves time"
+            "answer in text mode instead of an error, if the deadline leaves time (mode auto: text unless set)"
         ),
     )
     stream: bool = Field(

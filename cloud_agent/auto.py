@@ -33,7 +33,7 @@ AUTO = "auto"
 AUTO_CHOSEN_FIELDS = frozenset({"selector", "retention", "profile", "scout_prefill"})
 DEFAULT_MIN_QUALITY = 0.95
 QUALITY_TABLE_VERSION = 1
-TIE = 0.02  # predicted times within 2% of each other count as a tie
+TIE = 0.05  # predicted times within 5% of each other count as a tie, won by the higher quality
 
 
 class LineFit:
@@ -88,8 +88,10 @@ class Ewma:
         self.n = 0
         self.at: float | None = None
 
-    def add(self, x: float, now: float) -> None:
-        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+    def add(self, x: float, now: float, alpha: float | None = None) -> None:
+        """Feed x; `alpha` overrides the weight of this one value (LinkEstimate weighs a surprise more)."""
+        a = self.alpha if alpha is None else alpha
+        self.value = x if self.value is None else (1 - a) * self.value + a * x
         self.n += 1
         self.at = now
 
@@ -105,9 +107,15 @@ class LinkEstimate:
     feeds the latency. A larger one feeds the throughput with its payload time (transfer - latency, at
     least a tenth of the transfer). One line through both (a LineFit) would not do: with streams of one size it can only
     be proportional, and small scout streams would make a fast link look slow. `probe_rtt` feeds the
-    latency from a health check's round trip."""
+    latency from a health check's round trip.
+
+    A throughput sample that disagrees with the estimate by more than SURPRISE times (either way) weighs
+    SURPRISE_ALPHA instead of alpha: a link that changed (a tc rate from 1 Gbit/s to 10 Mbit/s is 100x) is
+    followed from its first stream, while the ordinary jitter of a shared host (well within 3x) still averages."""
 
     MIN_THROUGHPUT_BYTES = 64 * 1024
+    SURPRISE = 3.0
+    SURPRISE_ALPHA = 0.8
 
     def __init__(self, alpha: float, prior_latency_s: float, prior_bps: float, clock=time.monotonic):
         self.latency, self.s_per_byte = Ewma(alpha), Ewma(alpha)
@@ -133,7 +141,9 @@ class LinkEstimate:
             # is taken as at least a tenth of its time (a noisy latency must not keep the throughput unmeasured)
             payload_s = max(seconds - latency, 0.1 * seconds)
             if payload_s > 0:
-                self.s_per_byte.add(payload_s / nbytes, now)
+                sample, known = payload_s / nbytes, self.s_per_byte.value
+                surprise = known is not None and not known / self.SURPRISE <= sample <= known * self.SURPRISE
+                self.s_per_byte.add(sample, now, self.SURPRISE_ALPHA if surprise else None)
 
     def predict(self, nbytes: int) -> float:
         with self._lock:
@@ -320,7 +330,9 @@ class CostModel:
         self.edge_question = LineFit(self.ALPHA)  # question tokens -> s (cached prefix)
         self.edge_select: dict[str, LineFit] = {}  # per mode: context positions -> s (select + encode)
         self.decode = LineFit(self.ALPHA)  # wire bytes -> s
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, None] = OrderedDict()  # inline contexts the edge is believed to hold
+        self._pending: OrderedDict[str, None] = OrderedDict()  # streamed cold before the edge showed it keeps any
+        self.edge_keeps_prefixes = False  # set by the first stream the edge served from its prefix cache
         self._lock = threading.Lock()
 
     # --- observations -------------------------------------------------------------------------------
@@ -347,17 +359,42 @@ class CostModel:
             with self._lock:
                 self.decode.add(wire_bytes, seconds)
 
-    def forget_context(self, key: str) -> None:
-        with self._lock:
-            self._seen.pop(key, None)
+    def observe_context(self, key: str | None, hit: bool) -> None:
+        """A stream's prefix was (hit) or was not served from the edge's prefix cache; key: the inline context's
+        (context_key), None for a document.
 
-    def remember_context(self, key: str) -> None:
-        """An inline context was streamed from the edge: its prefix is now in the edge's cache (if it has one)."""
+        A cold inline context is only believed cached on the edge once the edge has shown it keeps prefixes at
+        all, by one hit (inline or a document's): an edge without a prefix cache (or one too small to keep it)
+        would otherwise be predicted to hold every context it was just sent, and kv chosen on that promise.
+        Contexts streamed cold before that are kept aside and believed cached from the first hit on."""
         with self._lock:
-            self._seen[key] = None
-            self._seen.move_to_end(key)
-            while len(self._seen) > self.REMEMBERED_CONTEXTS:
-                self._seen.popitem(last=False)
+            if hit:
+                if not self.edge_keeps_prefixes:
+                    self.edge_keeps_prefixes = True
+                    for k in self._pending:
+                        self._remember(k)
+                    self._pending.clear()
+                if key is not None:
+                    self._remember(key)
+                return
+            if key is None:
+                return
+            if key in self._seen:  # believed cached, and it was not: evicted (or the cache is gone)
+                del self._seen[key]
+                return
+            if self.edge_keeps_prefixes:
+                self._remember(key)
+            else:
+                self._pending[key] = None
+                self._pending.move_to_end(key)
+                while len(self._pending) > self.REMEMBERED_CONTEXTS:
+                    self._pending.popitem(last=False)
+
+    def _remember(self, key: str) -> None:
+        self._seen[key] = None
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.REMEMBERED_CONTEXTS:
+            self._seen.popitem(last=False)
 
     def holds_context(self, key: str) -> bool:
         with self._lock:

@@ -453,6 +453,8 @@ class AnswerService:
         update = {"mode": setting.mode}
         if setting.mode != "text":
             update.update(selector=setting.selector, retention=setting.retention, profile=setting.profile)
+            if "fallback" not in req.model_fields_set:  # text is auto's own candidate: a failed stream falls back
+                update["fallback"] = "text"
             if setting.scout_prefill is not None:
                 update["scout_prefill"] = setting.scout_prefill
         self.metrics.auto_choices.labels(setting.mode).inc()
@@ -641,13 +643,10 @@ class AnswerService:
             self.costs.observe_transfer(decoded.wire_bytes, transfer_s)
             self.costs.observe_decode(decoded.wire_bytes, decode_s)
         self.costs.observe_edge(req.mode, edge_ms, h.prompt_len, h.prompt_len - end, end - start)
-        if req.context is not None:  # the edge keys its prefix cache by the prompt: it now holds this context
-            key = context_key(req.context)
-            cold = edge_ms.get("prefill", 0.0) > 0
-            if cold and self.costs.holds_context(key):
-                self.costs.forget_context(key)  # it did not (no prefix cache, or evicted)
-            else:
-                self.costs.remember_context(key)
+        # the edge keys its prefix cache by the prompt: a hit is a stream with only the question prefilled
+        hit = edge_ms.get("prefill", 0.0) == 0 and edge_ms.get("question_prefill", 0.0) > 0
+        if req.context is not None or hit:
+            self.costs.observe_context(context_key(req.context) if req.context is not None else None, hit)
 
     def _response(
         self,

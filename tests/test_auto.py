@@ -172,11 +172,68 @@ def test_inline_contexts_pay_the_upload_and_are_remembered():
     p = plan(m, TABLE, f)
     assert all("upload" in x.parts for x in p.predictions if x.candidate is not TEXT)
     assert not m.holds_context("k")
-    m.remember_context("k")
-    assert m.holds_context("k")
+    m.observe_context("k", hit=True)
+    assert m.holds_context("k") and m.edge_keeps_prefixes
     for i in range(CostModel.REMEMBERED_CONTEXTS):
-        m.remember_context(str(i))
+        m.observe_context(str(i), hit=False)  # the edge keeps prefixes: a cold stream leaves it cached
+    assert m.holds_context("0")
     assert not m.holds_context("k")  # bounded
+
+
+def test_a_cold_inline_context_is_not_believed_cached_until_the_edge_shows_a_hit():
+    m = cost(link_bps=125e6)
+    for _ in range(3):  # an edge without a prefix cache: every stream of the context is cold
+        m.observe_context("ctx", hit=False)
+        assert not m.holds_context("ctx") and not m.edge_keeps_prefixes
+    m.observe_context("other", hit=False)
+    m.observe_context(None, hit=True)  # a document served from the edge's prefix cache: it keeps prefixes
+    assert m.edge_keeps_prefixes
+    assert m.holds_context("ctx") and m.holds_context("other")  # the cold-streamed ones are now believed cached
+    m.observe_context("ctx", hit=False)  # believed cached and was not (evicted): forgotten
+    assert not m.holds_context("ctx")
+    m.observe_context("ctx", hit=False)  # and streamed again cold: the edge keeps it now
+    assert m.holds_context("ctx")
+
+
+def test_the_edge_without_a_prefix_cache_keeps_text_chosen_for_a_repeated_cold_context():
+    # a 1 Gbit/s link where the cold kv path is a little slower than text and the cached one far faster: the old
+    # memory flipped to kv on the second request (predicting a hit that never came); now it stays on text
+    m = cost(link_bps=125e6, prefill_s_per_token=1e-3)
+    table = QualityTable("tiny", "", [KV_FULL])
+    choices = []
+    for _ in range(4):
+        f = facts(doc=False, cached=m.holds_context("ctx"))
+        choices.append(plan(m, table, f).chosen.candidate)
+        m.observe_context("ctx", hit=False)
+    assert choices == [TEXT] * 4
+
+
+def test_a_throughput_3x_off_the_estimate_weighs_more():
+    m = CostModel(ReserveEstimator())
+    for _ in range(10):
+        m.observe_transfer(10_000_000, 0.08)  # 125 MB/s (1 Gbit/s)
+    fast = m.link_s(10_000_000)
+    m.observe_transfer(10_000_000, 8.0)  # the link dropped to 10 Mbit/s: 100x slower
+    one = m.link_s(10_000_000)
+    assert one >= 0.75 * 8.0  # followed from the first stream (the ordinary weight would give ~0.3 x 8 s)
+    m2 = CostModel(ReserveEstimator())
+    for _ in range(10):
+        m2.observe_transfer(10_000_000, 0.08)
+    m2.observe_transfer(10_000_000, 0.16)  # 2x: jitter within the band averages at the ordinary weight
+    latency = CostModel.PRIOR_LINK_S  # unmeasured (every stream here is large): the prior stands in
+    assert fast == pytest.approx(latency + 0.08)
+    assert m2.link_s(10_000_000) == pytest.approx(latency + 0.7 * 0.08 + 0.3 * 0.16, rel=1e-6)
+
+
+def test_predictions_within_5_percent_are_a_tie_won_by_quality():
+    m = cost(link_bps=125e6)
+    p = plan(m, TABLE, facts())
+    best = min(x.ttft_s for x in p.predictions if x.candidate.quality >= 0.95)
+    near = [x for x in p.predictions if x.candidate.quality >= 0.95 and x.ttft_s <= best * 1.05]
+    assert p.chosen.candidate.quality == max(x.candidate.quality for x in near)
+    from kvwire.cloud_agent import auto
+
+    assert auto.TIE == 0.05
 
 
 def test_describe_is_the_response_field():

@@ -95,6 +95,24 @@ def test_a_slow_link_moves_auto_to_text(hosts):
     assert ask(service, doc_id="normans", mode="auto", min_quality=0.9).auto.chose.mode in ("scout", "text")
 
 
+def test_a_failed_stream_that_auto_chose_falls_back_to_text(hosts, monkeypatch):
+    from kvwire.agent_common.errors import EdgeUnavailableError
+
+    service = hosts
+    link(service, 1e9)
+    speeds(service, edge_s_per_token=1e-5, cloud_s_per_token=1e-2)
+
+    def unreachable(*args, **kwargs):
+        raise EdgeUnavailableError("edge-agent is unreachable (Stream removed (ping timeout))")
+
+    monkeypatch.setattr(service.edge, "prefill", unreachable)
+    ans = ask(service, doc_id="normans", mode="auto", min_quality=0.99)
+    assert ans.auto.chose.mode == "kv"  # what it chose; text is what answered, as a fallback
+    assert ans.mode == "text" and ans.fallback == "text" and "unreachable" in ans.fallback_reason
+    with pytest.raises(EdgeUnavailableError):  # a request that asks for no fallback gets the error
+        ask(service, doc_id="normans", mode="auto", min_quality=0.99, fallback="none")
+
+
 def test_streams_feed_the_cost_model(hosts):
     service = hosts
     assert not service.costs.known()["edge_prefill"]
@@ -105,7 +123,12 @@ def test_streams_feed_the_cost_model(hosts):
     assert known["edge_prefill"], known
     assert known["decode"] and known["edge_select"], known
     assert known["link_latency"] or known["link_throughput"]  # a small stream measures the latency only
-    assert service.costs.holds_context(context_key(INLINE))  # the edge now holds this context's prefix
+    # the edge now holds this context's prefix, but until it has served one stream from its prefix cache the cloud
+    # does not count on it (an edge without a prefix cache would never): the second stream is that hit
+    assert not service.costs.holds_context(context_key(INLINE)) and not service.costs.edge_keeps_prefixes
+    again = ask(service, context=INLINE, mode="kv")
+    assert again.timings_ms.edge_prefill == again.timings_ms.edge_question_prefill > 0  # only the question
+    assert service.costs.edge_keeps_prefixes and service.costs.holds_context(context_key(INLINE))
 
 
 def test_with_nothing_measured_auto_probes_the_link(hosts):

@@ -66,10 +66,11 @@ def test_bad_options_exit_2_with_a_message(flags, message, capsys):
 
 def test_the_run_is_bounded_by_its_request_count():
     cfg = link.LinkConfig(bandwidths=["10mbit", "1gbit"], tokens=[512, 2048], repeats=3, questions=20)
-    # warm-ups 7 modes x 2 pairs, 2 documents prefilled + the workload's, grid 7 x 2 cases x 2 x 2 x 3, 20 x 7
+    # warm-ups 7 modes x 2 pairs, 2 documents prefilled + the workload's, with auto a settling stream per pair
+    # and rate (2 x 2), grid 7 x 2 cases x 2 x 2 x 3, 20 x 7
     assert cfg.pairs == ["cold", "cached"]
     assert len(cfg.modes) == 7
-    assert cfg.requests == 14 + 2 + 1 + 168 + 140
+    assert cfg.requests == 14 + 2 + 1 + 4 + 168 + 140
     only_cold = link.LinkConfig(bandwidths=["1gbit"], cases=["cold"], questions=5, modes=["kv-fp16"])
     assert only_cold.pairs == ["cold", "cached"]  # the workload needs the cached pair
     assert only_cold.requests == 2 * 2 + 0 + 1 + 2 * 2 + 2 * 5
@@ -146,20 +147,148 @@ def test_auto_is_judged_against_the_best_fixed_mode_of_its_cell_and_text():
     rows = [
         _row("text", 2.0),
         _row("kv-fp16", 1.0),
-        _row("auto", 1.05, auto_chose="kv q2c@1 fp16 x1"),
+        _row("auto", 1.05, auto_chose="kv q2c@1 fp16 x1", auto_chose_counts={"kv q2c@1 fp16": 1}, answered=1),
         _row("text", 2.0, case="cached"),
         _row("kv-fp16", 1.0, case="cached"),
-        _row("auto", 2.0, case="cached", auto_chose="text x1"),
+        _row("auto", 2.0, case="cached", auto_chose="text x1", auto_chose_counts={"text": 1}, answered=1),
         _row("text", 1.0, bandwidth="10mbit"),  # a cell without auto: no line
     ]
+    for r in rows:
+        r["request"] = link.MODES[r["mode"]]
+    link_report.add_quality(rows, [{"mode": "kv", "profile": "fp16", "retention": 1.0, "quality": 0.999}])
     assert link_report.auto_verdicts(rows) == [
-        "1gbit, 8 tokens, cold: auto 1.05x the oracle (kv-fp16), 0.53x text; chose kv q2c@1 fp16 x1: met",
-        "1gbit, 8 tokens, cached: auto 2.00x the oracle (kv-fp16), 1.00x text; chose text x1: "
-        "MISSED (targets <= 1.1x oracle, <= 1.05x text)",
+        "1gbit, 8 tokens, cold: auto 1.05x the oracle (kv-fp16, quality >= 0.95), 0.53x text, 1.05x the fastest "
+        "regardless of quality (kv-fp16); chose kv q2c@1 fp16 x1 (the oracle's setting 1 of 1): met",
+        "1gbit, 8 tokens, cached: auto 2.00x the oracle (kv-fp16, quality >= 0.95), 1.00x text, 2.00x the fastest "
+        "regardless of quality (kv-fp16); chose text x1 (the oracle's setting 0 of 1): MISSED (targets <= 1.1x oracle, "
+        "<= 1.05x text)",
     ]
     request = link._request(link.LinkConfig(bandwidths=["1gbit"]), "auto", "q?", doc_id="d")
     assert request["mode"] == "auto" and "deadline_ms" not in request  # a deadline would change auto's rule
     assert "deadline_ms" in link._request(link.LinkConfig(bandwidths=["1gbit"]), "kv-fp16", "q?", doc_id="d")
+
+
+def test_the_oracle_is_the_fastest_fixed_mode_at_or_above_the_quality_floor():
+    rows = [
+        _row("text", 2.0),
+        _row("kv-fp16", 1.0),
+        _row("kv-q2c0.5-mixed-int4", 0.5),  # fastest, but its quality is below the floor
+        _row("scout-sparse-q2c0.5", 0.4),  # faster still, and not in the table: never the oracle
+        _row(
+            "auto",
+            1.05,
+            auto_chose="kv q2c@1 fp16 x2",
+            auto_chose_counts={"kv q2c@1 fp16": 2},
+            answered=2,
+            auto_quality=0.999,
+            prediction_ratio=0.9,
+            prediction_ratios=[0.8, 1.0],
+        ),
+    ]
+    for r in rows:
+        r["request"] = link.MODES[r["mode"]]
+    table = [
+        {"mode": "kv", "selector": "q2c", "retention": 1.0, "profile": "fp16", "quality": 0.999},
+        {"mode": "kv", "selector": "q2c", "retention": 0.5, "profile": "mixed-int4", "quality": 0.458},
+    ]
+    link_report.add_quality(rows, table)
+    assert [r["quality"] for r in rows] == [1.0, 0.999, 0.458, None, 0.999]
+    (cell,) = link_report.auto_cells(rows)
+    assert (cell["oracle"], cell["fastest"], cell["fastest_quality"]) == ("kv-fp16", "scout-sparse-q2c0.5", None)
+    assert (cell["auto_vs_oracle"], cell["auto_vs_text"], cell["auto_vs_fastest"]) == (1.05, 0.525, 2.625)
+    assert cell["met"] and cell["prediction_ratio"] == 0.9 and cell["chose_oracle"] == 2
+    # a floor nothing but text meets: text is the oracle
+    (strict,) = link_report.auto_cells(rows, min_quality=0.9995)
+    assert strict["oracle"] == "text" and strict["auto_vs_oracle"] == 0.525
+    table_md = link_report.format_auto(rows)
+    assert "| cold | 1gbit | 8 | 2.00 | kv-fp16 | 1.00 | scout-sparse-q2c0.5 0.40 s | 1.05 |" in table_md
+    assert "| kv q2c@1 fp16 x2 | 2/2 | 1.05 | 0.53 | 0.90 [0.80–1.00] | met |" in table_md
+
+
+def test_prediction_error_is_predicted_over_the_clouds_measured_ttft():
+    samples = [
+        _sample(1.0, auto_chose="text", auto_predicted_ttft_s=1.2, cloud_ttft_s=1.0, auto_quality=1.0),
+        _sample(2.0, auto_chose="text", auto_predicted_ttft_s=1.0, cloud_ttft_s=2.0, auto_quality=1.0),
+        _sample(2.0, auto_chose="kv q2c@1 fp16", auto_predicted_ttft_s=0.9, cloud_ttft_s=1.0, auto_quality=0.999),
+    ]
+    row = link_report.summarize("1gbit", 8, "cold", "auto", {"mode": "auto"}, samples)
+    assert row["prediction_ratios"] == [1.2, 0.5, 0.9] and row["prediction_ratio"] == 0.9
+    assert row["auto_quality"] == 0.999 and row["auto_chose"] == "text x2, kv q2c@1 fp16 x1"
+    assert row["auto_chose_counts"] == {"text": 2, "kv q2c@1 fp16": 1}
+    assert row["auto_predictions"] == []  # no auto_choice log line was read for these samples
+    logged = [
+        {"event": "auto_choice", "chose": "text", "predicted_ttft_ms": {"text": 900}, "edge_holds_prefix": False},
+        {"event": "answer", "mode": "text"},
+        {"event": "auto_choice", "chose": "kv q2c@1 fp16", "predicted_ttft_ms": {"text": 900, "kv q2c@1 fp16": 500}},
+        {"event": "answer", "mode": "kv"},
+    ]
+    last = link.last_auto_choice(logged)
+    assert last["chose"] == "kv q2c@1 fp16" and last["predicted_ttft_ms"]["kv q2c@1 fp16"] == 500
+    assert link.last_auto_choice(logged[1:2]) is None
+
+
+def test_modes_rotate_between_repeats():
+    modes = ["text", "kv-fp16", "auto"]
+    assert [link.rotated(modes, rep) for rep in range(4)] == [
+        ["text", "kv-fp16", "auto"],
+        ["kv-fp16", "auto", "text"],
+        ["auto", "text", "kv-fp16"],
+        ["text", "kv-fp16", "auto"],
+    ]
+
+
+def _change(phase, index, chose, ttft, rate):
+    return {"phase": phase, "index": index, "rate": rate, "auto_chose": chose, "ttft_s": ttft, "cloud_ttft_s": ttft}
+
+
+def test_rate_change_counts_the_requests_until_auto_switches():
+    fast, slow, kv = "1gbit", "10mbit", "kv q2c@1 fp16"
+    samples = [
+        _change("before", 1, kv, 0.8, fast),
+        _change("before", 2, kv, 0.7, fast),
+        _change("after", 1, kv, 12.0, slow),
+        _change("after", 2, "text", 3.1, slow),
+        _change("after", 3, "text", 2.9, slow),
+        {"phase": "text", "index": 1, "rate": slow, "ttft_s": 3.0, "cloud_ttft_s": 3.0},
+    ]
+    r = link_report.summarize_rate_change(samples)
+    assert (r["before_rate"], r["after_rate"], r["chose_before"], r["chose_after"]) == (fast, slow, kv, "text")
+    assert r["switched_at"] == 2 and r["ttft_until_switch_s"] == [12.0, 3.1]
+    assert (r["ttft_after_switch_s"], r["text_ttft_s"], r["ttft_before_s"]) == (2.9, 3.0, 0.75)
+    text = link_report.format_rate_change(samples)
+    assert "switched from kv q2c@1 fp16 to text on request 2 after the change (1 answered the old way first)" in text
+    fell = {**samples[2], "fallback": "text"}
+    assert "| kv q2c@1 fp16 (the stream failed: text answered) | 12.00 |" in link_report.format_rate_change([fell])
+    failed = [samples[0], samples[1], {"phase": "after", "index": 1, "rate": slow, "error": "HTTP 503"}, *samples[3:]]
+    assert link_report.summarize_rate_change(failed)["failed_before_switch"] == 1
+    assert "(0 answered the old way first, 1 failed)" in link_report.format_rate_change(failed)
+    never = link_report.summarize_rate_change(samples[:3])
+    assert never["switched_at"] is None and never["ttft_until_switch_s"] == [12.0]
+    assert "kept kv q2c@1 fp16 for all 1 requests" in link_report.format_rate_change(samples[:3])
+
+
+def test_rate_change_options_are_checked_and_bound_the_run():
+    assert link.parse_rate_change("1gbit:10mbit") == ("1gbit", "10mbit")
+    assert link.parse_counts("3:7") == (3, 7)
+    for bad in ("1gbit", "1gbit:", "fast:10mbit"):
+        with pytest.raises(ConfigError):
+            link.parse_rate_change(bad)
+    with pytest.raises(ConfigError, match="BEFORE:AFTER"):
+        link.parse_counts("3")
+    with pytest.raises(ConfigError, match=r"\[1, 100\]"):
+        link.LinkConfig(bandwidths=["1gbit"], rate_change=("1gbit", "10mbit"), rate_change_requests=(0, 5))
+    cfg = link.LinkConfig(
+        bandwidths=["1gbit"],
+        tokens=[512],
+        cases=["cold"],
+        modes=["kv-fp16"],
+        questions=0,
+        rate_change=("1gbit", "10mbit"),
+    )
+    assert cfg.modes == ["text", "kv-fp16", "auto"] and cfg.pairs == ["cold", "cached"] and cfg.documents == [512]
+    # warm-ups 3 modes x 2 pairs, one document, a settling stream per pair and rate, grid 3 x 1 case, the change's
+    # 5 + 10 and one text
+    assert cfg.requests == 6 + 1 + 2 + 3 + 16
 
 
 def test_a_row_without_its_text_row_has_no_ratio():
