@@ -131,22 +131,28 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     """Quality against wire ratio, one line per selector (NONE = all positions, quantization only),
     one column per context length: % of full-KV F1 on top (the Pareto front dashed), agreement with
     the full-KV answer (less noisy than gold F1 on few questions), and teacher-forced top-1 agreement
-    (the least noisy; kv rows only; its Pareto front dashed)."""
+    (the least noisy; kv rows only; its Pareto front dashed). A measure no setting has (F1 after
+    --measure tf) gets no panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = list(dict.fromkeys(r["length"] for r in rows))
-    fig, axes = plt.subplots(3, len(lengths), figsize=(6.2 * len(lengths), 12.3), squeeze=False)
+    panels = [
+        (metric, label)
+        for metric, label in (
+            ("pct_of_full_f1", "% of full-KV F1"),
+            ("agreement_f1", "agreement with the full-KV answer (F1)"),
+            ("tf_top1", "teacher-forced top-1 agreement with full KV"),
+        )
+        if any(r.get(metric) is not None for r in rows if r["selector"] not in (FULL, TEXT))
+    ] or [("pct_of_full_f1", "% of full-KV F1")]  # a panel without points (empty) rather than no figure
+    fig, axes = plt.subplots(len(panels), len(lengths), figsize=(6.2 * len(lengths), 4.1 * len(panels)), squeeze=False)
     for col, length in enumerate(lengths):
         group = [r for r in rows if r["length"] == length and r["selector"] not in (FULL, TEXT)]
         n = max((r["n"] for r in rows if r["length"] == length), default=0)
-        for ax, metric, label in (
-            (axes[0][col], "pct_of_full_f1", "% of full-KV F1"),
-            (axes[1][col], "agreement_f1", "agreement with the full-KV answer (F1)"),
-            (axes[2][col], "tf_top1", "teacher-forced top-1 agreement with full KV"),
-        ):
+        for ax, (metric, label) in zip((axes[i][col] for i in range(len(panels))), panels):
             pts_all = [r for r in group if r[metric] is not None]
             for selector in dict.fromkeys(r["selector"] for r in pts_all):
                 pts = sorted((r for r in pts_all if r["selector"] == selector), key=lambda r: r["wire_ratio"])
