@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from kvwire.cloud_agent.auto import AUTO, AUTO_CHOSEN_FIELDS, DEFAULT_MIN_QUALITY
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
-from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
+from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, HEAD_BUDGETS, selector_names
 from kvwire.kvcodec.stream import DEFAULT_QUESTION_KV, DEFAULT_TEMPLATE_KV, FIXED_SOURCES
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -61,6 +61,12 @@ class AnswerRequest(BaseModel):
         DEFAULT_QUESTION_KV,
         description="kv/scout: stream sends the KV of the question and template suffix from the edge; cloud "
         "prefills them here on top of the received context (their ids travel in the stream header)",
+    )
+    heads: Literal[HEAD_BUDGETS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="kv: a position set per (layer, KV head) under this budget (global: one budget over all "
+        "layers and heads; layer: per layer, free across its heads), streamed in the per-head layout; default: "
+        "one set for every layer and head (docs/selection.md)",
     )
     max_new_tokens: int = Field(
         DEFAULT_MAX_NEW_TOKENS,

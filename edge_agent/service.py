@@ -216,6 +216,7 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             template_kv=req.template_kv or "stream",
             question_kv=req.question_kv or "stream",
             scout_prefill=req.scout_prefill or "sparse",
+            heads=req.heads,
         )
         timings = Timings()
         frames = self.edge.stream(edge_req, timings)  # validates now (ConfigError); prefills on the first frame

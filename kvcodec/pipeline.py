@@ -28,6 +28,7 @@ from kvwire.kvcodec.prompt import Prompt, build_prompt, model_window
 from kvwire.kvcodec.receiver import StreamReceiver
 from kvwire.kvcodec.selectors import (
     DEFAULT_SELECTOR,
+    HEAD_BUDGETS,
     ScoreInputs,
     Selection,
     Selector,
@@ -70,6 +71,9 @@ class EdgeRequest:
     template_kv: str = DEFAULT_TEMPLATE_KV
     question_kv: str = DEFAULT_QUESTION_KV
     scout_prefill: str = DEFAULT_SCOUT_PREFILL  # scout: "full" makes the header carry every prompt id
+    # "": one position set for every layer and head; a HEAD_BUDGETS entry ("global", "layer"): a set per
+    # (layer, KV head) under that budget, streamed in the per-head layout (docs/selection.md), kv mode only
+    heads: str = ""
 
 
 @dataclass
@@ -116,6 +120,11 @@ class Edge:
                 raise ConfigError(f"{name} {getattr(req, name)!r}: use one of {', '.join(FIXED_SOURCES)}")
         if req.scout_prefill not in SCOUT_PREFILLS:
             raise ConfigError(f"scout_prefill {req.scout_prefill!r}: use one of {', '.join(SCOUT_PREFILLS)}")
+        if req.heads:
+            if req.heads not in HEAD_BUDGETS:
+                raise ConfigError(f"heads {req.heads!r}: use one of {', '.join(HEAD_BUDGETS)}, or none for one set")
+            if not mode.carries_kv or req.selector is None:
+                raise ConfigError("heads (a position set per layer and KV head) needs mode kv and a selector")
 
     def prompt(self, req: EdgeRequest) -> Prompt:
         return build_prompt(self.loaded.tokenizer, req.context, req.question, max_len=model_window(self.loaded.model))
@@ -219,8 +228,8 @@ class Edge:
     def select_heads(
         self, prompt: Prompt, selector: Selector, pre: PrefillResult, retention: float, budget: str = "global"
     ) -> Selection:
-        """A position set per (layer, KV head) (Selector.select_heads; budget "layer" or "global"). The
-        wire carries one set today: Cloud.answer_heads uses this selection in process."""
+        """A position set per (layer, KV head) (Selector.select_heads; budget "layer" or "global"): what a
+        request with `heads` streams, and what Cloud.answer_heads answers from in process."""
         return selector.select_heads(self.score_inputs(prompt, selector, pre), retention, budget)
 
     def score_inputs(self, prompt: Prompt, selector: Selector, pre: PrefillResult) -> ScoreInputs:
@@ -266,7 +275,10 @@ class Edge:
         else:
             pre = prefilled
         t = time.perf_counter()
-        sel = self.select(prompt, selector, pre, req.retention)
+        if req.heads:
+            sel = self.select_heads(prompt, selector, pre, req.retention, req.heads)
+        else:
+            sel = self.select(prompt, selector, pre, req.retention)
         timings.add("select", time.perf_counter() - t)
         streamed = self._streamed(prompt, req)
         kept, order = sel.kept[streamed[sel.kept]], sel.order[streamed[sel.order]]
@@ -285,12 +297,18 @@ class Edge:
             template=req.template_kv,
             question=req.question_kv,
             ids="all" if req.mode == "scout" and req.scout_prefill == "full" else "",
+            head_counts=sel.head_counts(prompt) if sel.heads is not None else None,
         )
         enc = StreamEncoder(header, compress=req.compress, chunk_bytes=req.chunk_bytes)
         t = time.perf_counter()
         yield enc.header_frame()
         if get_mode(req.mode).carries_kv:
-            for frame in enc.chunk_frames(pre.keys, pre.values, order):
+            if sel.heads is None:
+                chunks = enc.chunk_frames(pre.keys, pre.values, order)
+            else:  # template and question rows first, then every head's entries by importance
+                fixed = order[(order < prompt.context_start) | (order >= prompt.context_end)]
+                chunks = enc.head_chunk_frames(pre.keys, pre.values, fixed, sel.entry_order(prompt))
+            for frame in chunks:
                 timings.add("encode", time.perf_counter() - t)
                 yield frame
                 t = time.perf_counter()
@@ -509,7 +527,7 @@ class Cloud:
             kept, context_kept, complete = prompt_len - 1, end - start, True
         else:
             kept, complete, wire_bytes = received.held, received.complete, received.wire_bytes
-            context_kept = int(((received.positions >= start) & (received.positions < end)).sum())
+            context_kept = received.context_kept
         return Answer(
             text=answer_text(self.loaded.tokenizer, gen.tokens),
             tokens=gen.tokens,

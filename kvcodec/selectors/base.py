@@ -51,6 +51,35 @@ class Selection:
     context_kept: int
     context_len: int
     heads: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    budget: str = ""  # a per-head selection's budget (HEAD_BUDGETS): how its entries rank across layers
+
+    def entry_order(self, prompt: Prompt) -> torch.Tensor:
+        """The context entries a per-head selection keeps, most important first: [entries, 3] rows of
+        (layer, KV head, position). The order a per-head stream sends them in (anytime: a stream cut
+        after any chunk holds the best entries that fit). budget "global": by score, so a cut leaves the
+        global selection of a lower retention; "layer": by rank within the layer as a share of what the
+        layer keeps, so every layer is cut at the same share (its scores need not compare across layers)."""
+        if self.heads is None:
+            raise ValueError("a one-set selection has no per-head entries")
+        start, end = prompt.context_start, prompt.context_end
+        keep = torch.zeros(self.scores.shape, dtype=torch.bool)
+        for layer, sets in enumerate(self.heads):
+            for head, pos in enumerate(sets):
+                ctx = pos[(pos >= start) & (pos < end)]
+                keep[layer, head, ctx - start] = True
+        entries = keep.nonzero()  # [entries, 3]: layer, head, context index (row-major: deterministic ties)
+        scores = self.scores[keep]
+        if self.budget == "layer":
+            key = torch.empty_like(scores)
+            for layer in range(keep.shape[0]):
+                rows = (entries[:, 0] == layer).nonzero()[:, 0]
+                ranked = torch.sort(scores[rows], descending=True, stable=True).indices
+                key[rows[ranked]] = -(torch.arange(len(rows), dtype=scores.dtype) + 1) / len(rows)
+            scores = key
+        order = torch.sort(scores, descending=True, stable=True).indices
+        entries = entries[order]
+        entries[:, 2] += start
+        return entries
 
     def head_counts(self, prompt: Prompt) -> list[list[int]]:
         """Context positions each (layer, KV head) keeps, per layer (a per-head selection only)."""
@@ -180,6 +209,7 @@ def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budge
         context_kept=k,
         context_len=prompt.context_len,
         heads=heads,
+        budget=budget,
     )
 
 
