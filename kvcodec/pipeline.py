@@ -280,6 +280,15 @@ class Edge:
         else:
             sel = self.select(prompt, selector, pre, req.retention)
         timings.add("select", time.perf_counter() - t)
+        yield from self.encode(prompt, req, pre, sel, timings)
+
+    def encode(
+        self, prompt: Prompt, req: EdgeRequest, pre: PrefillResult, sel: Selection, timings: Timings | None = None
+    ) -> Iterator[bytes]:
+        """The frames of a selection of `pre` (the prefill of `prompt`) for `req`: header, chunks (the per-head
+        layout when `sel` is per head), trailer. Edge.stream selects and then runs this; a benchmark that holds
+        the selection already (bench/selection_bench.py) runs it alone."""
+        timings = timings if timings is not None else Timings()
         streamed = self._streamed(prompt, req)
         kept, order = sel.kept[streamed[sel.kept]], sel.order[streamed[sel.order]]
         header = StreamHeader(
