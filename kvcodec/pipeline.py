@@ -97,9 +97,13 @@ class Edge:
     settings: bench/prefill_memo.py) passes it to `stream` as `prefilled`.
     """
 
-    def __init__(self, loaded: LoadedModel, prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self, loaded: LoadedModel, prefix_cache: PrefixCache | None = None, document_selectors: Sequence[Selector] = ()
+    ):
         self.loaded = loaded
         self.prefix_cache = prefix_cache  # None: every request prefills its whole prompt
+        # selectors whose context-only scores (kvzip's) warm_prefix computes with a document's prefix KV
+        self.document_selectors = tuple(document_selectors)
         self.geometry = kv_geometry(loaded.model)
         self.model_fp = model_fingerprint(loaded.model)
         self.tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
@@ -162,11 +166,11 @@ class Edge:
         pre = prefill_from(self.loaded.model, prompt, (entry.keys, entry.values), outer)
         timings.add("question_prefill", time.perf_counter() - t)
         if inner is None:
-            return pre
+            return replace(pre, prefix_scores=entry.scores)
         parts = [] if pre.attention is None else [pre.attention]
         if len(inner):  # rows of the prefix itself: their attention is the prefix's, computed once per row set
             parts.append(self._prefix_attention(entry, prompt, inner, timings))
-        return PrefillResult(pre.cache, sum(parts[1:], parts[0]), rows.long().cpu())
+        return PrefillResult(pre.cache, sum(parts[1:], parts[0]), rows.long().cpu(), entry.scores)
 
     def prefix_entry(
         self, prompt: Prompt, timings: Timings, doc_id: str | None = None, doc_version: int | None = None
@@ -181,20 +185,26 @@ class Edge:
         return entry
 
     def warm_prefix(self, context: str, doc_id: str | None = None, doc_version: int | None = None) -> bool:
-        """Prefill and keep [template prefix][context] unless the cache holds it already (True: prefilled now).
+        """Prefill and keep [template prefix][context] unless the cache holds it already (True: prefilled now),
+        and the context-only scores of `document_selectors` with it (kept in the entry: PrefixEntry.scores).
 
         For background work (a document prefilled when it is put): counts no hit or miss; the forward pass
         stops at the next layer when the surrounding `stop_when` says so (PrefillCancelled)."""
         prompt = build_prompt(self.loaded.tokenizer, context, "?", max_len=model_window(self.loaded.model))
         ids = prompt.ids[: prompt.context_end]
         key = prefix_key(self.model_fp, ids)
-        found = self.prefix_cache.peek(key, ids)
-        if found is not None:
-            if doc_id is not None and found.doc_id is None:  # an inline context's entry: now the document's too
-                self.prefix_cache.put(key, replace(found, doc_id=doc_id, doc_version=doc_version))
-            return False
-        self._compute_prefix(prompt, key, Timings(), doc_id, doc_version)
-        return True
+        entry = self.prefix_cache.peek(key, ids)
+        computed = entry is None
+        if entry is None:
+            entry = self._compute_prefix(prompt, key, Timings(), doc_id, doc_version)
+        elif doc_id is not None and entry.doc_id is None:  # an inline context's entry: now the document's too
+            self.prefix_cache.put(key, replace(entry, doc_id=doc_id, doc_version=doc_version))
+        for selector in self.document_selectors:  # the same memo: replace() keeps the entry's scores dict
+            inputs = ScoreInputs(
+                prompt, None, entry.keys, entry.values, self.loaded.model, self.loaded.tokenizer, entry.scores
+            )
+            selector.context_scores(inputs)
+        return computed
 
     def _compute_prefix(self, prompt, key, timings, doc_id, doc_version) -> PrefixEntry:
         t = time.perf_counter()
@@ -251,6 +261,7 @@ class Edge:
             values=pre.values,
             model=self.loaded.model,
             tokenizer=self.loaded.tokenizer,
+            prefix_scores=pre.prefix_scores,
         )
 
     def stream(

@@ -400,3 +400,57 @@ def test_heads_in_scout_mode_is_refused_by_the_edge(hosts):
     with pytest.raises(Exception) as exc:
         ask(service, context=CONTEXT, mode="scout", selector="kvzip", retention=0.5, heads="global")
     assert classify(exc.value)[0] == 422 and "needs mode kv" in str(exc.value)
+
+
+# --- kvzip's scores once per document (kept with its prefix KV) ----------------------------------------------
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Counts kvzip's reconstruction passes (one per context chunk)."""
+    import kvwire.kvcodec.selectors.kvzip as kvzip_module
+
+    calls = []
+    real = kvzip_module.head_max_attention
+    monkeypatch.setattr(kvzip_module, "head_max_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _sets(decoded):
+    return [[decoded.positions[s].tolist() for s in layer] for layer in decoded.head_slots]
+
+
+def test_kvzip_scores_are_computed_once_per_prefix(tiny_loaded, passes):
+    from kvwire.kvcodec.prefix_cache import PrefixCache
+
+    cached, plain = Edge(tiny_loaded, PrefixCache(1 << 30)), Edge(tiny_loaded)
+    decode(list(cached.stream(request())))
+    once = len(passes)
+    assert once >= 1
+    other = EdgeRequest(CONTEXT, "Where is the Eiffel Tower?", "kv", "kvzip", 0.25, "int8", heads="global")
+    second = decode(list(cached.stream(other)))
+    assert len(passes) == once  # a second question on the same prefix runs no reconstruction pass
+    assert _sets(second) == _sets(decode(list(plain.stream(other))))  # and selects what a fresh pass selects
+    assert len(passes) == 2 * once
+
+
+def test_document_scores_are_computed_when_a_document_is_prefilled(tiny_loaded, passes):
+    from kvwire.kvcodec.prefix_cache import PrefixCache
+    from kvwire.kvcodec.selectors import get_selector
+
+    edge = Edge(tiny_loaded, PrefixCache(1 << 30), document_selectors=[get_selector("kvzip")])
+    assert edge.warm_prefix(CONTEXT, "normans", 1) is True
+    once = len(passes)
+    assert once >= 1
+    assert edge.warm_prefix(CONTEXT, "normans", 1) is False and len(passes) == once
+    req = request(doc_id="normans", doc_version=1)
+    assert decode(list(edge.stream(req))).header.per_head and len(passes) == once  # the question pays no pass
+
+
+def test_the_edge_refuses_an_unknown_document_selector(tiny_loaded):
+    from kvwire.agent_common.metrics import Metrics
+    from kvwire.edge_agent.service import EdgeServicer
+    from kvwire.edge_agent.settings import EdgeSettings
+
+    with pytest.raises(ConfigError, match="unknown selector 'nope'"):
+        EdgeServicer(tiny_loaded, EdgeSettings(document_scores="kvzip,nope"), Metrics("edge"))

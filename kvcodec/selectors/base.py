@@ -29,6 +29,9 @@ class ScoreInputs:
     values: Sequence[torch.Tensor]
     model: Any = None  # the model that prefilled: for a selector that runs passes of its own (kvzip)
     tokenizer: Any = None
+    # where a selector keeps scores that depend on the context only (kvzip's), keyed by its name and
+    # parameters: the prefix cache's entry (the document's, kept with its KV); None: this request only
+    prefix_scores: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,11 @@ class Selector:
         """One score per context position, [context_len], or per layer and KV head, [layers, kv_heads,
         context_len]; higher = more important."""
         raise NotImplementedError
+
+    def context_scores(self, inputs: ScoreInputs) -> None:
+        """Compute the scores that depend on the context only into `inputs.prefix_scores` (the edge does this
+        when a document is prefilled, so its first question pays nothing for them); inputs.keys/values may hold
+        the prefix [template][context] only. Most selectors have none: nothing to do."""
 
     def one_set(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-head scores [layers, kv_heads, context_len] reduced to one per context position, for the
