@@ -454,3 +454,28 @@ def test_the_edge_refuses_an_unknown_document_selector(tiny_loaded):
 
     with pytest.raises(ConfigError, match="unknown selector 'nope'"):
         EdgeServicer(tiny_loaded, EdgeSettings(document_scores="kvzip,nope"), Metrics("edge"))
+
+
+def test_the_documented_per_head_chunk_is_what_the_encoder_writes(capsys):
+    """docs/wire-format.md section 11: its script runs, and its byte-by-byte chunk is the chunk it prints."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "wire-format.md").read_text()
+    section = doc[doc.index("## 11. Worked example, per-head layout") :]
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "wire-format.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[[[0, 1, 2, 4, 5], [0, 1, 3, 5]]]"
+    chunk = bytes.fromhex(lines[2].split(" ", 1)[1].replace(" ", ""))
+    block = section[section.index("**Chunk**") :]
+    block = block[block.index("```\n") + 4 :]
+    block = block[: block.index("```")]
+    documented = {}
+    for line in block.splitlines():
+        if re.match(r"[0-9a-f]{4}  ", line):
+            first = re.search(r"[0-9a-f]{2}", line[6 : 6 + 48]).start()
+            assert first // 3 == int(line[:4], 16) % 16, line  # a line's offset is its first byte's
+            for col in range(6, min(len(line), 6 + 48), 3):
+                if re.fullmatch(r"[0-9a-f]{2}", line[col : col + 2]):
+                    documented[int(line[:4], 16) // 16 * 16 + (col - 6) // 3] = int(line[col : col + 2], 16)
+    assert documented == dict(enumerate(chunk))
