@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length cap (default 24, as kvwire eval)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--wire", default="", help="comma list of profiles: stream WIRE_VARIANTS with each (bytes)")
+    p.add_argument("--variants", default="", help="with --wire: comma list of WIRE_VARIANTS (default all; q2c always)")
     p.add_argument("--shard", default="0/1", help="I/N: every N-th question from the I-th (default 0/1: all)")
     p.add_argument("--merge", default="", help="comma list of --out folders: summarize their records (no run)")
     p.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
@@ -92,7 +93,7 @@ def _wire_answer(edge, cloud, prompt, pre, sel, retention, profile, max_new_toke
     return {"answer": ans, "bytes": sum(map(len, frames)), "kv_bytes": kv}
 
 
-def run_question(edge, cloud, ex, retentions, weight, max_new_tokens, wire=()) -> dict:
+def run_question(edge, cloud, ex, retentions, weight, max_new_tokens, wire=(), variants=tuple(WIRE_VARIANTS)) -> dict:
     """Every variant at every retention for one question: a record of predictions, agreement and times."""
     from kvwire.bench.squad_metrics import best_over_golds, f1_score
     from kvwire.kvcodec.pipeline import EdgeRequest
@@ -131,6 +132,8 @@ def run_question(edge, cloud, ex, retentions, weight, max_new_tokens, wire=()) -
                 "kvzip-global": head_selection(prompt, recon, r, "global"),
             }
             for name, sel in sels.items():
+                if name not in variants:
+                    continue
                 for profile in wire:
                     got = _wire_answer(edge, cloud, prompt, pre, sel, r, profile, max_new_tokens)
                     ans = got["answer"]
@@ -172,9 +175,9 @@ def _mean_se(xs: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def variant_names(wire: list[str]) -> list[str]:
-    """The record keys' variant names (before "@retention"): VARIANTS, or WIRE_VARIANTS x profiles."""
-    return [f"{v}/{p}" for p in wire for v in WIRE_VARIANTS] if wire else list(VARIANTS)
+def variant_names(wire: list[str], variants=tuple(WIRE_VARIANTS)) -> list[str]:
+    """The record keys' variant names (before "@retention"): VARIANTS, or the streamed variants x profiles."""
+    return [f"{v}/{p}" for p in wire for v in WIRE_VARIANTS if v in variants] if wire else list(VARIANTS)
 
 
 def _describe(name: str) -> str:
@@ -267,7 +270,12 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     wire = [p for p in args.wire.split(",") if p.strip()]
-    names = variant_names(wire)
+    variants = {BASELINE, *(v.strip() for v in args.variants.split(",") if v.strip())} if args.variants else set()
+    if not set(variants) <= set(WIRE_VARIANTS):
+        print(f"--variants {args.variants!r}: choose from {', '.join(WIRE_VARIANTS)}", file=sys.stderr)
+        return 2
+    variants = tuple(variants or WIRE_VARIANTS)
+    names = variant_names(wire, variants)
     index, _, count = args.shard.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         print(f"--shard {args.shard!r}: give I/N with 0 <= I < N", file=sys.stderr)
@@ -300,7 +308,7 @@ def run(args) -> int:
         for i, ex in enumerate(examples):
             if ex.id in done:
                 continue
-            rec = run_question(edge, cloud, ex, retentions, args.question_weight, args.max_new_tokens, wire)
+            rec = run_question(edge, cloud, ex, retentions, args.question_weight, args.max_new_tokens, wire, variants)
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             done[ex.id] = rec
