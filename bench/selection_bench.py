@@ -46,6 +46,7 @@ WIRE_VARIANTS = {  # streamed: name -> what it keeps (the per-head ones in the p
     "q2c": "q2c, one set",
     "kvzip-max": "kvzip, one set (max over layers and heads)",
     "kvzip-global": "kvzip per head, one budget across layers and heads",
+    "kvzip-matched": "kvzip per head, global budget trimmed to q2c's bytes",
 }
 
 
@@ -73,14 +74,39 @@ def _answer_one_set(cloud, prompt, pre, sel, max_new_tokens):
     return cloud.generate(cache, prompt.ids, (prompt.context_start, prompt.context_end), max_new_tokens, "kv")
 
 
+def _frames(edge, prompt, pre, sel, retention, profile) -> list[bytes]:
+    from kvwire.kvcodec.pipeline import EdgeRequest
+
+    req = EdgeRequest("", "", "kv", "", retention, profile, heads=sel.budget or "")
+    return list(edge.encode(prompt, req, pre, sel))
+
+
+def matched_selection(edge, prompt, pre, scores, retention, profile, limit: int):
+    """kvzip's global per-head selection with its lowest-scored entries dropped until its stream is at most
+    `limit` bytes (the one-set stream's at the same retention and profile): its position bytes paid for in KV.
+    Each step drops enough entries to save the excess at the cheapest row of any layer, so one step suffices
+    unless positions shrink less than rows (then another)."""
+    from kvwire.kvcodec.profiles import get_profile
+    from kvwire.kvcodec.selectors import context_budget, head_selection
+
+    g = edge.geometry
+    specs = get_profile(profile).resolve(g["num_layers"], g["head_dim"])
+    cheapest = min(sum(sum(q.sizes(1, 1, g["head_dim"])) for q in pair) for pair in specs)  # one row of K and V
+    entries = scores.shape[0] * scores.shape[1] * context_budget(retention, prompt.context_len)
+    while True:
+        sel = head_selection(prompt, scores, retention, "global", entries)
+        size = sum(map(len, _frames(edge, prompt, pre, sel, retention, profile)))
+        if size <= limit or entries == 1:
+            return sel
+        entries = max(1, entries - math.ceil((size - limit) / cheapest))
+
+
 def _wire_answer(edge, cloud, prompt, pre, sel, retention, profile, max_new_tokens) -> dict:
     """Stream a selection with `profile` and answer on what the cloud decoded: the answer and its bytes
     (all of them, and the K and V payload among them: the rest is framing, header and positions)."""
-    from kvwire.kvcodec.pipeline import EdgeRequest
     from kvwire.kvcodec.profiles import get_profile
 
-    req = EdgeRequest("", "", "kv", "", retention, profile, heads=sel.budget or "")
-    frames = list(edge.encode(prompt, req, pre, sel))
+    frames = _frames(edge, prompt, pre, sel, retention, profile)
     received = cloud.receive(frames)
     ans = cloud.answer(received, max_new_tokens)
     g = received.header.geometry
@@ -131,10 +157,14 @@ def run_question(edge, cloud, ex, retentions, weight, max_new_tokens, wire=(), v
                 "kvzip-max": top_k_selection(prompt, recon.amax(dim=(0, 1)), r),
                 "kvzip-global": head_selection(prompt, recon, r, "global"),
             }
+            sels["kvzip-matched"] = None  # per profile, from q2c's bytes
             for name, sel in sels.items():
                 if name not in variants:
                     continue
                 for profile in wire:
+                    if name == "kvzip-matched":
+                        limit = rec["answers"][f"{BASELINE}/{profile}@{r:g}"]["bytes"]
+                        sel = matched_selection(edge, prompt, pre, recon, r, profile, limit)
                     got = _wire_answer(edge, cloud, prompt, pre, sel, r, profile, max_new_tokens)
                     ans = got["answer"]
                     rec["answers"][f"{name}/{profile}@{r:g}"] = {

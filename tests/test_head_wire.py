@@ -479,3 +479,28 @@ def test_the_documented_per_head_chunk_is_what_the_encoder_writes(capsys):
                 if re.fullmatch(r"[0-9a-f]{2}", line[col : col + 2]):
                     documented[int(line[:4], 16) // 16 * 16 + (col - 6) // 3] = int(line[col : col + 2], 16)
     assert documented == dict(enumerate(chunk))
+
+
+@pytest.mark.parametrize("profile", ["int8", "mixed-int4"])
+def test_matched_selection_pays_for_its_positions_in_kv(edge, profile):
+    """bench/selection_bench.py's kvzip-matched: the global per-head selection trimmed until its stream is no
+    larger than the one-set q2c stream of the same retention and profile. With one encoding in every layer
+    that drops a few entries (the position bytes); with mixed-int4 the global budget may also have moved
+    entries into the fp16 layer, which costs more (here 18% of the entries go)."""
+    from kvwire.bench.selection_bench import _frames, matched_selection
+    from kvwire.kvcodec.selectors import get_selector, head_selection, top_k_selection
+
+    prompt = edge.prompt(request())
+    kvzip, q2c = get_selector("kvzip"), get_selector("q2c")
+    pre = edge.prefill(prompt, q2c)
+    scores = kvzip.score(edge.score_inputs(prompt, kvzip, pre))
+    one = top_k_selection(prompt, q2c.score(edge.score_inputs(prompt, q2c, pre)), 0.5)
+    limit = sum(map(len, _frames(edge, prompt, pre, one, 0.5, profile)))
+    full = head_selection(prompt, scores, 0.5, "global")
+    matched = matched_selection(edge, prompt, pre, scores, 0.5, profile, limit)
+    assert sum(map(len, _frames(edge, prompt, pre, matched, 0.5, profile))) <= limit
+    kept = sum(map(sum, matched.head_counts(prompt)))
+    share = 0.95 if profile == "int8" else 0.5
+    assert share * sum(map(sum, full.head_counts(prompt))) <= kept <= sum(map(sum, full.head_counts(prompt)))
+    with pytest.raises(ConfigError, match="needs budget 'global'"):
+        head_selection(prompt, scores, 0.5, "layer", entries=10)

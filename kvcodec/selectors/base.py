@@ -185,15 +185,20 @@ def top_k_selection(prompt: Prompt, scores: torch.Tensor, retention: float) -> S
     return Selection(kept=kept, order=order, scores=scores, context_kept=k, context_len=prompt.context_len)
 
 
-def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "global") -> Selection:
+def head_selection(
+    prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "global", entries: int | None = None
+) -> Selection:
     """A position set per (layer, KV head) from scores [layers, kv_heads, context_len]: template and
     question positions in every head, and the best-scored context entries under a budget of
     k = ceil(r x context) per head on average. budget "layer": each layer keeps kv_heads x k entries,
     split freely across its heads; "global": all layers together keep layers x kv_heads x k, split
-    freely across layers and heads."""
+    freely across layers and heads. entries (global only): keep this many context entries in all
+    instead (e.g. fewer, so that a per-head stream's position bytes are paid for: bench/selection_bench.py)."""
     check_budget(budget)
     layers, kv_heads, _ = scores.shape
     k = context_budget(retention, prompt.context_len)
+    if entries is not None and (budget != "global" or not 1 <= entries <= scores.numel()):
+        raise ConfigError(f"entries={entries!r} needs budget 'global' and 1 <= entries <= {scores.numel()}")
     keep = torch.zeros(scores.shape, dtype=torch.bool)
     if budget == "layer":
         for layer in range(layers):  # ties: the lower head, then the earlier position (stable)
@@ -201,7 +206,7 @@ def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budge
             keep[layer].view(-1)[ranked[: kv_heads * k]] = True
     else:
         ranked = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
-        keep.view(-1)[ranked[: layers * kv_heads * k]] = True
+        keep.view(-1)[ranked[: layers * kv_heads * k if entries is None else entries]] = True
     fixed, start = prompt.fixed_positions(), prompt.context_start
     heads = tuple(
         tuple(torch.sort(torch.cat([fixed, mask.nonzero()[:, 0] + start])).values for mask in layer_keep)
