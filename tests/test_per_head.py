@@ -301,7 +301,7 @@ def test_selection_bench_wire_rows_pair_bytes_with_q2c_of_the_same_profile():
 
     names = variant_names(["fp16"])
     assert names == [f"{v}/fp16" for v in WIRE_VARIANTS]
-    sizes = {"q2c": [100, 200], "kvzip-max": [100, 200], "kvzip-global": [110, 190]}
+    sizes = {"q2c": [100, 200], "kvzip-max": [100, 200], "kvzip-global": [110, 190], "kvzip-matched": [99, 200]}
     records = [
         {
             "answers": {
