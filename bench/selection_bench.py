@@ -16,6 +16,9 @@ so the answer is the cloud's and the bytes are the wire's (framing, header, posi
 
     python -m kvwire.bench.selection_bench --data squad-sample --limit 50 --wire fp16,mixed-int4 --out runs/wire
 
+--reuse DIR,... copies the streamed answers a run of the same questions, model and arguments already holds
+(they are deterministic) and computes only the variants it lacks (kvzip-matched always).
+
 --shard I/N takes every N-th question from the I-th (0-based): shards run side by side, each with its own
 --out, and --merge DIR,DIR,... summarizes their records together.
 
@@ -62,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire", default="", help="comma list of profiles: stream WIRE_VARIANTS with each (bytes)")
     p.add_argument("--variants", default="", help="with --wire: comma list of WIRE_VARIANTS (default all; q2c always)")
     p.add_argument("--shard", default="0/1", help="I/N: every N-th question from the I-th (default 0/1: all)")
+    p.add_argument("--reuse", default="", help="comma list of --out folders whose streamed answers to copy (same run)")
     p.add_argument("--merge", default="", help="comma list of --out folders: summarize their records (no run)")
     p.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
 
@@ -119,7 +123,9 @@ def _wire_answer(edge, cloud, prompt, pre, sel, retention, profile, max_new_toke
     return {"answer": ans, "bytes": sum(map(len, frames)), "kv_bytes": kv}
 
 
-def run_question(edge, cloud, ex, retentions, weight, max_new_tokens, wire=(), variants=tuple(WIRE_VARIANTS)) -> dict:
+def run_question(
+    edge, cloud, ex, retentions, weight, max_new_tokens, wire=(), variants=tuple(WIRE_VARIANTS), reuse=None
+) -> dict:
     """Every variant at every retention for one question: a record of predictions, agreement and times."""
     from kvwire.bench.squad_metrics import best_over_golds, f1_score
     from kvwire.kvcodec.pipeline import EdgeRequest
@@ -162,6 +168,10 @@ def run_question(edge, cloud, ex, retentions, weight, max_new_tokens, wire=(), v
                 if name not in variants:
                     continue
                 for profile in wire:
+                    key = f"{name}/{profile}@{r:g}"
+                    if reuse is not None and key in reuse["answers"] and name != "kvzip-matched":
+                        rec["answers"][key] = reuse["answers"][key]  # the same stream and answer: deterministic
+                        continue
                     if name == "kvzip-matched":
                         limit = rec["answers"][f"{BASELINE}/{profile}@{r:g}"]["bytes"]
                         sel = matched_selection(edge, prompt, pre, recon, r, profile, limit)
@@ -334,11 +344,17 @@ def run(args) -> int:
     edge, cloud = Edge(loaded), Cloud(loaded)
     path = out / "records.jsonl"
     done = complete(out)
+    reuse = {}
+    for folder in filter(None, args.reuse.split(",")):
+        for rec in complete_records((Path(folder) / "records.jsonl").read_text(encoding="utf-8")):
+            reuse[rec["example"]] = rec
     with open(path, "a", encoding="utf-8") as fh:
         for i, ex in enumerate(examples):
             if ex.id in done:
                 continue
-            rec = run_question(edge, cloud, ex, retentions, args.question_weight, args.max_new_tokens, wire, variants)
+            rec = run_question(
+                edge, cloud, ex, retentions, args.question_weight, args.max_new_tokens, wire, variants, reuse.get(ex.id)
+            )
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             done[ex.id] = rec
