@@ -251,9 +251,9 @@ def test_a_context_entry_twice_for_one_head_is_duplicated(streams):
     assert exc.value.reason == "duplicated"
 
 
-def _stream_with(edge, counts_delta=0, drop_last=0):
+def _stream_with(edge, counts_delta=0, drop_last=0, profile=None, chunk_bytes=700):
     """A per-head stream written by the encoder from a header whose first head's count is off by
-    counts_delta, or whose last drop_last entries are never sent."""
+    counts_delta, or whose last drop_last entries are never sent (profile: a PrecisionProfile; int8)."""
     from kvwire.kvcodec.profiles import get_profile
     from kvwire.kvcodec.stream import StreamEncoder, StreamHeader
 
@@ -269,11 +269,11 @@ def _stream_with(edge, counts_delta=0, drop_last=0):
         context_span=(prompt.context_start, prompt.context_end),
         kept=sel.kept.tolist(),
         geometry=edge.geometry,
-        profile=get_profile("int8"),
+        profile=profile or get_profile("int8"),
         retention=0.5,
         head_counts=counts,
     )
-    enc = StreamEncoder(header, chunk_bytes=700)
+    enc = StreamEncoder(header, chunk_bytes=chunk_bytes)
     fixed = sel.order[(sel.order < prompt.context_start) | (sel.order >= prompt.context_end)]
     entries = sel.entry_order(prompt)
     entries = entries[: len(entries) - drop_last]
@@ -282,6 +282,24 @@ def _stream_with(edge, counts_delta=0, drop_last=0):
 
 def test_the_encoders_own_stream_decodes(edge):
     assert decode(_stream_with(edge)).complete
+
+
+@pytest.mark.parametrize("chunk_bytes", [400, 1 << 20])
+def test_channel_axis_keys_per_head(edge, tiny_loaded, chunk_bytes):
+    """KIVI-style keys (one scale per channel over a head's rows of a chunk, groups of 4 positions and a padded
+    tail): each head's rows are a tensor of their own, so the lengths check out and the values come back."""
+    from kvwire.kvcodec.profiles import PrecisionProfile
+    from kvwire.kvcodec.quant import Quantizer
+
+    profile = PrecisionProfile("kivi", (Quantizer("int4", axis="channel", group=4), Quantizer("int8")))
+    got = decode(_stream_with(edge, profile=profile, chunk_bytes=chunk_bytes))
+    prompt = edge.prompt(request())
+    pre = edge.prefill(prompt, edge.selector(request()))
+    for layer, slots in enumerate(got.head_slots):
+        for head, s in enumerate(slots):
+            want = pre.keys[layer][head, got.positions[s]]
+            err = (got.keys[layer][0, head, s] - want).abs().max() / want.abs().max()
+            assert err < 0.2  # int4 over groups of 4 positions
 
 
 @pytest.mark.parametrize("delta, drop", [(1, 0), (-1, 0), (0, 1)])
