@@ -28,6 +28,7 @@ class PrefillRequest:
     template_kv: str = ""  # "stream" or "cloud" (empty: "stream"); docs/codec.md, "Fixed positions"
     question_kv: str = ""
     scout_prefill: str = ""  # scout: "sparse" or "full" (empty: "sparse")
+    heads: str = ""  # kv: "" one position set; "global" or "layer": a set per (layer, KV head) under that budget
 
     def to_pb(self) -> kvwire_pb2.PrefillRequest:
         return kvwire_pb2.PrefillRequest(
@@ -45,6 +46,7 @@ class PrefillRequest:
             template_kv=self.template_kv,
             question_kv=self.question_kv,
             scout_prefill=self.scout_prefill,
+            heads=self.heads,
         )
 
     @classmethod
@@ -64,6 +66,7 @@ class PrefillRequest:
             template_kv=pb.template_kv,
             question_kv=pb.question_kv,
             scout_prefill=pb.scout_prefill,
+            heads=pb.heads,
         )
 
 

@@ -9,13 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from kvwire.cloud_agent.auto import AUTO, AUTO_CHOSEN_FIELDS, DEFAULT_MIN_QUALITY
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
-from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, selector_names
+from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, HEAD_BUDGETS, selector_names
 from kvwire.kvcodec.stream import FIXED_SOURCES
 
 # where a request's fixed positions (template prefix, question + template suffix) come from when it names none:
 # the cloud computes them. Measured (docs/results.md, "The frontier"): fewer bytes (the context's positions
-# only) and a closer answer (kivi-4: top-1 0.974 against 0.957 streamed), for one question prefill on the cloud.
-# kvwire's library (EdgeRequest) keeps "stream", the exact baseline.
+# only) and a closer answer (kivi-4: top-1 0.971 against 0.959 streamed, SQuAD n=245), for one question
+# prefill on the cloud. kvwire's library (EdgeRequest) keeps "stream", the exact baseline.
 SERVICE_FIXED_SOURCE = "cloud"
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -67,6 +67,12 @@ class AnswerRequest(BaseModel):
         SERVICE_FIXED_SOURCE,
         description="kv/scout: stream sends the KV of the question and template suffix from the edge; cloud (the "
         "default) prefills them here on top of the received context (their ids travel in the stream header)",
+    )
+    heads: Literal[HEAD_BUDGETS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="kv: a position set per (layer, KV head) under this budget (global: one budget over all "
+        "layers and heads; layer: per layer, free across its heads), streamed in the per-head layout; default: "
+        "one set for every layer and head (docs/selection.md)",
     )
     max_new_tokens: int = Field(
         DEFAULT_MAX_NEW_TOKENS,

@@ -582,6 +582,7 @@ class AnswerService:
             template_kv=req.template_kv,
             question_kv=req.question_kv,
             scout_prefill=req.scout_prefill,
+            heads=req.heads or "",
             confirm=True,
         )  # the edge counts the stream ok once this cloud confirms it
         # the header is checked against this model as it arrives (GeometryMismatchError -> 409, closing the stream)

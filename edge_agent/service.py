@@ -24,7 +24,7 @@ from kvwire.kvcodec.prefix_cache import PrefixCache
 from kvwire.kvcodec.prefix_disk import DiskTier
 from kvwire.kvcodec.profiles import PrecisionProfile, get_profile, profile_names
 from kvwire.kvcodec.prompt import user_token_ids
-from kvwire.kvcodec.selectors import DEFAULT_SELECTOR
+from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, get_selector
 from kvwire.kvcodec.wire import peek_stream_id, peek_type
 from kvwire.proto import kvwire_pb2, kvwire_pb2_grpc
 
@@ -74,7 +74,8 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
         With a prefix cache and documents, documents are prefilled in the background when put and at start
         (settings.prefill_documents: `self.prefiller`); with prefix_cache_disk_bytes, the cache has a disk
         tier under data_dir. close() stops both."""
-        self.edge = Edge(loaded)
+        names = [n.strip() for n in settings.document_scores.split(",") if n.strip()]
+        self.edge = Edge(loaded, document_selectors=[get_selector(n) for n in names])  # ConfigError at start
         self.edge.prefix_cache = cache = self._prefix_cache(loaded, self.edge.model_fp, settings, metrics)
         self.documents = documents
         self.gate = ModelGate(LOCK_POLL_S)
@@ -216,6 +217,7 @@ class EdgeServicer(kvwire_pb2_grpc.EdgeServiceServicer):
             template_kv=req.template_kv or "stream",
             question_kv=req.question_kv or "stream",
             scout_prefill=req.scout_prefill or "sparse",
+            heads=req.heads,
         )
         timings = Timings()
         frames = self.edge.stream(edge_req, timings)  # validates now (ConfigError); prefills on the first frame

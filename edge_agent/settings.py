@@ -74,6 +74,12 @@ class EdgeSettings(DaemonSettings):
         description="prefill a document's [template][document] in the background when it is put, and at start "
         "those without a cached entry (newest first, as many as the prefix cache holds); requests always go first",
     )
+    document_scores: str = Field(
+        "",
+        description="comma list of selectors (e.g. kvzip) whose context-only scores are computed with a "
+        "document's prefix KV when it is prefilled in the background and kept with it, so no question on it pays "
+        "for them; empty: computed by the first question that needs them (and kept too)",
+    )
     data_dir: str | None = Field(
         None,
         description="folder of the edge's persistent data (documents.sqlite3, the document store); "

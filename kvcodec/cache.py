@@ -85,9 +85,10 @@ _padding: ContextVar[HeadPadding | None] = ContextVar("kvwire_head_padding", def
 
 
 @contextmanager
-def padded_heads(padding: HeadPadding):
+def padded_heads(padding: HeadPadding | None):
     """Forward passes run in this context attend on a cache from build_head_cache with `padding`
-    masked out per head (models running kvwire's attention function, which load_model installs)."""
+    masked out per head (models running kvwire's attention function, which load_model installs).
+    None: a one-set cache, nothing masked."""
     token = _padding.set(padding)
     try:
         yield

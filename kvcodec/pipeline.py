@@ -28,6 +28,7 @@ from kvwire.kvcodec.prompt import Prompt, build_prompt, model_window
 from kvwire.kvcodec.receiver import StreamReceiver
 from kvwire.kvcodec.selectors import (
     DEFAULT_SELECTOR,
+    HEAD_BUDGETS,
     ScoreInputs,
     Selection,
     Selector,
@@ -70,6 +71,9 @@ class EdgeRequest:
     template_kv: str = DEFAULT_TEMPLATE_KV
     question_kv: str = DEFAULT_QUESTION_KV
     scout_prefill: str = DEFAULT_SCOUT_PREFILL  # scout: "full" makes the header carry every prompt id
+    # "": one position set for every layer and head; a HEAD_BUDGETS entry ("global", "layer"): a set per
+    # (layer, KV head) under that budget, streamed in the per-head layout (docs/selection.md), kv mode only
+    heads: str = ""
 
 
 @dataclass
@@ -93,9 +97,13 @@ class Edge:
     settings: bench/prefill_memo.py) passes it to `stream` as `prefilled`.
     """
 
-    def __init__(self, loaded: LoadedModel, prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self, loaded: LoadedModel, prefix_cache: PrefixCache | None = None, document_selectors: Sequence[Selector] = ()
+    ):
         self.loaded = loaded
         self.prefix_cache = prefix_cache  # None: every request prefills its whole prompt
+        # selectors whose context-only scores (kvzip's) warm_prefix computes with a document's prefix KV
+        self.document_selectors = tuple(document_selectors)
         self.geometry = kv_geometry(loaded.model)
         self.model_fp = model_fingerprint(loaded.model)
         self.tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
@@ -116,6 +124,11 @@ class Edge:
                 raise ConfigError(f"{name} {getattr(req, name)!r}: use one of {', '.join(FIXED_SOURCES)}")
         if req.scout_prefill not in SCOUT_PREFILLS:
             raise ConfigError(f"scout_prefill {req.scout_prefill!r}: use one of {', '.join(SCOUT_PREFILLS)}")
+        if req.heads:
+            if req.heads not in HEAD_BUDGETS:
+                raise ConfigError(f"heads {req.heads!r}: use one of {', '.join(HEAD_BUDGETS)}, or none for one set")
+            if not mode.carries_kv or req.selector is None:
+                raise ConfigError("heads (a position set per layer and KV head) needs mode kv and a selector")
 
     def prompt(self, req: EdgeRequest) -> Prompt:
         return build_prompt(self.loaded.tokenizer, req.context, req.question, max_len=model_window(self.loaded.model))
@@ -153,11 +166,11 @@ class Edge:
         pre = prefill_from(self.loaded.model, prompt, (entry.keys, entry.values), outer)
         timings.add("question_prefill", time.perf_counter() - t)
         if inner is None:
-            return pre
+            return replace(pre, prefix_scores=entry.scores)
         parts = [] if pre.attention is None else [pre.attention]
         if len(inner):  # rows of the prefix itself: their attention is the prefix's, computed once per row set
             parts.append(self._prefix_attention(entry, prompt, inner, timings))
-        return PrefillResult(pre.cache, sum(parts[1:], parts[0]), rows.long().cpu())
+        return PrefillResult(pre.cache, sum(parts[1:], parts[0]), rows.long().cpu(), entry.scores)
 
     def prefix_entry(
         self, prompt: Prompt, timings: Timings, doc_id: str | None = None, doc_version: int | None = None
@@ -172,20 +185,26 @@ class Edge:
         return entry
 
     def warm_prefix(self, context: str, doc_id: str | None = None, doc_version: int | None = None) -> bool:
-        """Prefill and keep [template prefix][context] unless the cache holds it already (True: prefilled now).
+        """Prefill and keep [template prefix][context] unless the cache holds it already (True: prefilled now),
+        and the context-only scores of `document_selectors` with it (kept in the entry: PrefixEntry.scores).
 
         For background work (a document prefilled when it is put): counts no hit or miss; the forward pass
         stops at the next layer when the surrounding `stop_when` says so (PrefillCancelled)."""
         prompt = build_prompt(self.loaded.tokenizer, context, "?", max_len=model_window(self.loaded.model))
         ids = prompt.ids[: prompt.context_end]
         key = prefix_key(self.model_fp, ids)
-        found = self.prefix_cache.peek(key, ids)
-        if found is not None:
-            if doc_id is not None and found.doc_id is None:  # an inline context's entry: now the document's too
-                self.prefix_cache.put(key, replace(found, doc_id=doc_id, doc_version=doc_version))
-            return False
-        self._compute_prefix(prompt, key, Timings(), doc_id, doc_version)
-        return True
+        entry = self.prefix_cache.peek(key, ids)
+        computed = entry is None
+        if entry is None:
+            entry = self._compute_prefix(prompt, key, Timings(), doc_id, doc_version)
+        elif doc_id is not None and entry.doc_id is None:  # an inline context's entry: now the document's too
+            self.prefix_cache.put(key, replace(entry, doc_id=doc_id, doc_version=doc_version))
+        for selector in self.document_selectors:  # the same memo: replace() keeps the entry's scores dict
+            inputs = ScoreInputs(
+                prompt, None, entry.keys, entry.values, self.loaded.model, self.loaded.tokenizer, entry.scores
+            )
+            selector.context_scores(inputs)
+        return computed
 
     def _compute_prefix(self, prompt, key, timings, doc_id, doc_version) -> PrefixEntry:
         t = time.perf_counter()
@@ -219,8 +238,8 @@ class Edge:
     def select_heads(
         self, prompt: Prompt, selector: Selector, pre: PrefillResult, retention: float, budget: str = "global"
     ) -> Selection:
-        """A position set per (layer, KV head) (Selector.select_heads; budget "layer" or "global"). The
-        wire carries one set today: Cloud.answer_heads uses this selection in process."""
+        """A position set per (layer, KV head) (Selector.select_heads; budget "layer" or "global"): what a
+        request with `heads` streams, and what Cloud.answer_heads answers from in process."""
         return selector.select_heads(self.score_inputs(prompt, selector, pre), retention, budget)
 
     def score_inputs(self, prompt: Prompt, selector: Selector, pre: PrefillResult) -> ScoreInputs:
@@ -242,6 +261,7 @@ class Edge:
             values=pre.values,
             model=self.loaded.model,
             tokenizer=self.loaded.tokenizer,
+            prefix_scores=pre.prefix_scores,
         )
 
     def stream(
@@ -266,8 +286,20 @@ class Edge:
         else:
             pre = prefilled
         t = time.perf_counter()
-        sel = self.select(prompt, selector, pre, req.retention)
+        if req.heads:
+            sel = self.select_heads(prompt, selector, pre, req.retention, req.heads)
+        else:
+            sel = self.select(prompt, selector, pre, req.retention)
         timings.add("select", time.perf_counter() - t)
+        yield from self.encode(prompt, req, pre, sel, timings)
+
+    def encode(
+        self, prompt: Prompt, req: EdgeRequest, pre: PrefillResult, sel: Selection, timings: Timings | None = None
+    ) -> Iterator[bytes]:
+        """The frames of a selection of `pre` (the prefill of `prompt`) for `req`: header, chunks (the per-head
+        layout when `sel` is per head), trailer. Edge.stream selects and then runs this; a benchmark that holds
+        the selection already (bench/selection_bench.py) runs it alone."""
+        timings = timings if timings is not None else Timings()
         streamed = self._streamed(prompt, req)
         kept, order = sel.kept[streamed[sel.kept]], sel.order[streamed[sel.order]]
         header = StreamHeader(
@@ -285,12 +317,18 @@ class Edge:
             template=req.template_kv,
             question=req.question_kv,
             ids="all" if req.mode == "scout" and req.scout_prefill == "full" else "",
+            head_counts=sel.head_counts(prompt) if sel.heads is not None else None,
         )
         enc = StreamEncoder(header, compress=req.compress, chunk_bytes=req.chunk_bytes)
         t = time.perf_counter()
         yield enc.header_frame()
         if get_mode(req.mode).carries_kv:
-            for frame in enc.chunk_frames(pre.keys, pre.values, order):
+            if sel.heads is None:
+                chunks = enc.chunk_frames(pre.keys, pre.values, order)
+            else:  # template and question rows first, then every head's entries by importance
+                fixed = order[(order < prompt.context_start) | (order >= prompt.context_end)]
+                chunks = enc.head_chunk_frames(pre.keys, pre.values, fixed, sel.entry_order(prompt))
+            for frame in chunks:
                 timings.add("encode", time.perf_counter() - t)
                 yield frame
                 t = time.perf_counter()
@@ -523,7 +561,7 @@ class Cloud:
             kept, context_kept, complete = prompt_len - 1, end - start, True
         else:
             kept, complete, wire_bytes = received.held, received.complete, received.wire_bytes
-            context_kept = int(((received.positions >= start) & (received.positions < end)).sum())
+            context_kept = received.context_kept
         return Answer(
             text=answer_text(self.loaded.tokenizer, gen.tokens),
             tokens=gen.tokens,

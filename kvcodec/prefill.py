@@ -136,6 +136,8 @@ class PrefillResult:
     cache: DynamicCache
     attention: torch.Tensor | None
     rows: torch.Tensor | None = None  # the rows `attention` was captured for (CPU, long)
+    # from a prefix cache: the prefix entry's memo of question-agnostic selector scores (PrefixEntry.scores)
+    prefix_scores: dict | None = None
 
     @property
     def keys(self) -> list[torch.Tensor]:

@@ -45,6 +45,8 @@ class PrefixEntry:
     keys/values: per layer [kv_heads, P, head_dim]. row_attention: for a tuple of absolute rows inside
     the prefix, their attention to the context [layers, context_len] (selectors such as h2o read rows
     of the context itself; those rows cannot see the question, so their attention is the prefix's).
+    scores: question-agnostic selector scores of the context (kvzip's reconstruction scores, keyed by the
+    selector's name and parameters), computed once for the prefix and reused by every question on it.
     """
 
     ids: tuple[int, ...]
@@ -54,6 +56,7 @@ class PrefixEntry:
     doc_id: str | None = None
     doc_version: int | None = None  # the document's version the entry was computed from (None: inline text)
     row_attention: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    scores: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:

@@ -17,6 +17,9 @@ import torch
 
 from kvwire.kvcodec.errors import ConfigError, FrameError
 from kvwire.kvcodec.fingerprint import ids_digest
+from kvwire.kvcodec.head_chunks import AXIS_CODES as _AXIS_CODES
+from kvwire.kvcodec.head_chunks import HEAD_LAYOUT, apply_chunk, encode_chunk, plan_chunks, read_chunk
+from kvwire.kvcodec.head_chunks import TENSOR_HEAD as _TENSOR_HEAD
 from kvwire.kvcodec.modes import get_mode, streamed_mode_names
 from kvwire.kvcodec.profiles import PrecisionProfile
 from kvwire.kvcodec.wire import (
@@ -39,9 +42,6 @@ MAX_PROMPT = 1 << 20  # a header may announce at most this many prompt tokens
 MAX_LAYERS, MAX_HEADS, MAX_HEAD_DIM = 1024, 1024, 1024
 DEFAULT_MAX_KV_BYTES = 16 << 30  # decoded KV a header may ask a receiver to hold (16 GiB)
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB cap, large enough that framing is noise
-_AXIS_CODES = {"token": 0, "channel": 1}
-# kind (the encoding's wire code, kvcodec/encodings/), axis, group, scale bytes, payload bytes
-_TENSOR_HEAD = struct.Struct("<BBHII")
 
 
 # where a fixed segment's KV comes from: the edge streams it, or the cloud computes it itself
@@ -84,6 +84,9 @@ class StreamHeader:
     template_hash: str = ""  # ids_digest of the template prefix (set from prompt_ids when they are given)
     n_prompt: int = 0  # set from prompt_ids when they are given
     token_ids: dict[int, int] = field(default_factory=dict)  # set from prompt_ids when they are given
+    # a per-head stream (FLAG_HEADS, docs/wire-format.md 5b): per layer, per KV head, how many context
+    # positions that head keeps (kept is then their union); None: one set serves every layer and head
+    head_counts: list[list[int]] | None = None
 
     def __post_init__(self):
         if not self.ids:
@@ -96,6 +99,10 @@ class StreamHeader:
     @property
     def prompt_len(self) -> int:
         return self.n_prompt
+
+    @property
+    def per_head(self) -> bool:
+        return self.head_counts is not None
 
     @property
     def tail_start(self) -> int:
@@ -162,7 +169,11 @@ def encode_header(h: StreamHeader) -> bytes:
         "question": h.question,
         "ids": h.ids,
     }
-    return pack_json(meta) + encode_deltas(h.kept, signed=False) + _varints(h.ids_at(h.id_positions()))
+    counts = b""
+    if h.per_head:
+        meta["head_layout"] = HEAD_LAYOUT
+        counts = _varints(c for layer in h.head_counts for c in layer)
+    return pack_json(meta) + encode_deltas(h.kept, signed=False) + counts + _varints(h.ids_at(h.id_positions()))
 
 
 def _int(meta: dict, key: str, lo: int, hi: int, where: str = "header") -> int:
@@ -235,6 +246,7 @@ def _decode_header(frame: Frame) -> StreamHeader:
         raise FrameError("bad_header", f"template_hash {template_hash!r} is not {_HASH_DIGITS} hex digits")
     kept = r.deltas(n_kept, signed=False, field="kept positions")
     _check_kept(kept, n_prompt, (span[0], span[1]), template, question)
+    head_counts = _head_counts(r, meta, frame.heads, geo, sum(1 for p in kept if span[0] <= p < span[1]))
     header = StreamHeader(
         mode=mode,
         prompt_ids=None,
@@ -252,6 +264,7 @@ def _decode_header(frame: Frame) -> StreamHeader:
         ids=ids,
         template_hash=template_hash,
         n_prompt=n_prompt,
+        head_counts=head_counts,
     )
     ids_list = r.varints(header.n_ids, "token ids")  # counted from the JSON, checked to fit before anything is built
     header.token_ids = dict(zip(header.id_positions(), ids_list))
@@ -265,6 +278,28 @@ def _decode_header(frame: Frame) -> StreamHeader:
         except ConfigError as exc:
             raise FrameError("bad_header", f"profile: {exc}") from None
     return header
+
+
+def _head_counts(r: Reader, meta: dict, flagged: bool, geo: dict, context_kept: int) -> list[list[int]] | None:
+    """A per-head header's context entries per (layer, KV head): each at most the kept context positions,
+    together enough to carry every one of them; None for a one-set header."""
+    layout = meta.get("head_layout")
+    if not flagged:
+        if layout is not None:
+            raise FrameError("bad_header", "head_layout in a header without the per-head flag")
+        return None
+    if type(layout) is not int or layout != HEAD_LAYOUT:
+        raise FrameError("bad_header", f"head_layout {layout!r}: this decoder reads layout {HEAD_LAYOUT}")
+    if not get_mode(meta["mode"]).carries_kv:
+        raise FrameError("bad_header", f"a {meta['mode']} stream has no per-head layout")
+    layers, heads = geo["num_layers"], geo["kv_heads"]
+    flat = r.varints(layers * heads, "per-head counts")
+    if max(flat) > context_kept or sum(flat) < context_kept:
+        raise FrameError(
+            "bad_header",
+            f"per-head counts (largest {max(flat)}, sum {sum(flat)}) do not fit {context_kept} kept context positions",
+        )
+    return [flat[i * heads : (i + 1) * heads] for i in range(layers)]
 
 
 def _retention(value) -> float:
@@ -286,7 +321,8 @@ class StreamEncoder:
         self.seq, self.total, self.digest = 0, 0, hashlib.sha256()
 
     def _emit(self, kind: int, body: bytes) -> bytes:
-        frame = pack_frame(kind, self.header.stream_id, self.seq, body, self.compress)
+        heads = self.header.per_head and kind != TRAILER
+        frame = pack_frame(kind, self.header.stream_id, self.seq, body, self.compress, heads)
         self.seq += 1
         self.total += len(frame)
         self.digest.update(frame)
@@ -300,6 +336,8 @@ class StreamEncoder:
 
         keys/values: per layer [kv_heads, stream_len, head_dim] (a prefill cache's layers with [0]).
         """
+        if self.header.per_head:
+            raise ConfigError("a per-head stream's chunks come from head_chunk_frames")
         geo = self.header.geometry
         specs = self.header.profile.resolve(geo["num_layers"], geo["head_dim"])
         heads, dim = geo["kv_heads"], geo["head_dim"]
@@ -325,6 +363,19 @@ class StreamEncoder:
                     body += scales + payload
             yield self._emit(CHUNK, bytes(body))
 
+    def head_chunk_frames(self, keys: list[torch.Tensor], values: list[torch.Tensor], fixed, entries: torch.Tensor):
+        """Yield the chunk frames of a per-head stream: the template and question positions in `fixed`
+        (each a row of every head) first, then the context entries, [n, 3] rows of (layer, KV head,
+        position) most important first (Selection.entry_order), about chunk_bytes of K and V a chunk."""
+        if not self.header.per_head:
+            raise ConfigError("head_chunk_frames needs a per-head header (head_counts)")
+        geo = self.header.geometry
+        specs = self.header.profile.resolve(geo["num_layers"], geo["head_dim"])
+        for group_fixed, group in plan_chunks(
+            [int(p) for p in fixed], entries, specs, geo["kv_heads"], geo["head_dim"], self.chunk_bytes
+        ):
+            yield self._emit(CHUNK, encode_chunk(group_fixed, group, keys, values, specs, geo["kv_heads"]))
+
     def trailer_frame(self) -> bytes:
         frames, total, digest = self.seq, self.total, self.digest.digest()
         return self._emit(TRAILER, struct.pack("<IQ", frames, total) + digest)
@@ -341,11 +392,24 @@ class DecodedKV:
     complete: bool
     wire_bytes: int
     frames: int
+    # a per-head stream: per layer, per KV head, the ascending indices into `positions` that head holds
+    head_slots: tuple[tuple[torch.Tensor, ...], ...] | None = None
 
     @property
     def held(self) -> int:
         """Positions an answer from this stream holds: those that arrived plus those the cloud computes."""
         return len(self.positions) + len(self.header.cloud_positions())
+
+    @property
+    def context_kept(self) -> int:
+        """Context positions an answer attends to: those that arrived, or for a per-head stream the context
+        entries that arrived per (layer, KV head), on average (rounded)."""
+        start, end = self.header.context_span
+        in_context = (self.positions >= start) & (self.positions < end)
+        if self.head_slots is None:
+            return int(in_context.sum())
+        total = sum(int(in_context[s].sum()) for layer in self.head_slots for s in layer)
+        return round(total / sum(len(layer) for layer in self.head_slots))
 
     @property
     def missing_fixed(self) -> int:
@@ -414,7 +478,15 @@ class StreamDecoder:
         elif frame.kind == CHUNK:
             if not get_mode(self.header.mode).carries_kv:
                 raise FrameError("out_of_order", "a scout stream carries no chunks")
-            self._chunk(frame)
+            if frame.heads != self.header.per_head:
+                raise FrameError("bad_flags", f"chunk seq {frame.seq}: per-head flag differs from the header's")
+            if self.header.per_head:
+                g = self.header.geometry
+                r = Reader(frame.body, f"chunk seq {frame.seq}")
+                chunk = read_chunk(r, frame.seq, self.header, self._specs, self._slot, self._received, self._head_got)
+                apply_chunk(chunk, self._k, self._v, self._received, self._head_got, g["head_dim"])
+            else:
+                self._chunk(frame)
         elif frame.kind == TRAILER:
             self._trailer(frame)
         else:
@@ -459,6 +531,8 @@ class StreamDecoder:
             shape = (g["kv_heads"], len(header.kept), g["head_dim"])
             self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(g["num_layers"])]
             self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(g["num_layers"])]
+        if header.per_head:  # which (layer, head) holds which kept slot: a bool per KV entry, not per element
+            self._head_got = torch.zeros(g["num_layers"], g["kv_heads"], len(header.kept), dtype=torch.bool)
 
     def _chunk(self, frame: Frame) -> None:
         g = self.header.geometry
@@ -515,6 +589,12 @@ class StreamDecoder:
         if get_mode(self.header.mode).carries_kv and not bool(self._received.all()):
             missing = int((~self._received).sum())
             raise FrameError("incomplete", f"trailer arrived with {missing} kept positions never sent")
+        if self.header.per_head:
+            start, end = self.header.context_span
+            kept = torch.tensor(self.header.kept)
+            got = self._head_got[:, :, (kept >= start) & (kept < end)].sum(dim=2)
+            if got.tolist() != self.header.head_counts:
+                raise FrameError("incomplete", "trailer arrived before every head's context entries")
         self.finished = True
 
     def _decoded(self, complete: bool) -> DecodedKV:
@@ -527,7 +607,13 @@ class StreamDecoder:
         else:
             keys = [k.index_select(1, got.to(self.device))[None] for k in self._k]
             values = [v.index_select(1, got.to(self.device))[None] for v in self._v]
-        return DecodedKV(h, torch.tensor(h.kept)[got], keys, values, complete, self.wire_bytes, self.seq)
+        heads = None
+        if h.per_head:
+            rank = torch.cumsum(self._received.long(), 0) - 1  # kept slot -> index among the arrived ones
+            heads = tuple(
+                tuple(rank[(held & self._received).nonzero().flatten()] for held in layer) for layer in self._head_got
+            )
+        return DecodedKV(h, torch.tensor(h.kept)[got], keys, values, complete, self.wire_bytes, self.seq, heads)
 
     def result(self) -> DecodedKV:
         """The whole stream; FrameError unless the trailer has been verified."""

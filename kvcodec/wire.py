@@ -22,6 +22,10 @@ VERSION = 2  # 2: headers carry only the token ids the receiver needs (docs/wire
 HEADER, CHUNK, TRAILER = 1, 2, 3
 FRAME_TYPES = {HEADER: "header", CHUNK: "chunk", TRAILER: "trailer"}
 FLAG_ZSTD = 0x1
+# the per-head layout (docs/wire-format.md, section 5b): set on the header and every chunk of a stream whose
+# chunks carry a position set per (layer, KV head); a decoder that does not know it refuses the header (bad_flags)
+FLAG_HEADS = 0x2
+_FLAGS = {HEADER: FLAG_ZSTD | FLAG_HEADS, CHUNK: FLAG_ZSTD | FLAG_HEADS, TRAILER: FLAG_ZSTD}
 _PREFIX = struct.Struct("<4sBBH16sII")  # magic, version, type, flags, stream id, seq, body length
 PREFIX_SIZE = _PREFIX.size  # 32
 CRC_SIZE = 4
@@ -38,19 +42,25 @@ class Frame:
     seq: int
     body: bytes  # uncompressed
     wire_size: int  # bytes this frame took on the wire
+    heads: bool = False  # FLAG_HEADS: the per-head layout
 
 
 def crc32c(data: bytes) -> int:
     return google_crc32c.value(data)
 
 
-def pack_frame(kind: int, stream_id: bytes, seq: int, body: bytes, compress: bool = False) -> bytes:
-    """One frame's bytes. With compress, the body is zstd-compressed when that makes it smaller."""
-    flags = 0
+def pack_frame(
+    kind: int, stream_id: bytes, seq: int, body: bytes, compress: bool = False, heads: bool = False
+) -> bytes:
+    """One frame's bytes. With compress, the body is zstd-compressed when that makes it smaller; heads sets
+    FLAG_HEADS (a header or chunk of a per-head stream)."""
+    if heads and kind == TRAILER:
+        raise ValueError("a trailer has no per-head layout")
+    flags = FLAG_HEADS if heads else 0
     if compress:
         packed = zstandard.ZstdCompressor(level=3).compress(body)
         if len(packed) < len(body):
-            body, flags = packed, FLAG_ZSTD
+            body, flags = packed, flags | FLAG_ZSTD
     if len(body) > MAX_BODY:
         raise ValueError(f"frame body of {len(body)} bytes exceeds the {MAX_BODY}-byte cap: use smaller chunks")
     head = _PREFIX.pack(MAGIC, VERSION, kind, flags, stream_id, seq, len(body))
@@ -96,8 +106,8 @@ def parse_frame(data: bytes) -> Frame:
         )
     if kind not in FRAME_TYPES:
         raise FrameError("bad_type", f"unknown frame type {kind}")
-    if flags & ~FLAG_ZSTD:
-        raise FrameError("bad_flags", f"unknown frame flags 0x{flags:04x}")
+    if flags & ~_FLAGS[kind]:
+        raise FrameError("bad_flags", f"frame flags 0x{flags:04x} are not valid on a {FRAME_TYPES[kind]}")
     if length > MAX_BODY:
         raise FrameError("oversized", f"body length {length} exceeds the {MAX_BODY}-byte cap")
     expected = PREFIX_SIZE + length + CRC_SIZE
@@ -118,7 +128,7 @@ def parse_frame(data: bytes) -> Frame:
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY)
         except zstandard.ZstdError as exc:
             raise FrameError("bad_compression", f"zstd body does not decompress: {exc}") from None
-    return Frame(kind=kind, stream_id=stream_id, seq=seq, body=body, wire_size=len(data))
+    return Frame(kind, stream_id, seq, body, len(data), heads=bool(flags & FLAG_HEADS))
 
 
 def read_frames(stream) -> Iterator[bytes]:

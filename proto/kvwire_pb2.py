@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvwire/proto/kvwire.proto\x12\tkvwire.v1\"\x94\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12\x10\n\x08question\x18\x04 \x01(\t\x12\x10\n\x08selector\x18\x05 \x01(\t\x12\x11\n\tretention\x18\x06 \x01(\x01\x12\x0f\n\x07profile\x18\x07 \x01(\t\x12\x10\n\x08\x63ompress\x18\x08 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\x12\x0f\n\x07\x63onfirm\x18\n \x01(\x08\x12\x0e\n\x06\x64oc_id\x18\x0b \x01(\t\x12\x13\n\x0btemplate_kv\x18\x0c \x01(\t\x12\x13\n\x0bquestion_kv\x18\r \x01(\t\x12\x15\n\rscout_prefill\x18\x0e \x01(\t\"K\n\x0f\x44ocumentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x14\n\x0cinclude_text\x18\x03 \x01(\x08\"{\n\rDocumentReply\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x0c\n\x04text\x18\x07 \x01(\t\"1\n\x07Receipt\x12\x11\n\tstream_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_bytes\x18\x02 \x01(\x04\"\x0e\n\x0cReceiptReply\"f\n\x0cPrefillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x05\x66rame\x18\x02 \x01(\x0cH\x00\x12)\n\x07timings\x18\x03 \x01(\x0b\x32\x16.kvwire.v1.EdgeTimingsH\x00\x42\x06\n\x04\x62ody\"t\n\x0b\x45\x64geTimings\x12\x35\n\x08stage_ms\x18\x01 \x03(\x0b\x32#.kvwire.v1.EdgeTimings.StageMsEntry\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xcb\x01\n\x0b\x45\x64geService\x12?\n\x07Prefill\x12\x19.kvwire.v1.PrefillRequest\x1a\x17.kvwire.v1.PrefillReply0\x01\x12\x36\n\x07\x43onfirm\x12\x12.kvwire.v1.Receipt\x1a\x17.kvwire.v1.ReceiptReply\x12\x43\n\x0bGetDocument\x12\x1a.kvwire.v1.DocumentRequest\x1a\x18.kvwire.v1.DocumentReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvwire/proto/kvwire.proto\x12\tkvwire.v1\"\xa3\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12\x10\n\x08question\x18\x04 \x01(\t\x12\x10\n\x08selector\x18\x05 \x01(\t\x12\x11\n\tretention\x18\x06 \x01(\x01\x12\x0f\n\x07profile\x18\x07 \x01(\t\x12\x10\n\x08\x63ompress\x18\x08 \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\r\x12\x0f\n\x07\x63onfirm\x18\n \x01(\x08\x12\x0e\n\x06\x64oc_id\x18\x0b \x01(\t\x12\x13\n\x0btemplate_kv\x18\x0c \x01(\t\x12\x13\n\x0bquestion_kv\x18\r \x01(\t\x12\x15\n\rscout_prefill\x18\x0e \x01(\t\x12\r\n\x05heads\x18\x0f \x01(\t\"K\n\x0f\x44ocumentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x14\n\x0cinclude_text\x18\x03 \x01(\x08\"{\n\rDocumentReply\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x0c\n\x04text\x18\x07 \x01(\t\"1\n\x07Receipt\x12\x11\n\tstream_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66rame_bytes\x18\x02 \x01(\x04\"\x0e\n\x0cReceiptReply\"f\n\x0cPrefillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x05\x66rame\x18\x02 \x01(\x0cH\x00\x12)\n\x07timings\x18\x03 \x01(\x0b\x32\x16.kvwire.v1.EdgeTimingsH\x00\x42\x06\n\x04\x62ody\"t\n\x0b\x45\x64geTimings\x12\x35\n\x08stage_ms\x18\x01 \x03(\x0b\x32#.kvwire.v1.EdgeTimings.StageMsEntry\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xcb\x01\n\x0b\x45\x64geService\x12?\n\x07Prefill\x12\x19.kvwire.v1.PrefillRequest\x1a\x17.kvwire.v1.PrefillReply0\x01\x12\x36\n\x07\x43onfirm\x12\x12.kvwire.v1.Receipt\x1a\x17.kvwire.v1.ReceiptReply\x12\x43\n\x0bGetDocument\x12\x1a.kvwire.v1.DocumentRequest\x1a\x18.kvwire.v1.DocumentReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EDGETIMINGS_STAGEMSENTRY']._loaded_options = None
   _globals['_EDGETIMINGS_STAGEMSENTRY']._serialized_options = b'8\001'
   _globals['_PREFILLREQUEST']._serialized_start=41
-  _globals['_PREFILLREQUEST']._serialized_end=317
-  _globals['_DOCUMENTREQUEST']._serialized_start=319
-  _globals['_DOCUMENTREQUEST']._serialized_end=394
-  _globals['_DOCUMENTREPLY']._serialized_start=396
-  _globals['_DOCUMENTREPLY']._serialized_end=519
-  _globals['_RECEIPT']._serialized_start=521
-  _globals['_RECEIPT']._serialized_end=570
-  _globals['_RECEIPTREPLY']._serialized_start=572
-  _globals['_RECEIPTREPLY']._serialized_end=586
-  _globals['_PREFILLREPLY']._serialized_start=588
-  _globals['_PREFILLREPLY']._serialized_end=690
-  _globals['_EDGETIMINGS']._serialized_start=692
-  _globals['_EDGETIMINGS']._serialized_end=808
-  _globals['_EDGETIMINGS_STAGEMSENTRY']._serialized_start=762
-  _globals['_EDGETIMINGS_STAGEMSENTRY']._serialized_end=808
-  _globals['_EDGESERVICE']._serialized_start=811
-  _globals['_EDGESERVICE']._serialized_end=1014
+  _globals['_PREFILLREQUEST']._serialized_end=332
+  _globals['_DOCUMENTREQUEST']._serialized_start=334
+  _globals['_DOCUMENTREQUEST']._serialized_end=409
+  _globals['_DOCUMENTREPLY']._serialized_start=411
+  _globals['_DOCUMENTREPLY']._serialized_end=534
+  _globals['_RECEIPT']._serialized_start=536
+  _globals['_RECEIPT']._serialized_end=585
+  _globals['_RECEIPTREPLY']._serialized_start=587
+  _globals['_RECEIPTREPLY']._serialized_end=601
+  _globals['_PREFILLREPLY']._serialized_start=603
+  _globals['_PREFILLREPLY']._serialized_end=705
+  _globals['_EDGETIMINGS']._serialized_start=707
+  _globals['_EDGETIMINGS']._serialized_end=823
+  _globals['_EDGETIMINGS_STAGEMSENTRY']._serialized_start=777
+  _globals['_EDGETIMINGS_STAGEMSENTRY']._serialized_end=823
+  _globals['_EDGESERVICE']._serialized_start=826
+  _globals['_EDGESERVICE']._serialized_end=1029
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "mode", "context", "question", "selector", "retention", "profile", "compress", "chunk_bytes", "confirm", "doc_id", "template_kv", "question_kv", "scout_prefill")
+    __slots__ = ("request_id", "mode", "context", "question", "selector", "retention", "profile", "compress", "chunk_bytes", "confirm", "doc_id", "template_kv", "question_kv", "scout_prefill", "heads")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class PrefillRequest(_message.Message):
     TEMPLATE_KV_FIELD_NUMBER: _ClassVar[int]
     QUESTION_KV_FIELD_NUMBER: _ClassVar[int]
     SCOUT_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     mode: str
     context: str
@@ -36,7 +37,8 @@ class PrefillRequest(_message.Message):
     template_kv: str
     question_kv: str
     scout_prefill: str
-    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., selector: _Optional[str] = ..., retention: _Optional[float] = ..., profile: _Optional[str] = ..., compress: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., confirm: _Optional[bool] = ..., doc_id: _Optional[str] = ..., template_kv: _Optional[str] = ..., question_kv: _Optional[str] = ..., scout_prefill: _Optional[str] = ...) -> None: ...
+    heads: str
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., selector: _Optional[str] = ..., retention: _Optional[float] = ..., profile: _Optional[str] = ..., compress: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., confirm: _Optional[bool] = ..., doc_id: _Optional[str] = ..., template_kv: _Optional[str] = ..., question_kv: _Optional[str] = ..., scout_prefill: _Optional[str] = ..., heads: _Optional[str] = ...) -> None: ...
 
 class DocumentRequest(_message.Message):
     __slots__ = ("request_id", "doc_id", "include_text")

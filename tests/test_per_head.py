@@ -294,3 +294,31 @@ def test_selection_bench_pairs_each_variant_with_q2c():
     assert rows["kvzip-layer"]["vs_q2c"] == pytest.approx(1 / 3, abs=1e-4)
     assert rows["kvzip-layer"]["vs_q2c_se"] == pytest.approx(math.sqrt((1 / 12) / 3), abs=1e-4)
     assert rows["q2c"]["vs_q2c"] == 0 and rows["q2c"]["identical"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_selection_bench_wire_rows_pair_bytes_with_q2c_of_the_same_profile():
+    from kvwire.bench.selection_bench import WIRE_VARIANTS, summarize, variant_names
+
+    names = variant_names(["fp16"])
+    assert names == [f"{v}/fp16" for v in WIRE_VARIANTS]
+    sizes = {"q2c": [100, 200], "kvzip-max": [100, 200], "kvzip-global": [110, 190], "kvzip-matched": [99, 200]}
+    records = [
+        {
+            "answers": {
+                f"{v}/fp16@0.5": {
+                    "agreement_f1": 1.0,
+                    "identical": True,
+                    "f1": 0.0,
+                    "bytes": sizes[v][i],
+                    "kv_bytes": sizes[v][i] - 10,
+                }
+                for v in WIRE_VARIANTS
+            }
+        }
+        for i in range(2)
+    ]
+    rows = {r["variant"]: r for r in summarize(records, [0.5], names)}
+    # paired bytes ratios 1.1 and 0.95: mean 1.025, SE = |1.1 - 0.95| / 2
+    assert rows["kvzip-global/fp16"]["bytes_vs_q2c"] == pytest.approx(1.025, abs=1e-4)
+    assert rows["kvzip-global/fp16"]["bytes_vs_q2c_se"] == pytest.approx(0.075, abs=1e-4)
+    assert rows["q2c/fp16"]["bytes"] == 150 and rows["q2c/fp16"]["non_kv_share"] == pytest.approx((0.1 + 0.05) / 2)

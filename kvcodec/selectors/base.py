@@ -29,6 +29,9 @@ class ScoreInputs:
     values: Sequence[torch.Tensor]
     model: Any = None  # the model that prefilled: for a selector that runs passes of its own (kvzip)
     tokenizer: Any = None
+    # where a selector keeps scores that depend on the context only (kvzip's), keyed by its name and
+    # parameters: the prefix cache's entry (the document's, kept with its KV); None: this request only
+    prefix_scores: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,35 @@ class Selection:
     context_kept: int
     context_len: int
     heads: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    budget: str = ""  # a per-head selection's budget (HEAD_BUDGETS): how its entries rank across layers
+
+    def entry_order(self, prompt: Prompt) -> torch.Tensor:
+        """The context entries a per-head selection keeps, most important first: [entries, 3] rows of
+        (layer, KV head, position). The order a per-head stream sends them in (anytime: a stream cut
+        after any chunk holds the best entries that fit). budget "global": by score, so a cut leaves the
+        global selection of a lower retention; "layer": by rank within the layer as a share of what the
+        layer keeps, so every layer is cut at the same share (its scores need not compare across layers)."""
+        if self.heads is None:
+            raise ValueError("a one-set selection has no per-head entries")
+        start, end = prompt.context_start, prompt.context_end
+        keep = torch.zeros(self.scores.shape, dtype=torch.bool)
+        for layer, sets in enumerate(self.heads):
+            for head, pos in enumerate(sets):
+                ctx = pos[(pos >= start) & (pos < end)]
+                keep[layer, head, ctx - start] = True
+        entries = keep.nonzero()  # [entries, 3]: layer, head, context index (row-major: deterministic ties)
+        scores = self.scores[keep]
+        if self.budget == "layer":
+            key = torch.empty_like(scores)
+            for layer in range(keep.shape[0]):
+                rows = (entries[:, 0] == layer).nonzero()[:, 0]
+                ranked = torch.sort(scores[rows], descending=True, stable=True).indices
+                key[rows[ranked]] = -(torch.arange(len(rows), dtype=scores.dtype) + 1) / len(rows)
+            scores = key
+        order = torch.sort(scores, descending=True, stable=True).indices
+        entries = entries[order]
+        entries[:, 2] += start
+        return entries
 
     def head_counts(self, prompt: Prompt) -> list[list[int]]:
         """Context positions each (layer, KV head) keeps, per layer (a per-head selection only)."""
@@ -98,6 +130,11 @@ class Selector:
         """One score per context position, [context_len], or per layer and KV head, [layers, kv_heads,
         context_len]; higher = more important."""
         raise NotImplementedError
+
+    def context_scores(self, inputs: ScoreInputs) -> None:
+        """Compute the scores that depend on the context only into `inputs.prefix_scores` (the edge does this
+        when a document is prefilled, so its first question pays nothing for them); inputs.keys/values may hold
+        the prefix [template][context] only. Most selectors have none: nothing to do."""
 
     def one_set(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-head scores [layers, kv_heads, context_len] reduced to one per context position, for the
@@ -148,15 +185,20 @@ def top_k_selection(prompt: Prompt, scores: torch.Tensor, retention: float) -> S
     return Selection(kept=kept, order=order, scores=scores, context_kept=k, context_len=prompt.context_len)
 
 
-def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "global") -> Selection:
+def head_selection(
+    prompt: Prompt, scores: torch.Tensor, retention: float, budget: str = "global", entries: int | None = None
+) -> Selection:
     """A position set per (layer, KV head) from scores [layers, kv_heads, context_len]: template and
     question positions in every head, and the best-scored context entries under a budget of
     k = ceil(r x context) per head on average. budget "layer": each layer keeps kv_heads x k entries,
     split freely across its heads; "global": all layers together keep layers x kv_heads x k, split
-    freely across layers and heads."""
+    freely across layers and heads. entries (global only): keep this many context entries in all
+    instead (e.g. fewer, so that a per-head stream's position bytes are paid for: bench/selection_bench.py)."""
     check_budget(budget)
     layers, kv_heads, _ = scores.shape
     k = context_budget(retention, prompt.context_len)
+    if entries is not None and (budget != "global" or not 1 <= entries <= scores.numel()):
+        raise ConfigError(f"entries={entries!r} needs budget 'global' and 1 <= entries <= {scores.numel()}")
     keep = torch.zeros(scores.shape, dtype=torch.bool)
     if budget == "layer":
         for layer in range(layers):  # ties: the lower head, then the earlier position (stable)
@@ -164,7 +206,7 @@ def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budge
             keep[layer].view(-1)[ranked[: kv_heads * k]] = True
     else:
         ranked = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
-        keep.view(-1)[ranked[: layers * kv_heads * k]] = True
+        keep.view(-1)[ranked[: layers * kv_heads * k if entries is None else entries]] = True
     fixed, start = prompt.fixed_positions(), prompt.context_start
     heads = tuple(
         tuple(torch.sort(torch.cat([fixed, mask.nonzero()[:, 0] + start])).values for mask in layer_keep)
@@ -180,6 +222,7 @@ def head_selection(prompt: Prompt, scores: torch.Tensor, retention: float, budge
         context_kept=k,
         context_len=prompt.context_len,
         heads=heads,
+        budget=budget,
     )
 
 

@@ -69,7 +69,20 @@ class KVzipSelector(Selector):
 
     def reconstruction_scores(self, inputs: ScoreInputs) -> torch.Tensor:
         """[layers, kv_heads, context_len]: the max attention each context entry receives while the
-        model repeats the context, chunk by chunk."""
+        model repeats the context, chunk by chunk. They depend on the context only: with a prefix cache
+        (inputs.prefix_scores, the document's entry) they are computed once and reused by every question."""
+        key = (self.name, self.chunk, self.sink)
+        if inputs.prefix_scores is not None and key in inputs.prefix_scores:
+            return inputs.prefix_scores[key]
+        scores = self._reconstruct(inputs)
+        if inputs.prefix_scores is not None:
+            inputs.prefix_scores[key] = scores
+        return scores
+
+    def context_scores(self, inputs: ScoreInputs) -> None:
+        self.reconstruction_scores(inputs)
+
+    def _reconstruct(self, inputs: ScoreInputs) -> torch.Tensor:
         if inputs.model is None or inputs.tokenizer is None:
             raise ConfigError("selector 'kvzip' runs a reconstruction pass: its inputs need the model and tokenizer")
         prompt = inputs.prompt
