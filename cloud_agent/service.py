@@ -307,6 +307,10 @@ class AnswerService:
 
     def shape(self, req: AnswerRequest, request_id: str = "", include_text: bool = False) -> RequestShape:
         """validate()'s checks, and what they learnt (RequestShape)."""
+        if req.heads and self.engine.name != "hf":  # a cache per head needs the hf engine's masked attention
+            raise ConfigError(
+                f"heads (a position set per KV head) needs --engine hf; this cloud runs {self.engine.name}"
+            )
         if req.max_new_tokens > self.settings.max_new_tokens:
             raise ConfigError(
                 f"max_new_tokens={req.max_new_tokens} is above this cloud-agent's limit of {self.settings.max_new_tokens}"

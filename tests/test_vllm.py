@@ -132,6 +132,23 @@ def test_scout_on_vllm_prefills_the_kept_tokens_as_its_prompt(engine, worker, em
         engine.answer(received, NEW, options={"scout_prefill": "full"})
 
 
+def test_a_per_head_stream_is_refused_by_the_vllm_engine_and_service(engine, embedded_loaded):
+    from kvwire.agent_common.metrics import Metrics
+    from kvwire.cloud_agent.api import AnswerRequest
+    from kvwire.cloud_agent.service import AnswerService
+    from kvwire.cloud_agent.settings import CloudSettings
+
+    edge = Edge(embedded_loaded)
+    received = engine.cloud.receive(edge.stream(EdgeRequest(CONTEXT, QUESTION, "kv", "kvzip", 0.5, heads="global")))
+    assert received.header.per_head
+    with pytest.raises(Exception, match="per-head stream needs the hf engine"):
+        engine.answer(received, NEW)
+    service = AnswerService(embedded_loaded, CloudSettings(), None, Metrics("cloud"), engine=engine)
+    req = AnswerRequest(question=QUESTION, context=CONTEXT, mode="kv", selector="kvzip", retention=0.5, heads="global")
+    with pytest.raises(Exception, match="needs --engine hf; this cloud runs vllm"):
+        service.shape(req)
+
+
 def test_tokens_stream_as_they_come_and_a_callback_can_stop(engine):
     seen = []
     ans = engine.answer_text(CONTEXT, QUESTION, NEW, decoding=Decoding(on_token=seen.append))

@@ -71,6 +71,8 @@ class VllmEngine(Engine):
 
     def answer(self, received, max_new_tokens, timings=None, options=None, decoding=GREEDY):
         h = received.header
+        if h.per_head:  # the service refuses `heads` first; a stream built elsewhere is refused here
+            raise ConfigError("a per-head stream needs the hf engine (vLLM's attention reads one position set)")
         if not get_mode(h.mode).carries_kv and (options or {}).get("scout_prefill", "sparse") != "sparse":
             raise ConfigError("scout_prefill full is the hf engine's: on vllm a scout's kept tokens are the prompt")
         started = time.perf_counter()
