@@ -39,9 +39,9 @@ STAGES = (
 
 
 def demo_requests(question: str, context: str, retention: float, max_new_tokens: int) -> list[dict]:
-    """kv at the service's defaults (every context position, the edge's default profile, template and question
-    computed on the cloud: the measured best quality per byte), scout at `retention`, then text (the cloud's
-    own full prefill) for comparison."""
+    """kv at the service's defaults (every context position at the edge's default profile: the measured best
+    quality per byte that streams every position), scout at `retention`, then text (the cloud's own full
+    prefill) for comparison."""
     base = {"question": question, "context": context, "max_new_tokens": max_new_tokens, "selector": "q2c"}
     return [
         {**base, "mode": "kv", "profile": DEFAULT_PROFILE},
@@ -117,7 +117,7 @@ def print_report(question: str, results: list[dict], log=print) -> None:
             "full prompt, cloud prefill"
             if r["mode"] == "text"
             else (
-                f"every context position, {req['profile']}, template and question on the cloud"
+                f"every context position, {req['profile']}"
                 if r["mode"] == "kv"
                 else f"q2c {req['retention']:.0%}, ids + positions only"
             )

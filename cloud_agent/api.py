@@ -10,13 +10,7 @@ from kvwire.cloud_agent.auto import AUTO, AUTO_CHOSEN_FIELDS, DEFAULT_MIN_QUALIT
 from kvwire.kvcodec.modes import get_mode, mode_names
 from kvwire.kvcodec.modes.scout import DEFAULT_SCOUT_PREFILL, SCOUT_PREFILLS
 from kvwire.kvcodec.selectors import DEFAULT_SELECTOR, HEAD_BUDGETS, selector_names
-from kvwire.kvcodec.stream import FIXED_SOURCES
-
-# where a request's fixed positions (template prefix, question + template suffix) come from when it names none:
-# the cloud computes them. Measured (docs/results.md, "The frontier"): fewer bytes (the context's positions
-# only) and a closer answer (kivi-4: top-1 0.971 against 0.959 streamed, SQuAD n=245), for one question
-# prefill on the cloud. kvwire's library (EdgeRequest) keeps "stream", the exact baseline.
-SERVICE_FIXED_SOURCE = "cloud"
+from kvwire.kvcodec.stream import DEFAULT_QUESTION_KV, DEFAULT_TEMPLATE_KV, FIXED_SOURCES
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -50,7 +44,7 @@ class AnswerRequest(BaseModel):
     selector: str = Field(DEFAULT_SELECTOR, description="context selector: " + ", ".join(selector_names()))
     retention: float = Field(1.0, gt=0, le=1, description="share of context positions kept (0, 1]")
     profile: str | None = Field(
-        None, description="precision profile (kv mode); default: the edge's --profile (asym4_rot unless configured)"
+        None, description="precision profile (kv mode); default: the edge's --profile (kivi-4 unless configured)"
     )
     scout_prefill: Literal[SCOUT_PREFILLS] = Field(  # type: ignore[valid-type]
         DEFAULT_SCOUT_PREFILL,
@@ -58,15 +52,15 @@ class AnswerRequest(BaseModel):
         "full prefills the whole prompt and drops the rest (docs/documents.md compares them)",
     )
     template_kv: Literal[FIXED_SOURCES] = Field(  # type: ignore[valid-type]
-        SERVICE_FIXED_SOURCE,
+        DEFAULT_TEMPLATE_KV,
         description="kv/scout: stream sends the template prefix (the tokens before the context) from the edge; "
-        "cloud (the default) uses this cloud's own cached KV of it, checked against the stream's template digest "
+        "cloud uses this cloud's own cached KV of it, checked against the stream's template digest "
         "(docs/codec.md, fixed positions)",
     )
     question_kv: Literal[FIXED_SOURCES] = Field(  # type: ignore[valid-type]
-        SERVICE_FIXED_SOURCE,
-        description="kv/scout: stream sends the KV of the question and template suffix from the edge; cloud (the "
-        "default) prefills them here on top of the received context (their ids travel in the stream header)",
+        DEFAULT_QUESTION_KV,
+        description="kv/scout: stream sends the KV of the question and template suffix from the edge; cloud "
+        "prefills them here on top of the received context (their ids travel in the stream header)",
     )
     heads: Literal[HEAD_BUDGETS] | None = Field(  # type: ignore[valid-type]
         None,

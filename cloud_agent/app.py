@@ -115,7 +115,10 @@ def create_app(service: AnswerService, metrics: Metrics, max_body_bytes: int, au
 
     error_responses = {status: {"model": ErrorBody, "description": words} for status, words in error_statuses().items()}
 
-    @app.post("/answer", response_model=AnswerResponse, responses=error_responses)
+    # with `stream: true` the 200 is server-sent events instead of the JSON body (docs/openai.md)
+    sse = {"description": "the answer; text/event-stream with stream: true", "content": {"text/event-stream": {}}}
+
+    @app.post("/answer", response_model=AnswerResponse, responses={200: sse, **error_responses})
     async def answer(body: AnswerRequest) -> AnswerResponse:
         """Answer `question` about `context` in kv, scout or text mode; returns the answer with byte and latency
         figures, or with `stream: true` server-sent events: a `token` event per generated token, then `answer`."""

@@ -14,10 +14,9 @@ DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8081
 
 # the precision profile of requests that name none: the cheapest on SQuAD's teacher-forced frontier that keeps the
-# full cache's next token at >= 95% of positions (asymmetric INT4 per token after a per-head Hadamard rotation:
-# top-1 0.963 at 0.19 of FP16 with the fixed positions on the cloud, where mixed-int4 streaming them held 0.858 at
-# 0.29; docs/results.md, "The frontier")
-DEFAULT_PROFILE = "asym4_rot"
+# full cache's next token at >= 95% of positions with the fixed positions streamed (KIVI's split at 4 bits: top-1
+# 0.962 at 0.30 of FP16, where mixed-int4 held 0.863 at 0.29; SQuAD n = 300, docs/results.md, "The frontier")
+DEFAULT_PROFILE = "kivi-4"
 
 
 class EdgeSettings(DaemonSettings):

@@ -59,7 +59,10 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--question", type=int, default=0, help="index of the demo question (0-2, default 0)")
     p.add_argument(
-        "--retention", type=float, default=0.5, help="kv and scout: share of context positions kept (default 0.5)"
+        "--retention",
+        type=float,
+        default=0.5,
+        help="scout: share of context positions kept (default 0.5; kv keeps every position, its default)",
     )
     p.add_argument("--deadline-ms", type=int, default=None, help="deadline_ms of each request (default: the cloud's)")
     p.add_argument(
