@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 from kvwire.agent_common.edge_client import EdgeClient
@@ -10,6 +12,14 @@ from kvwire.agent_common.metrics import Metrics
 from kvwire.edge_agent.main import build_grpc_server
 from kvwire.edge_agent.service import EdgeServicer
 from kvwire.edge_agent.settings import EdgeSettings
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment additions a daemon subprocess of a test gets: this checkout first on PYTHONPATH."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": REPO + (os.pathsep + path if path else "")}
 
 
 @contextmanager

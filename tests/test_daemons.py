@@ -7,16 +7,15 @@ depends on another's order.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import httpx
 import pytest
+from edges import daemon_env
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvwire.agent_common.edge_client import KEEPALIVE_TIME_MS
@@ -27,7 +26,6 @@ from kvwire.kvcodec.pipeline import Edge, EdgeRequest
 from kvwire.kvcodec.selectors import selector_names
 from kvwire.proto import kvwire_pb2_grpc
 
-REPO = str(Path(__file__).resolve().parents[1])
 CONTEXT = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France. "
     "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway who, under their leader Rollo, "
@@ -44,13 +42,8 @@ EDGE_SERVER_OPTIONS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {"PYTHONPATH": REPO + (os.pathsep + path if path else "")}
-
-
 def _start(name: str, module: str, args: list[str]) -> Daemon:
-    return Daemon(name, module, [*COMMON, *args], env=_env())
+    return Daemon(name, module, [*COMMON, *args], env=daemon_env())
 
 
 class HeldEdge(kvwire_pb2_grpc.EdgeServiceServicer):
@@ -191,27 +184,9 @@ def test_scout_keeps_the_edge_positions_and_sends_only_ids(daemons):
 def test_fixed_positions_computed_on_the_cloud_through_the_daemons(daemons):
     """template_kv/question_kv travel from /answer to the edge: the stream leaves those positions out, the
     cloud computes them, and at fp16 and retention 1.0 the answer is still exactly the streamed one."""
-    streamed = ok(
-        ask(
-            daemons.cloud,
-            mode="kv",
-            profile="fp16",
-            retention=1.0,
-            max_new_tokens=8,
-            template_kv="stream",
-            question_kv="stream",
-        )
-    )
-    cloud = ok(
-        ask(
-            daemons.cloud,
-            mode="kv",
-            profile="fp16",
-            retention=1.0,
-            max_new_tokens=8,
-            template_kv="cloud",
-            question_kv="cloud",
-        )
+    streamed, cloud = (
+        ok(ask(daemons.cloud, mode="kv", profile="fp16", retention=1.0, max_new_tokens=8, template_kv=s, question_kv=s))
+        for s in ("stream", "cloud")
     )
     assert cloud["answer"] == streamed["answer"] and cloud["kept_positions"] == streamed["kept_positions"]
     assert cloud["bytes_on_wire"] < streamed["bytes_on_wire"]

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from edges import daemon_env
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,7 +42,6 @@ from kvwire.edge_agent.documents import (
 )
 from kvwire.edge_agent.http import create_app
 
-REPO = str(Path(__file__).resolve().parents[1])
 TOKEN = "edge-docs-token-0123456789abcdef"
 TEXT = "The Normans gave their name to Normandy. Their leader was Rollo."
 UNSAFE_IDS = ["a/b", "..", ".", "a..b", "x" * 129, "a\nb", "tab\tid", "nul\x00", "spa ce", "caf\u00e9", ""]
@@ -53,11 +53,6 @@ def words(text: str) -> int:
 
 def _store(path, **limits) -> DocumentStore:
     return DocumentStore(path, words, DocumentLimits(**limits), busy_timeout_s=0)
-
-
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {"PYTHONPATH": REPO + (os.pathsep + path if path else "")}
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -118,7 +113,7 @@ def test_a_killed_writer_loses_no_acknowledged_put(tmp_path):
         [sys.executable, "-c", CRASHING_WRITER, str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, **_env()},
+        env={**os.environ, **daemon_env()},
     )
     acked = {}
     for line in proc.stdout:
@@ -450,7 +445,10 @@ COMMON = ["--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--thre
 
 def _edge(name, tiny_model_dir, data_dir, *extra) -> Daemon:
     return Daemon(
-        name, "kvwire.edge_agent", [*COMMON, "--model", tiny_model_dir, "--data-dir", str(data_dir), *extra], env=_env()
+        name,
+        "kvwire.edge_agent",
+        [*COMMON, "--model", tiny_model_dir, "--data-dir", str(data_dir), *extra],
+        env=daemon_env(),
     )
 
 
@@ -554,7 +552,7 @@ def test_locked_or_corrupt_store_stops_the_edge_with_exit_2(tmp_path):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env={**os.environ, **_env()},
+                env={**os.environ, **daemon_env()},
             )
             for d in cases
         }

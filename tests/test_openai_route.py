@@ -4,18 +4,16 @@ usage and KVWire figures, and errors in OpenAI's shape."""
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from edges import daemon_env
 
 from kvwire.agent_common.launch import Daemon
 from kvwire.cloud_agent.api import AnswerRequest
 
-REPO = str(Path(__file__).resolve().parents[1])
 COMMON = ["--host", "127.0.0.1", "--http-port", "0", "--threads", "1"]
 CONTEXT = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France. "
@@ -26,8 +24,7 @@ KV = {"kvwire": {"context": CONTEXT, "mode": "kv", "selector": "q2c"}}  # retent
 
 
 def _start(name: str, module: str, args: list[str]) -> Daemon:
-    path = os.environ.get("PYTHONPATH", "")
-    return Daemon(name, module, [*COMMON, *args], env={"PYTHONPATH": REPO + (os.pathsep + path if path else "")})
+    return Daemon(name, module, [*COMMON, *args], env=daemon_env())
 
 
 @pytest.fixture(scope="module")

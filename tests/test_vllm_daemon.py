@@ -4,12 +4,10 @@ the text answer (vLLM's own prefill) token for token, and the OpenAI route strea
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import httpx
 import openai
 import pytest
+from edges import daemon_env
 
 from kvwire.agent_common.launch import Daemon
 from kvwire.cloud_agent.vllm_engine.client import default_python, unavailable_reason
@@ -17,7 +15,6 @@ from kvwire.cloud_agent.vllm_engine.client import default_python, unavailable_re
 REASON = unavailable_reason(default_python())
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"vLLM venv unavailable: {REASON}")
 
-REPO = str(Path(__file__).resolve().parents[1])
 COMMON = ["--host", "127.0.0.1", "--http-port", "0", "--threads", "1"]
 CONTEXT = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France. "
@@ -28,8 +25,7 @@ QUESTION = "Who was the leader of the Norse raiders?"
 
 
 def _start(name: str, module: str, args: list[str]) -> Daemon:
-    path = os.environ.get("PYTHONPATH", "")
-    return Daemon(name, module, [*COMMON, *args], env={"PYTHONPATH": REPO + (os.pathsep + path if path else "")})
+    return Daemon(name, module, [*COMMON, *args], env=daemon_env())
 
 
 @pytest.fixture(scope="module")
