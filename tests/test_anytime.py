@@ -24,8 +24,9 @@ import grpc
 import httpx
 import pytest
 import torch
+from edges import REPO
 from test_daemons import CONTEXT as DAEMON_CONTEXT
-from test_daemons import EDGE_SERVER_OPTIONS, REPO, SAFETY_S, _start, metric_samples, ok, total
+from test_daemons import EDGE_SERVER_OPTIONS, SAFETY_S, _start, metric_samples, ok, total
 from test_daemons import QUESTION as DAEMON_QUESTION
 
 from kvwire.agent_common.edge_client import EdgeClient

@@ -21,12 +21,13 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from edges import daemon_env
 from fastapi.testclient import TestClient
 
 from kvwire.agent_common.metrics import Metrics
 from kvwire.cloud_agent.main import check_security, edge_client
 from kvwire.cloud_agent.settings import CloudSettings
-from tests.test_daemons import CONTEXT, QUESTION, _env, _start, metric_samples, ok
+from tests.test_daemons import CONTEXT, QUESTION, _start, metric_samples, ok
 
 EDGE_NAME = "edge.kvwire.test"  # the TLS edge's certificate names only this host: the cloud needs --edge-server-name
 UNAUTHENTICATED = ("kvwire_requests_total", (("mode", "unknown"), ("outcome", "unauthenticated")))
@@ -433,7 +434,7 @@ def test_bad_security_settings_exit_2_with_one_clear_line(pki):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **_env()},
+            env={**os.environ, **daemon_env()},
         )
         for module, values, _ in BAD_SETTINGS
     ]
