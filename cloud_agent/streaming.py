@@ -137,9 +137,9 @@ class AnswerStream:
                     return
                 item = await self._queue.get()
         finally:
+            self.cancelled.set()  # before the log line: whoever reads it can count on generation stopping
             if not ended:
                 log_event(log, "stream_disconnected", logging.WARNING)  # generation stops at its next token
-            self.cancelled.set()
 
 
 def answer_events(stream: AnswerStream, request_id: str) -> StreamingResponse:
